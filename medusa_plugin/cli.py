@@ -1,0 +1,193 @@
+"""The ``medusa-plugin`` command.
+
+Subcommands implemented here: ``validate`` (check a config), ``tree`` (inspect / list / export trees), ``convert``
+(normalise a heads checkpoint). Subcommands implemented elsewhere are registered lazily from a module that defines
+``add_arguments(parser) -> None`` and ``run(args) -> int`` (``demo``, ``train``, ``fit-tree``, ``bench``); such a
+module is only imported when its subcommand is used, so ``medusa-plugin --help`` stays fast (no torch import).
+User errors (bad config, tree, heads, missing file) print one line on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+# name -> (module, one-line help)
+EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("medusa_plugin.demo", "run Medusa end to end on a tiny offline model and report the speedup"),
+    "train": ("medusa_plugin.hf.train", "train Medusa heads on a Hugging Face base model"),
+    "fit-tree": ("medusa_plugin.hf.fit_tree", "fit a tree to measured head accuracies"),
+    "bench": ("medusa_plugin.bench", "benchmark Medusa against plain decoding"),
+}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad user input (imported lazily: they live in torch-importing modules)."""
+    types: list[type[BaseException]] = [FileNotFoundError]
+    for mod, name in (("medusa_plugin.core.config", "MedusaConfigError"), ("medusa_plugin.core.tree", "MedusaTreeError"),
+                      ("medusa_plugin.core.heads", "MedusaHeadsError")):
+        module = sys.modules.get(mod)
+        if module is None:
+            try:
+                module = importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name != mod:
+                    raise
+                continue
+        types.append(getattr(module, name))
+    return tuple(types)
+
+
+# ------------------------------------------------------------------------------------------------ validate
+def _add_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="medusa config (.yaml/.yml/.json)")
+    p.add_argument("--check-files", action="store_true",
+                   help="also require a local 'heads' path and a 'tree_schedule' file to exist")
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from medusa_plugin.core.config import heads_is_local, load_config, validate
+
+    cfg = load_config(args.config)
+    tree = validate(cfg, check_files=args.check_files)
+    kind = "local path" if heads_is_local(cfg.heads) else "hub repo"
+    rev = f", revision {cfg.heads_revision}" if cfg.heads_revision else ""
+    lines = [
+        f"medusa config OK: {args.config}",
+        f"  heads:          {cfg.heads} ({kind}{rev})",
+        f"  tree:           {cfg.tree_name}: {tree.num_nodes} nodes (+ root), depth {tree.max_depth}, "
+        f"{tree.num_leaves} leaves, nodes per depth {tree.nodes_per_depth}, topk {cfg.topk}",
+        f"  acceptance:     {cfg.acceptance.describe()}",
+        f"  max_batch_size: {cfg.max_batch_size if cfg.max_batch_size is not None else 'none (always speculate)'}",
+        f"  tree_schedule:  {cfg.tree_schedule or 'none (one tree for every batch size)'}",
+        f"  dtype:          {cfg.dtype}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ tree
+def _add_tree(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="shipped name, .yaml/.json file, 'chain:K' or a list literal")
+    p.add_argument("--list", action="store_true", help="list the shipped trees")
+    p.add_argument("--yaml", action="store_true", help="print the tree as a 'tree:' entry for a medusa config")
+    p.add_argument("--topk", type=int, default=10, help="ranks per head the tree may use (default 10)")
+
+
+def _run_tree(args: argparse.Namespace) -> int:
+    from medusa_plugin.core.tree import MedusaTree, shipped_tree_names
+
+    if args.list:
+        rows = [f"{'name':<28} {'nodes':>5} {'depth':>5} {'leaves':>6}  nodes per depth"]
+        for name in shipped_tree_names():
+            t = MedusaTree.from_name(name, topk=args.topk)
+            rows.append(f"{name:<28} {t.num_nodes:>5} {t.max_depth:>5} {t.num_leaves:>6}  {t.nodes_per_depth}")
+        print("\n".join(rows))
+        return 0
+    if args.spec is None:
+        print("medusa-plugin tree: error: give a tree (name, file, 'chain:K' or list literal) or --list",
+              file=sys.stderr)
+        return 2
+    tree = MedusaTree.load(args.spec, topk=args.topk)
+    if args.yaml:
+        print(f"# {args.spec}: {tree.num_nodes} nodes, depth {tree.max_depth}, nodes per depth {tree.nodes_per_depth}")
+        print("tree:")
+        print("\n".join(f"  - [{', '.join(map(str, p))}]" for p in tree.choices))
+    else:
+        print(tree.describe())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="heads checkpoint: local dir/file or hub repo id (Medusa v1, v2, Medusa-2 or vLLM format)")
+    p.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from medusa_plugin.core.heads import MedusaHeads, convert
+
+    result = convert(args.src, args.out_dir)
+    heads = result if isinstance(result, MedusaHeads) else MedusaHeads.from_pretrained(args.out_dir)
+    fmt = None
+    if isinstance(result, dict):
+        fmt = result.get("format")
+    fmt = fmt or getattr(result, "format", None) or getattr(heads, "source_format", None) or "unknown"
+    print(f"converted {args.src} -> {args.out_dir}")
+    print(f"  format:     {fmt}")
+    print(f"  heads (K):  {heads.num_heads}")
+    print(f"  layers (L): {heads.num_layers}")
+    print(f"  hidden:     {heads.hidden_size}")
+    print(f"  vocab:      {heads.vocab_size}")
+    print(f"  lm_head:    {'own per-head lm_head' if heads.own_lm_head else 'shared base lm_head'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _missing_command(name: str, module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"medusa-plugin {name}: error: this command is not available in this installation "
+              f"(module {module} is missing)", file=sys.stderr)
+        return 1
+    return run
+
+
+def _add_external(sub, name: str, module_name: str, help_text: str, load: bool) -> None:
+    """Register ``name``; its module is imported only when ``load`` (the user picked this subcommand)."""
+    if load:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            parents = {module_name.rsplit(".", i)[0] for i in range(module_name.count("."))}
+            if e.name not in parents | {module_name} or e.name == "medusa_plugin":
+                raise  # a real missing dependency inside the module: do not hide it
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+            return
+    p = sub.add_parser(name, help=help_text, description=help_text, add_help=not load)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(_run=_missing_command(name, module_name))
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The full parser; only the external subcommand named first in ``argv`` (if any) gets its module imported."""
+    from medusa_plugin import __version__
+
+    parser = argparse.ArgumentParser(prog="medusa-plugin",
+                                     description="Medusa tree speculative decoding for vLLM: configs, trees, heads.")
+    parser.add_argument("--version", action="version", version=f"medusa-plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, add, run, help_text in (
+        ("validate", _add_validate, _run_validate, "check a medusa config file and print a summary"),
+        ("tree", _add_tree, _run_tree, "describe, list or export Medusa trees"),
+        ("convert", _add_convert, _run_convert, "convert a Medusa heads checkpoint to the canonical format"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(_run=run)
+    chosen = argv[0] if argv else None
+    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
+        _add_external(sub, name, module_name, help_text, load=name == chosen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as e:
+        if not isinstance(e, _user_error_types()):
+            raise
+        print(f"medusa-plugin {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Medusa settings: the YAML schema, its loader and its validation.
+
+A config is a small mapping (YAML file, YAML/JSON string, or dict — also wrapped as ``{"medusa": {...}}``, the form
+it takes inside vLLM's ``--additional-config``)::
+
+    heads: FasterDecoding/medusa-vicuna-7b-v1.3   # hub id, or local dir / file (required)
+    heads_revision: null                         # optional hub revision (branch, tag or commit)
+    tree: vicuna_7b_stage2                       # shipped name | .yaml/.json file | "chain:K" | list literal
+    topk: 10                                     # ranks per head the tree may use (tree ranks must be < topk)
+    acceptance:
+      rule: lossless                             # lossless (default) | typical
+      posterior_threshold: 0.09                  # typical only
+      posterior_alpha: 0.3                       # typical only
+    max_batch_size: 32                           # above this many running requests: no speculation (null: always)
+    tree_schedule: null                          # null | auto | path to a YAML table of batch size -> tree
+    dtype: auto                                  # auto (the base model's) | float16 | bfloat16 | float32
+
+Acceptance rules (``acceptance.rule``; ``acceptance: typical`` is shorthand for ``acceptance: {rule: typical}``):
+
+* ``lossless`` (default): the output distribution is exactly the base model's. Requests with temperature 0 use
+  exact greedy matching (``core.acceptance.greedy_accept``); requests with temperature > 0 use lossless tree
+  sampling (``sampling_accept``) with the request's temperature / top-p / top-k. ``greedy`` and ``sampling`` are
+  accepted as aliases of ``lossless`` (a "greedy" config never degrades sampled requests to greedy).
+* ``typical``: upstream Medusa's typical acceptance (``typical_accept``) for temperature > 0 requests: faster but
+  lossy (opt-in). Temperature-0 requests still use exact greedy matching, as upstream does.
+
+:meth:`AcceptanceConfig.rule_for` maps a request temperature to the ``core.acceptance.accept`` rule name.
+Errors are :class:`MedusaConfigError` (a ``ValueError``) naming the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["AcceptanceConfig", "MedusaConfig", "MedusaConfigError", "load_config", "validate", "heads_is_local",
+           "DEFAULT_TREE"]
+
+DEFAULT_TREE = "mc_sim_7b_63"
+ACCEPTANCE_RULES = ("lossless", "typical")
+RULE_ALIASES = {"greedy": "lossless", "sampling": "lossless"}
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+HEADS_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# Keys people plausibly write (from upstream Medusa / vLLM) that difflib would not map to ours.
+_KEY_HINTS = {"choices": "tree", "medusa_choices": "tree", "speculative_token_tree": "tree", "rule": "acceptance",
+              "revision": "heads_revision", "model": "heads", "medusa_heads": "heads", "heads_path": "heads",
+              "temperature": "acceptance", "threshold": "posterior_threshold", "alpha": "posterior_alpha"}
+
+
+class MedusaConfigError(ValueError):
+    """Invalid Medusa settings; the message names the key, the value and the fix."""
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_keys(data: Mapping, allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key in allowed:
+            continue
+        if not isinstance(key, str):
+            raise MedusaConfigError(f"keys in {where} must be strings, got {_describe(key)}")
+        guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = _KEY_HINTS.get(key)
+        if not guess and hint in allowed:
+            guess = [hint]
+        fix = f"did you mean '{guess[0]}'?" if guess else f"valid keys: {', '.join(allowed)}"
+        raise MedusaConfigError(f"unknown key '{key}' in {where}; {fix}")
+
+
+def _check_unit_interval(name: str, v: Any) -> float:
+    if not _is_number(v):
+        raise MedusaConfigError(f"'{name}' must be a number in (0, 1], got {_describe(v)}")
+    if not 0.0 < v <= 1.0:
+        raise MedusaConfigError(f"'{name}' must be in (0, 1], got {v}")
+    return float(v)
+
+
+@dataclass
+class AcceptanceConfig:
+    """How drafted tree nodes are verified.
+
+    rule: ``"lossless"`` (exact for temperature 0, lossless tree sampling for temperature > 0) or ``"typical"``
+    (lossy typical acceptance for temperature > 0). ``"greedy"``/``"sampling"`` are normalised to ``"lossless"``.
+    posterior_threshold / posterior_alpha: typical acceptance's hard threshold epsilon and entropy factor delta
+    (upstream defaults 0.09 / 0.3); both in (0, 1].
+    """
+
+    rule: str = "lossless"
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+    FIELDS = ("rule", "posterior_threshold", "posterior_alpha")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str):
+            raise MedusaConfigError(f"'acceptance.rule' must be a string (lossless | typical), got {_describe(self.rule)}")
+        rule = RULE_ALIASES.get(self.rule.lower(), self.rule.lower())
+        if rule not in ACCEPTANCE_RULES:
+            guess = difflib.get_close_matches(rule, ACCEPTANCE_RULES + tuple(RULE_ALIASES), n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            raise MedusaConfigError(
+                f"'acceptance.rule' must be 'lossless' (exact; aliases 'greedy', 'sampling') or 'typical' (lossy), "
+                f"got '{self.rule}'{hint}")
+        self.rule = rule
+        self.posterior_threshold = _check_unit_interval("acceptance.posterior_threshold", self.posterior_threshold)
+        self.posterior_alpha = _check_unit_interval("acceptance.posterior_alpha", self.posterior_alpha)
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.rule == "lossless"
+
+    def rule_for(self, temperature: float) -> str:
+        """The ``core.acceptance.accept`` rule for a request: "greedy" | "sampling" | "typical"."""
+        if temperature <= 0:
+            return "greedy"
+        return "sampling" if self.rule == "lossless" else "typical"
+
+    def describe(self) -> str:
+        if self.rule == "lossless":
+            return "lossless (exact match at temperature 0, lossless tree sampling at temperature > 0)"
+        return (f"typical (lossy at temperature > 0; posterior_threshold={self.posterior_threshold}, "
+                f"posterior_alpha={self.posterior_alpha}; exact match at temperature 0)")
+
+
+@dataclass
+class MedusaConfig:
+    """Validated Medusa settings (see the module docstring for every key).
+
+    ``tree`` is kept as given (a spec string or a list of paths); :func:`validate` builds the ``MedusaTree``.
+    Constructing one directly runs the same type/range checks as :func:`load_config`.
+    """
+
+    heads: str
+    tree: str | list = DEFAULT_TREE
+    topk: int = 10
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    max_batch_size: int | None = None
+    tree_schedule: str | None = None
+    dtype: str = "auto"
+    heads_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, os.PathLike):
+            self.heads = os.fspath(self.heads)
+        if not isinstance(self.heads, str) or not self.heads.strip():
+            raise MedusaConfigError(
+                f"'heads' must be a non-empty string (a Hugging Face repo id such as "
+                f"FasterDecoding/medusa-vicuna-7b-v1.3, or a local directory/file), got {_describe(self.heads)}")
+        self.heads = self.heads.strip()
+        self.tree = _check_tree(self.tree)
+        if not _is_int(self.topk):
+            raise MedusaConfigError(f"'topk' must be an integer, got {_describe(self.topk)}")
+        if self.topk < 1:
+            raise MedusaConfigError(f"'topk' must be >= 1, got {self.topk}")
+        if isinstance(self.acceptance, str):
+            self.acceptance = AcceptanceConfig(rule=self.acceptance)
+        elif isinstance(self.acceptance, Mapping):
+            _check_keys(self.acceptance, AcceptanceConfig.FIELDS, "medusa config 'acceptance'")
+            self.acceptance = AcceptanceConfig(**self.acceptance)
+        elif not isinstance(self.acceptance, AcceptanceConfig):
+            raise MedusaConfigError(
+                f"'acceptance' must be a mapping (rule, posterior_threshold, posterior_alpha) or a rule name, "
+                f"got {_describe(self.acceptance)}")
+        if self.max_batch_size is not None:
+            if not _is_int(self.max_batch_size):
+                raise MedusaConfigError(
+                    f"'max_batch_size' must be an integer or null, got {_describe(self.max_batch_size)}")
+            if self.max_batch_size < 1:
+                raise MedusaConfigError(
+                    f"'max_batch_size' must be >= 1 (or null to always speculate), got {self.max_batch_size}")
+        if self.tree_schedule is not None and (not isinstance(self.tree_schedule, (str, os.PathLike))
+                                               or not str(self.tree_schedule).strip()):
+            raise MedusaConfigError(
+                f"'tree_schedule' must be null, 'auto' or a path to a YAML table, got {_describe(self.tree_schedule)}")
+        if self.tree_schedule is not None:
+            self.tree_schedule = os.fspath(self.tree_schedule)
+        if not isinstance(self.dtype, str):
+            raise MedusaConfigError(f"'dtype' must be a string ({' | '.join(DTYPES)}), got {_describe(self.dtype)}")
+        dtype = DTYPE_ALIASES.get(self.dtype.lower(), self.dtype.lower())
+        if dtype not in DTYPES:
+            raise MedusaConfigError(f"'dtype' must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        self.dtype = dtype
+        if self.heads_revision is not None and not isinstance(self.heads_revision, str):
+            raise MedusaConfigError(
+                f"'heads_revision' must be a string (branch, tag or commit) or null, got {_describe(self.heads_revision)}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict:
+        """Plain dict (YAML/JSON-serialisable) that :func:`load_config` turns back into an equal config."""
+        d = dataclasses.asdict(self)
+        if isinstance(self.tree, list):
+            d["tree"] = [list(p) for p in self.tree]
+        return d
+
+    @property
+    def tree_name(self) -> str:
+        """A short label for the tree (the spec string, or "custom (N nodes)")."""
+        return self.tree if isinstance(self.tree, str) else f"custom ({len(self.tree)} nodes)"
+
+
+def _check_tree(tree: Any) -> str | list:
+    if isinstance(tree, os.PathLike):
+        tree = os.fspath(tree)
+    if isinstance(tree, str):
+        if not tree.strip():
+            raise MedusaConfigError("'tree' must not be empty; use a shipped name such as 'mc_sim_7b_63', "
+                                    "a .yaml/.json file, 'chain:K' or a list of paths")
+        return tree.strip()
+    if isinstance(tree, (list, tuple)):
+        out = []
+        for path in tree:
+            if not isinstance(path, (list, tuple)) or not all(_is_int(r) for r in path):
+                raise MedusaConfigError(
+                    f"'tree' given as a list must be a list of paths of integer ranks such as [[0], [0, 0], [1]], "
+                    f"got an entry {_describe(path)}")
+            out.append(list(path))
+        return out
+    raise MedusaConfigError(
+        f"'tree' must be a name, a file, 'chain:K' or a list of paths, got {_describe(tree)}")
+
+
+def _read_source(src: Any) -> tuple[Any, Path | None]:
+    """-> (parsed data, directory of the file it came from or None)."""
+    if isinstance(src, Mapping):
+        return dict(src), None
+    if isinstance(src, os.PathLike) or (isinstance(src, str) and _looks_like_path(src)):
+        path = Path(os.fspath(src)).expanduser()
+        if not path.is_file():
+            raise MedusaConfigError(f"medusa config file not found: {path.resolve()}")
+        text = path.read_text()
+        return _parse(text, str(path.resolve()), json_only=path.suffix.lower() == ".json"), path.resolve().parent
+    if isinstance(src, str):
+        return _parse(src, "<string>"), None
+    raise MedusaConfigError(
+        f"medusa config must be a path to a .yaml/.json file, a YAML string or a dict, got {_describe(src)}")
+
+
+def _looks_like_path(src: str) -> bool:
+    s = src.strip()
+    if "\n" in s or ": " in s or s.startswith(("{", "[")):
+        return False
+    return s.lower().endswith(CONFIG_SUFFIXES) or os.path.isfile(s)
+
+
+def _parse(text: str, origin: str, json_only: bool = False) -> Any:
+    if json_only:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MedusaConfigError(f"malformed JSON in {origin} at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise MedusaConfigError(f"malformed YAML in {origin}{where}: {problem}") from None
+
+
+def _resolve_relative(value: str, base: Path | None) -> str:
+    """A relative local path in a config file is looked up next to that file first (then in the cwd)."""
+    p = Path(value).expanduser()
+    if base is None or p.is_absolute() or p.exists():
+        return value
+    candidate = base / p
+    return str(candidate) if candidate.exists() else value
+
+
+def load_config(src: str | os.PathLike | Mapping) -> MedusaConfig:
+    """Load and check Medusa settings.
+
+    src: a path to a .yaml/.yml/.json file, a YAML (or JSON) string, or a dict; ``{"medusa": {...}}`` (vLLM's
+    ``--additional-config`` form, other keys ignored) is unwrapped, and ``{"medusa": "file.yaml"}`` is followed.
+    Raises MedusaConfigError. Does not build the tree or touch the heads: see :func:`validate`.
+    """
+    data, base = _read_source(src)
+    if isinstance(data, Mapping) and "medusa" in data and "heads" not in data:
+        inner = data["medusa"]
+        data, base = _read_source(inner) if isinstance(inner, (str, os.PathLike)) else (inner, base)
+    if not isinstance(data, Mapping):
+        extra = ""
+        if isinstance(data, str) and "\n" not in data:
+            extra = f" (if it is a file path: no such file {Path(data).expanduser().resolve()})"
+        raise MedusaConfigError(f"medusa config must be a mapping of settings (heads, tree, ...), "
+                                f"got {_describe(data)}{extra}")
+    _check_keys(data, MedusaConfig.field_names(), "medusa config")
+    if data.get("heads") is None:
+        raise MedusaConfigError("medusa config is missing required key 'heads' (a Hugging Face repo id such as "
+                                "FasterDecoding/medusa-vicuna-7b-v1.3, or a local directory/file)")
+    data = dict(data)
+    if base is not None:
+        if isinstance(data["heads"], str) and heads_is_local(data["heads"]):
+            data["heads"] = _resolve_relative(data["heads"], base)
+        if isinstance(data.get("tree"), str) and data["tree"].lower().endswith(CONFIG_SUFFIXES):
+            data["tree"] = _resolve_relative(data["tree"], base)
+        if isinstance(data.get("tree_schedule"), str) and data["tree_schedule"] != "auto":
+            data["tree_schedule"] = _resolve_relative(data["tree_schedule"], base)
+    for key in ("acceptance",):  # explicit null -> default
+        if key in data and data[key] is None:
+            del data[key]
+    return MedusaConfig(**data)
+
+
+def heads_is_local(heads: str) -> bool:
+    """True if ``heads`` names a local path rather than a hub repo id ("org/name")."""
+    p = Path(heads).expanduser()
+    return (p.is_absolute() or heads.startswith(("./", "../", "~", ".\\")) or p.exists()
+            or heads.lower().endswith(HEADS_FILE_SUFFIXES) or heads.count("/") > 1)
+
+
+def validate(config: MedusaConfig | str | os.PathLike | Mapping, *, check_files: bool = False):
+    """Fully check a config: parse it (if needed) and build its ``MedusaTree`` (returned).
+
+    With ``check_files``: a local ``heads`` path and a ``tree_schedule`` file must exist. Tree errors are re-raised
+    as MedusaConfigError. Returns the ``core.tree.MedusaTree`` (CPU).
+    """
+    if not isinstance(config, MedusaConfig):
+        config = load_config(config)
+    from medusa_plugin.core.tree import MedusaTree, MedusaTreeError
+
+    try:
+        if isinstance(config.tree, list):
+            tree = MedusaTree.from_choices(config.tree, topk=config.topk)
+        else:
+            tree = MedusaTree.load(config.tree, topk=config.topk)
+    except MedusaTreeError as e:
+        raise MedusaConfigError(f"invalid 'tree' ({config.tree_name}): {e}") from None
+    except FileNotFoundError as e:
+        raise MedusaConfigError(f"invalid 'tree' ({config.tree_name}): file not found: "
+                                f"{Path(e.filename or config.tree_name).resolve()}") from None
+    if check_files:
+        if heads_is_local(config.heads) and not Path(config.heads).expanduser().exists():
+            raise MedusaConfigError(f"'heads' path does not exist: {Path(config.heads).expanduser().resolve()} "
+                                    f"(give an existing directory/file or a hub repo id 'org/name')")
+        sched = config.tree_schedule
+        if sched is not None and sched != "auto" and not Path(sched).expanduser().is_file():
+            raise MedusaConfigError(f"'tree_schedule' file not found: {Path(sched).expanduser().resolve()}")
+    return tree
