@@ -1,0 +1,207 @@
+"""Tree attention over vLLM's paged KV cache (reference implementation, plain PyTorch, CPU and GPU).
+
+Layout (vLLM): ``key_cache`` / ``value_cache`` are ``[num_blocks, block_size, Hkv, Dh]``; request ``b`` owns the
+blocks ``block_tables[b, :ceil(seq_lens[b] / block_size)]`` and its token at position ``p`` lives in slot
+``(block_tables[b, p // block_size], p % block_size)``. Queries are varlen-flattened ``[T, Hq, Dh]`` with
+``query_start_loc [B+1]``; request ``b`` has ``q_b`` queries at positions ``seq_lens[b] - q_b .. seq_lens[b] - 1`` whose
+K/V are already in the cache.
+
+* tree rows (``is_tree[b]``): query ``i`` sees every context key (position ``< seq_lens[b] - q_b``) and the tree key
+  ``j`` iff ``tree_mask[i, j]``. A request with ``q_b < N+1`` queries uses ``tree_mask[:q_b, :q_b]`` (a prefix of the
+  node order is a subtree).
+* causal rows: plain causal attention (prefill / extend / ordinary decode rows sharing the batch).
+
+``paged_tree_attention`` is the vectorised reference (float32 math); ``dense_tree_attention_reference`` is a brute
+force built with python loops, for tests only. The Triton kernel lives in ``triton_tree_attention.py``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["PagedAttentionError", "paged_tree_attention", "dense_tree_attention_reference"]
+
+# Requests are processed in groups so that one group's padded K/V plus scores stay below about this many elements.
+_GROUP_ELEMS = 1 << 26
+
+
+class PagedAttentionError(ValueError):
+    """Bad arguments to paged tree attention."""
+
+
+def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask, is_tree):
+    if query.dim() != 3:
+        raise PagedAttentionError(f"query must be [T, Hq, Dh], got shape {tuple(query.shape)}")
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
+        raise PagedAttentionError(
+            "key_cache and value_cache must both be [num_blocks, block_size, Hkv, Dh] (vLLM layout), got "
+            f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    hq, dh = query.shape[1], query.shape[2]
+    hkv = key_cache.shape[2]
+    if key_cache.shape[3] != dh:
+        raise PagedAttentionError(f"head_dim mismatch: query has {dh}, the KV cache has {key_cache.shape[3]}")
+    if hq % hkv != 0:
+        raise PagedAttentionError(f"GQA needs num_q_heads ({hq}) to be a multiple of num_kv_heads ({hkv})")
+    b = block_tables.shape[0] if block_tables.dim() == 2 else -1
+    if block_tables.dim() != 2 or seq_lens.shape != (b,) or query_start_loc.shape != (b + 1,) or is_tree.shape != (b,):
+        raise PagedAttentionError(
+            "expected block_tables [B, max_blocks], seq_lens [B], query_start_loc [B+1], is_tree [B]; got "
+            f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}, "
+            f"{tuple(is_tree.shape)}")
+    if tree_mask.dim() != 2 or tree_mask.shape[0] != tree_mask.shape[1] or tree_mask.dtype != torch.bool:
+        raise PagedAttentionError(
+            f"tree_mask must be a square bool [N+1, N+1] matrix, got {tuple(tree_mask.shape)} {tree_mask.dtype}")
+    if is_tree.dtype != torch.bool:
+        raise PagedAttentionError(f"is_tree must be a bool tensor, got {is_tree.dtype}")
+
+
+def _check_lengths(q_lens, seq_lens, is_tree, tree_n, num_tokens, max_blocks, block_size):
+    """Host-side checks on the (small) length tensors."""
+    if int(q_lens.sum()) != num_tokens or bool((q_lens < 0).any()):
+        raise PagedAttentionError(
+            f"query_start_loc must be non-decreasing from 0 to T={num_tokens}; got lengths {q_lens.tolist()}")
+    if bool((seq_lens < q_lens).any()):
+        raise PagedAttentionError(
+            "seq_lens counts this step's queries, so seq_lens >= query lengths; got "
+            f"seq_lens={seq_lens.tolist()} query lengths={q_lens.tolist()}")
+    if bool((q_lens[is_tree] > tree_n).any()):
+        raise PagedAttentionError(
+            f"a tree row has more queries than the tree has nodes ({tree_n}); query lengths={q_lens.tolist()}")
+    if bool((seq_lens > max_blocks * block_size).any()):
+        raise PagedAttentionError(
+            f"seq_lens {seq_lens.tolist()} exceed block_tables capacity ({max_blocks} blocks x {block_size})")
+
+
+def paged_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                         seq_lens: Tensor, query_start_loc: Tensor, tree_mask: Tensor, is_tree: Tensor,
+                         scale: float, out: Tensor | None = None) -> Tensor:
+    """Attention of varlen queries over a paged KV cache, tree-masked for tree rows and causal otherwise.
+
+    Args:
+        query: ``[T, Hq, Dh]`` float (fp32/fp16/bf16).
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, Dh]``, same dtype as ``query`` (Hq % Hkv == 0).
+        block_tables: ``[B, max_blocks]`` int32/int64.
+        seq_lens: ``[B]`` int, tokens in the cache per request including this step's queries.
+        query_start_loc: ``[B+1]`` int, cumulative query counts (``query_start_loc[0] == 0``).
+        tree_mask: ``[N+1, N+1]`` bool, ``[i, j]`` = tree node ``i`` attends to tree node ``j``.
+        is_tree: ``[B]`` bool, False rows use plain causal attention.
+        scale: softmax scale (usually ``Dh ** -0.5``).
+        out: optional ``[T, Hq, Dh]`` output buffer.
+    Returns:
+        ``[T, Hq, Dh]`` in ``query.dtype`` (``out`` if given). Math is done in float32.
+    """
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask, is_tree)
+    device = query.device
+    num_tokens, hq, dh = query.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    group = hq // hkv
+    qsl = query_start_loc.to(device=device, dtype=torch.int64)
+    seq_lens = seq_lens.to(device=device, dtype=torch.int64)
+    is_tree = is_tree.to(device)
+    q_lens = qsl[1:] - qsl[:-1]
+    _check_lengths(q_lens.cpu(), seq_lens.cpu(), is_tree.cpu(), tree_mask.shape[0], num_tokens,
+                   block_tables.shape[1], block_size)
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape:
+        raise PagedAttentionError(f"out must have the query's shape {tuple(query.shape)}, got {tuple(out.shape)}")
+    batch = block_tables.shape[0]
+    if batch == 0 or num_tokens == 0:
+        return out
+
+    # Group consecutive requests so one group's padded K/V stays bounded.
+    seq_host, q_host = seq_lens.tolist(), q_lens.tolist()
+    start = 0
+    while start < batch:
+        end, longest, most_q = start, 0, 0
+        while end < batch:
+            s_next, q_next = max(longest, seq_host[end]), max(most_q, q_host[end])
+            if end > start and (end + 1 - start) * s_next * (2 * hkv * dh + hq * q_next) > _GROUP_ELEMS:
+                break
+            longest, most_q, end = s_next, q_next, end + 1
+        _attend_group(query, key_cache, value_cache, block_tables[start:end], seq_lens[start:end],
+                      qsl[start:end + 1], q_lens[start:end], tree_mask.to(device), is_tree[start:end], scale, group,
+                      out)
+        start = end
+    return out
+
+
+def _attend_group(query, key_cache, value_cache, block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, scale,
+                  group, out):
+    device = query.device
+    bsz = seq_lens.shape[0]
+    block_size, hkv, dh = key_cache.shape[1:]
+    max_s = max(int(seq_lens.max()), 1)
+    max_q = max(int(q_lens.max()), 1)
+
+    # Gather each request's K/V ([bsz, max_s, Hkv, Dh]); padded positions point at a valid slot and are masked.
+    pos = torch.arange(max_s, device=device)
+    key_valid = pos[None, :] < seq_lens[:, None]                                           # [bsz, S]
+    blk_col = (pos // block_size).clamp_max(block_tables.shape[1] - 1)
+    blocks = block_tables.to(device=device, dtype=torch.int64)[:, blk_col]                 # [bsz, S]
+    blocks = torch.where(key_valid, blocks, 0)
+    offsets = (pos % block_size).expand(bsz, max_s)
+    k = key_cache[blocks, offsets].float()
+    v = value_cache[blocks, offsets].float()
+
+    # Gather queries into [bsz, max_q, Hq, Dh].
+    qi = torch.arange(max_q, device=device)
+    q_valid = qi[None, :] < q_lens[:, None]                                                # [bsz, Q]
+    tok = torch.where(q_valid, qsl[:-1, None] + qi[None, :], 0)
+    q = query[tok].float()
+
+    # Mask [bsz, Q, S]: context keys always; new keys causal, or by tree_mask for tree rows.
+    ctx = seq_lens - q_lens                                                                # [bsz]
+    q_pos = ctx[:, None] + qi[None, :]                                                     # [bsz, Q]
+    rel = pos[None, :] - ctx[:, None]                                                      # [bsz, S] tree index j
+    causal = pos[None, None, :] <= q_pos[:, :, None]
+    n1 = tree_mask.shape[0]
+    tm_i = qi.clamp_max(n1 - 1)
+    tm_j = rel.clamp(0, n1 - 1)
+    tree_ok = tree_mask[tm_i[None, :, None], tm_j[:, None, :]]                              # [bsz, Q, S]
+    new_key = (rel >= 0)[:, None, :]
+    allowed = torch.where(is_tree[:, None, None], ~new_key | tree_ok, causal)
+    allowed &= key_valid[:, None, :]
+    allowed[:, :, 0] |= ~q_valid  # padded query rows attend key 0 only (discarded), so softmax never sees an empty row
+
+    # [bsz, Hkv, group*Q, Dh] queries against [bsz, Hkv, S, Dh] keys.
+    q = q.view(bsz, max_q, hkv, group, dh).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, group * max_q, dh)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale                                 # [bsz, Hkv, G*Q, S]
+    mask = allowed[:, None, None].expand(bsz, hkv, group, max_q, max_s).reshape(bsz, hkv, group * max_q, max_s)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    o = torch.matmul(torch.softmax(scores, dim=-1), v.permute(0, 2, 1, 3))                 # [bsz, Hkv, G*Q, Dh]
+    o = o.view(bsz, hkv, group, max_q, dh).permute(0, 3, 1, 2, 4).reshape(bsz, max_q, hkv * group, dh)
+    out[tok[q_valid]] = o[q_valid].to(out.dtype)
+
+
+def dense_tree_attention_reference(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                                   seq_lens: Tensor, query_start_loc: Tensor, tree_mask: Tensor, is_tree: Tensor,
+                                   scale: float) -> Tensor:
+    """Brute force of :func:`paged_tree_attention` (python loops, float64), for tests. Same arguments and result."""
+    num_tokens, hq, dh = query.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    group = hq // hkv
+    out = torch.zeros(num_tokens, hq, dh, dtype=torch.float64)
+    for b in range(block_tables.shape[0]):
+        s_len = int(seq_lens[b])
+        q0, q1 = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        n_q = q1 - q0
+        ctx = s_len - n_q
+        k = torch.stack([key_cache[int(block_tables[b, p // block_size]), p % block_size] for p in range(s_len)])
+        v = torch.stack([value_cache[int(block_tables[b, p // block_size]), p % block_size] for p in range(s_len)])
+        mask = torch.zeros(n_q, s_len, dtype=torch.bool)
+        for i in range(n_q):
+            for p in range(s_len):
+                if p < ctx:
+                    mask[i, p] = True
+                elif bool(is_tree[b]):
+                    mask[i, p] = bool(tree_mask[i, p - ctx])
+                else:
+                    mask[i, p] = p <= ctx + i
+        for h in range(hq):
+            q = query[q0:q1, h].double()
+            kh, vh = k[:, h // group].double(), v[:, h // group].double()
+            s = (q @ kh.T) * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            out[q0:q1, h] = torch.softmax(s, dim=-1) @ vh
+    return out.to(query.dtype)

@@ -1,0 +1,138 @@
+import json
+from importlib import resources
+
+import pytest
+import torch
+
+from medusa_plugin.core.paged_attention import (PagedAttentionError, dense_tree_attention_reference,
+                                                paged_tree_attention)
+
+
+def brute_tree_mask(choices):
+    """[N+1, N+1] bool ancestor mask in upstream node order, built with plain python."""
+    nodes = [()] + sorted((tuple(c) for c in choices), key=lambda p: (len(p), p))
+    n1 = len(nodes)
+    mask = torch.zeros(n1, n1, dtype=torch.bool)
+    for i, pi in enumerate(nodes):
+        for j, pj in enumerate(nodes):
+            mask[i, j] = pi[:len(pj)] == pj
+    return mask
+
+
+def shipped_choices(name):
+    data = json.loads(resources.files("medusa_plugin").joinpath("data/medusa_choices.json").read_text())
+    return data["choices"][name]
+
+
+MC63 = brute_tree_mask(shipped_choices("mc_sim_7b_63"))
+
+
+def make_batch(seq_lens, q_lens, *, block_size, hq, hkv, dh=8, dtype=torch.float32, seed=0, spare_blocks=3):
+    """Random paged cache with shuffled, non-contiguous block tables; returns the kwargs of paged_tree_attention."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-s // block_size) for s in seq_lens]
+    max_blocks = max(max(need), 1)
+    num_blocks = sum(need) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(need):
+        block_tables[b, :n] = perm[used:used + n].to(torch.int32)
+        used += n
+    kc = torch.randn(num_blocks, block_size, hkv, dh, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, block_size, hkv, dh, generator=g).to(dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), hq, dh, generator=g).to(dtype)
+    return dict(query=q, key_cache=kc, value_cache=vc, block_tables=block_tables,
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=qsl)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
+def test_matches_dense_mixed_batch(block_size, hq, hkv):
+    # request contexts 0 / 3 / 40 / 100; full tree, truncated tree, prefill row, single-query decode row.
+    q_lens = [64, 17, 9, 1]
+    seq_lens = [64, 3 + 17, 40 + 9, 100 + 1]
+    is_tree = torch.tensor([True, True, False, False])
+    kw = make_batch(seq_lens, q_lens, block_size=block_size, hq=hq, hkv=hkv, seed=block_size + hq + hkv)
+    scale = 8 ** -0.5
+    got = paged_tree_attention(**kw, tree_mask=MC63, is_tree=is_tree, scale=scale)
+    want = dense_tree_attention_reference(**kw, tree_mask=MC63, is_tree=is_tree, scale=scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_node_equals_causal_attention_over_its_path():
+    """A tree node's output is ordinary causal attention over context + its root->node path laid out linearly."""
+    ctx, n_q, bs, hq, hkv = 21, 30, 16, 4, 2
+    kw = make_batch([ctx + n_q], [n_q], block_size=bs, hq=hq, hkv=hkv, seed=7)
+    tree = paged_tree_attention(**kw, tree_mask=MC63, is_tree=torch.tensor([True]), scale=0.3)
+    kc, vc, bt = kw["key_cache"], kw["value_cache"], kw["block_tables"]
+    pos = torch.arange(ctx + n_q)
+    k_seq = kc[bt[0, pos // bs].long(), pos % bs]
+    v_seq = vc[bt[0, pos // bs].long(), pos % bs]
+    for i in [0, 1, 5, 12, 29]:
+        path = [ctx + j for j in range(i + 1) if MC63[i, j]]
+        keys = torch.cat([torch.arange(ctx), torch.tensor(path)])
+        n = len(keys)
+        # one causal request whose single block holds exactly those keys; its only query is node i.
+        lin = paged_tree_attention(kw["query"][i:i + 1], k_seq[keys][None], v_seq[keys][None],
+                                   torch.zeros(1, 1, dtype=torch.int64), torch.tensor([n]), torch.tensor([0, 1]),
+                                   MC63, torch.tensor([False]), 0.3)
+        torch.testing.assert_close(tree[i], lin[0], atol=1e-5, rtol=1e-5)
+
+
+def test_chain_tree_row_equals_causal_row():
+    chain = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    kw = make_batch([13, 13], [6, 6], block_size=16, hq=2, hkv=1, seed=3)
+    kw["query"][6:] = kw["query"][:6]
+    kw["block_tables"][1] = kw["block_tables"][0]
+    out = paged_tree_attention(**kw, tree_mask=chain, is_tree=torch.tensor([True, False]), scale=0.5)
+    torch.testing.assert_close(out[:6], out[6:])
+
+
+def test_bf16_inputs_and_out_buffer():
+    kw = make_batch([50, 70], [33, 1], block_size=16, hq=4, hkv=2, dh=16, dtype=torch.bfloat16, seed=11)
+    is_tree = torch.tensor([True, True])
+    out = torch.empty_like(kw["query"])
+    got = paged_tree_attention(**kw, tree_mask=MC63, is_tree=is_tree, scale=0.25, out=out)
+    assert got is out and got.dtype == torch.bfloat16
+    want = dense_tree_attention_reference(**kw, tree_mask=MC63, is_tree=is_tree, scale=0.25)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_small_groups_give_same_result(monkeypatch):
+    import medusa_plugin.core.paged_attention as pa
+    kw = make_batch([30, 5, 64], [10, 5, 3], block_size=16, hq=4, hkv=2, seed=5)
+    is_tree = torch.tensor([True, False, True])
+    full = paged_tree_attention(**kw, tree_mask=MC63, is_tree=is_tree, scale=0.4)
+    monkeypatch.setattr(pa, "_GROUP_ELEMS", 1)  # one request per group
+    torch.testing.assert_close(paged_tree_attention(**kw, tree_mask=MC63, is_tree=is_tree, scale=0.4), full)
+
+
+def test_cross_check_with_medusa_tree_if_available():
+    tree_mod = pytest.importorskip("medusa_plugin.core.tree")
+    if not hasattr(tree_mod, "MedusaTree"):
+        pytest.skip("MedusaTree not implemented yet")
+    try:
+        tree = tree_mod.MedusaTree.from_name("mc_sim_7b_63")
+    except NotImplementedError:
+        pytest.skip("MedusaTree not implemented yet")
+    assert torch.equal(tree.ancestor_mask.cpu(), MC63)
+
+
+def test_errors_are_clear():
+    kw = make_batch([10], [5], block_size=16, hq=3, hkv=2, seed=1)
+    with pytest.raises(PagedAttentionError, match="multiple of num_kv_heads"):
+        paged_tree_attention(**kw, tree_mask=MC63, is_tree=torch.tensor([True]), scale=1.0)
+    kw = make_batch([10], [5], block_size=16, hq=2, hkv=2, seed=1)
+    small = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(PagedAttentionError, match="more queries than the tree has nodes"):
+        paged_tree_attention(**kw, tree_mask=small, is_tree=torch.tensor([True]), scale=1.0)
+    with pytest.raises(PagedAttentionError, match="seq_lens >= query lengths"):
+        paged_tree_attention(**{**kw, "seq_lens": torch.tensor([4])}, tree_mask=MC63, is_tree=torch.tensor([True]),
+                             scale=1.0)
+    with pytest.raises(PagedAttentionError, match="block_tables capacity"):
+        paged_tree_attention(**{**kw, "seq_lens": torch.tensor([40])}, tree_mask=MC63,
+                             is_tree=torch.tensor([True]), scale=1.0)
+    with pytest.raises(PagedAttentionError, match="bool"):
+        paged_tree_attention(**kw, tree_mask=MC63.int(), is_tree=torch.tensor([True]), scale=1.0)
