@@ -104,24 +104,35 @@ def _run_tree(args: argparse.Namespace) -> int:
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="heads checkpoint: local dir/file or hub repo id (Medusa v1, v2, Medusa-2 or vLLM format)")
     p.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
+    p.add_argument("--revision", default=None, help="hub revision of SRC (branch, tag or commit)")
+    p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: keep the checkpoint's)")
+
+
+def _detected_format(heads_mod, src: str, revision: str | None) -> str:
+    """The checkpoint layout name (fastdecoding | medusa2 | vllm | canonical) as detected by core.heads."""
+    detect = getattr(heads_mod, "detect_format", None)
+    if detect is not None:
+        return str(detect(src, revision=revision))
+    try:  # no public detector yet: reuse the loader's own detection (reads the head tensors once more)
+        return heads_mod._read_parts(heads_mod._open_source(src, revision)).layout
+    except AttributeError:
+        return "unknown"
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from medusa_plugin.core.heads import MedusaHeads, convert
+    from medusa_plugin.core import heads as heads_mod
 
-    result = convert(args.src, args.out_dir)
-    heads = result if isinstance(result, MedusaHeads) else MedusaHeads.from_pretrained(args.out_dir)
-    fmt = None
-    if isinstance(result, dict):
-        fmt = result.get("format")
-    fmt = fmt or getattr(result, "format", None) or getattr(heads, "source_format", None) or "unknown"
+    kwargs = {k: v for k, v in (("revision", args.revision), ("dtype", args.dtype)) if v is not None}
+    heads_mod.convert(args.src, args.out_dir, **kwargs)
+    heads = heads_mod.MedusaHeads.from_pretrained(args.out_dir)
     print(f"converted {args.src} -> {args.out_dir}")
-    print(f"  format:     {fmt}")
+    print(f"  format:     {_detected_format(heads_mod, args.src, args.revision)}")
     print(f"  heads (K):  {heads.num_heads}")
     print(f"  layers (L): {heads.num_layers}")
     print(f"  hidden:     {heads.hidden_size}")
     print(f"  vocab:      {heads.vocab_size}")
-    print(f"  lm_head:    {'own per-head lm_head' if heads.own_lm_head else 'shared base lm_head'}")
+    print(f"  lm_head:    {'own per-head lm_head (v1)' if heads.own_lm_head else 'base model lm_head (v2)'}")
+    print(f"  dtype:      {str(heads.dtype).removeprefix('torch.')}")
     return 0
 
 
@@ -148,9 +159,9 @@ def _add_external(sub, name: str, module_name: str, help_text: str, load: bool) 
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
             return
+    # a placeholder: its arguments are unknown until the module is imported (main() lets it take any)
     p = sub.add_parser(name, help=help_text, description=help_text, add_help=not load)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(_run=_missing_command(name, module_name))
+    p.set_defaults(_run=_missing_command(name, module_name) if load else None, _placeholder=True)
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -179,7 +190,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_placeholder", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args._run(args) or 0)
     except Exception as e:
