@@ -4,7 +4,8 @@ Subcommands implemented here: ``validate`` (check a config), ``tree`` (inspect /
 (normalise a heads checkpoint). Subcommands implemented elsewhere are registered lazily from a module that defines
 ``add_arguments(parser) -> None`` and ``run(args) -> int`` (``demo``, ``train``, ``fit-tree``, ``bench``); such a
 module is only imported when its subcommand is used, so ``medusa-plugin --help`` stays fast (no torch import).
-User errors (bad config, tree, heads, missing file) print one line on stderr and exit with status 1.
+User errors (bad config, tree, heads, missing file; any ValueError subclass defined in medusa_plugin) print one line
+on stderr and exit with status 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except Exception as e:
-        if not isinstance(e, _user_error_types()):
+        # the package's own errors are all ValueError subclasses with user-facing messages (house rule)
+        ours = isinstance(e, ValueError) and type(e).__module__.startswith("medusa_plugin.")
+        if not (ours or isinstance(e, _user_error_types())):
             raise
         print(f"medusa-plugin {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -180,6 +180,19 @@ def test_external_module_is_dispatched(tmp_path, monkeypatch, capsys):
     assert rc == 7 and out == "ran 5\n"
 
 
+def test_external_module_errors(tmp_path, monkeypatch, capsys):
+    (tmp_path / "medusa_cli_fake_ext3.py").write_text(
+        "from medusa_plugin.core.config import MedusaConfigError\n"
+        "def add_arguments(p):\n    p.add_argument('--bug', action='store_true')\n"
+        "def run(args):\n    raise (ValueError('internal bug') if args.bug else MedusaConfigError('bad heads x'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "demo", ("medusa_cli_fake_ext3", "demo"))
+    rc, _, err = run(capsys, "demo")
+    assert rc == 1 and err == "medusa-plugin demo: error: bad heads x\n"
+    with pytest.raises(ValueError, match="internal bug"):  # not a user error: keeps its traceback
+        cli.main(["demo", "--bug"])
+
+
 def test_external_commands_have_the_contract():
     """Each external module that exists defines add_arguments(parser) and run(args)."""
     for name, (module_name, _) in cli.EXTERNAL_COMMANDS.items():
