@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, convert
+from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, convert, detect_format
 
 H, V = 24, 64
 
@@ -90,6 +90,7 @@ def test_fastdecoding_v1_counts_from_weights_not_config(tmp_path, ext):
     heads = MedusaHeads.from_pretrained(tmp_path, base_hidden_size=H, base_vocab_size=V)
     assert (heads.num_heads, heads.num_layers, heads.hidden_size, heads.vocab_size) == (5, 1, H, V)
     assert heads.own_lm_head and heads.base_model_name_or_path == "lmsys/vicuna-7b-v1.3"
+    assert heads.source_format == detect_format(tmp_path) == "fastdecoding"
     check(heads, raw)
     assert heads.hidden_states(X).shape == (3, 2, 5, H)
     # a single weights file works too
@@ -129,7 +130,7 @@ def test_medusa2_full_model(tmp_path, container):
     write_json(tmp_path / "config.json", {"model_type": "llama", "hidden_size": H, "vocab_size": V,
                                           "medusa_num_heads": 4, "medusa_num_layers": 1})
     heads = MedusaHeads.from_pretrained(tmp_path, base_hidden_size=H, base_vocab_size=V)
-    assert heads.num_heads == 4 and heads.own_lm_head
+    assert heads.num_heads == 4 and heads.own_lm_head and detect_format(tmp_path) == "medusa2"
     assert {k.split(".")[0] for k in heads.state_dict()} == {"blocks", "lm_heads"}
     check(heads, raw)
 
@@ -148,6 +149,7 @@ def test_medusa2_sharded_reads_only_head_shards(tmp_path):
     # The base shard is never opened: corrupt it to prove it.
     (tmp_path / "model-00001-of-00003.safetensors").write_bytes(b"not a safetensors file")
     check(MedusaHeads.from_pretrained(tmp_path), raw)
+    assert detect_format(tmp_path / "model.safetensors.index.json") == "medusa2"
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -160,6 +162,7 @@ def test_old_vllm(tmp_path, bias, prefix):
                                           "truncated_vocab_size": None, "medusa_fc_bias": bias})
     heads = MedusaHeads.from_pretrained(tmp_path, base_hidden_size=H, base_vocab_size=V)
     check(heads, raw, bias=bias)
+    assert heads.source_format == detect_format(tmp_path) == "vllm"
     if not bias:
         assert all(blk[0].linear.bias.abs().sum() == 0 for blk in heads.blocks)
 
@@ -237,6 +240,7 @@ def test_round_trip_bit_exact(tmp_path, variant):
     src.save_pretrained(tmp_path / "a")
     back = MedusaHeads.from_pretrained(tmp_path / "a")
     _same(src, back)
+    assert back.source_format == detect_format(tmp_path / "a") == "canonical"
     assert back.base_model_name_or_path == "org/base"
     assert json.loads((tmp_path / "a" / "config.json").read_text())["medusa_plugin_format"] == 1
     back.save_pretrained(tmp_path / "b")

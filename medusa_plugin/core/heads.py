@@ -108,6 +108,7 @@ class MedusaHeads(nn.Module):
         self.vocab_size = vocab_size
         self.own_lm_head, self.shared_lm_head = own_lm_head, bool(shared_lm_head and own_lm_head)
         self.base_model_name_or_path: str | None = None
+        self.source_format: str | None = None  # layout it was loaded from (see detect_format)
         self.blocks = nn.ModuleList(
             nn.Sequential(*[ResBlock(hidden_size, device, dtype) for _ in range(num_layers)]) for _ in range(num_heads))
         self.lm_heads: nn.ModuleList | None = None
@@ -391,7 +392,8 @@ def _wanted(layout: str, key: str) -> bool:
     return any(re.fullmatch(p, key) for p in _LAYOUTS[layout].values())
 
 
-def _read_parts(src: _Source) -> _Parts:
+def _locate(src: _Source) -> tuple[dict, Path]:
+    """(config.json contents or {}, the weights file to read) for a source."""
     cfg_path = src.get(CONFIG_NAME)
     config = _read_json(cfg_path) if cfg_path is not None else {}
     if config.get("medusa_plugin_format", FORMAT_VERSION) > FORMAT_VERSION:
@@ -404,11 +406,30 @@ def _read_parts(src: _Source) -> _Parts:
         found = src.listing()
         raise MedusaHeadsError(f"no Medusa head weights in {src.desc} (found: {', '.join(found[:20]) or 'nothing'}); "
                                f"expected one of: {', '.join(WEIGHT_FILES)}")
+    if not weight.name.endswith((".safetensors", ".pt", ".bin", ".pth", ".index.json")):
+        raise MedusaHeadsError(f"unsupported weights file {weight}: use .safetensors, .pt, .bin or an .index.json")
+    return config, weight
 
+
+def _weight_map(index: Path) -> dict[str, str]:
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise MedusaHeadsError(f"{index} has no 'weight_map': it is not a sharded checkpoint index")
+    return weight_map
+
+
+def detect_format(path_or_repo: str | os.PathLike, revision: str | None = None) -> str:
+    """The layout of a checkpoint: 'fastdecoding' | 'medusa2' | 'vllm' | 'canonical' (reads keys, not tensors)."""
+    src = _open_source(path_or_repo, revision)
+    config, weight = _locate(src)
+    keys = list(_weight_map(weight)) if weight.name.endswith(".index.json") else _TensorFile(weight).keys
+    return _detect_layout(keys, config, str(weight))
+
+
+def _read_parts(src: _Source) -> _Parts:
+    config, weight = _locate(src)
     if weight.name.endswith(".index.json"):
-        weight_map = _read_json(weight).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise MedusaHeadsError(f"{weight} has no 'weight_map': it is not a sharded checkpoint index")
+        weight_map = _weight_map(weight)
         keys = list(weight_map)
         layout = _detect_layout(keys, config, str(weight))
         by_shard: dict[str, list[str]] = {}
@@ -429,8 +450,6 @@ def _read_parts(src: _Source) -> _Parts:
             tensors.update(tf.read(shard_keys))
         return _Parts(layout, f"{weight} (+{len(by_shard)} shard(s))", config, tensors)
 
-    if not weight.name.endswith((".safetensors", ".pt", ".bin", ".pth")):
-        raise MedusaHeadsError(f"unsupported weights file {weight}: use .safetensors, .pt, .bin or an .index.json")
     tf = _TensorFile(weight)
     layout = _detect_layout(tf.keys, config, str(weight))
     return _Parts(layout, str(weight), config, tf.read([k for k in tf.keys if _wanted(layout, k)]))
@@ -561,7 +580,6 @@ def _assemble(cls, parts: _Parts, base_hidden: int | None, base_vocab: int | Non
 
     heads = cls(H, K, L, V, own_lm_head=own, shared_lm_head=own and not projs, token_map=token_map,
                 device="meta", dtype=dt)
-    heads.token_map = None if token_map is None else token_map  # buffers made on meta: replace with the real one
     sd: dict[str, torch.Tensor] = {}
     for h in range(K):
         for l in range(L):
@@ -574,5 +592,5 @@ def _assemble(cls, parts: _Parts, base_hidden: int | None, base_vocab: int | Non
     if token_map is not None:
         sd["token_map"] = token_map
     heads.load_state_dict(sd, assign=True)
-    heads.base_model_name_or_path = base_name
+    heads.base_model_name_or_path, heads.source_format = base_name, parts.layout
     return heads
