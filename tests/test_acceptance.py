@@ -10,6 +10,15 @@ from medusa_plugin.core.acceptance import (AcceptanceError, AcceptanceResult, ac
                                            probs_from_logits, sampling_accept, typical_accept)
 from medusa_plugin.core.tree import MedusaTree
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMALL = MedusaTree.from_choices([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]], topk=3)
 
 
