@@ -14,9 +14,9 @@ partial results are merged with their log-sum-exp in torch.
 Causal rows (prefill / extend) are supported with the same kernel, but it is tuned for short query rows (tree rows,
 <= 65 queries); callers with long prefill rows should route those to the engine's own flash kernel.
 
-``triton`` is optional: without it ``HAS_TRITON`` is False and the wrapper raises. The jitted kernel is built lazily on
-first use (and separately for Triton's CPU interpreter, ``TRITON_INTERPRET=1``), so importing this module never
-compiles anything and tests can run the interpreter without disturbing GPU runs in the same process.
+``triton`` is optional: without it ``HAS_TRITON`` is False and the wrapper raises. The kernel is jitted lazily on first
+use, so importing this module compiles nothing. Triton's CPU interpreter (``TRITON_INTERPRET=1``, tests only) must be
+switched on before ``triton`` is first imported, because Triton's own library functions are jitted at import.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _tree_attention_kernel(
 
     # Keys this program reads: tree rows see every key; causal rows stop after this tile's last query.
     kv_end = tl.where(tree_n_row > 0, seq_len, tl.minimum(seq_len, ctx + (tile * BLOCK_M + BLOCK_M - 1) // GROUP + 1))
-    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = ((kv_end + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, kv_end)
     ctx_full = tl.minimum((ctx // BLOCK_N) * BLOCK_N, hi)   # keys [lo, ctx_full) are all context: no mask
