@@ -136,3 +136,99 @@ def test_window_sampler_is_deterministic_per_step():
         assert row[:n] in ([7, 8, 9, 10],) or row[:n] == list(range(row[0], row[0] + n))
     with pytest.raises(T.TrainError, match="at least 3 tokens"):
         T.WindowSampler([[1, 2]], seq_len=8, batch_size=1, pad_id=0)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from medusa_plugin.testing.tiny import build_tiny_model
+
+    texts = ["def add(a, b):\n    return a + b\n" * 4, "the quick brown fox jumps over the lazy dog. " * 6]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=64, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=32, intermediate_size=128, tokenizer_vocab_size=96,
+                            texts=texts)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"text": "def add(a, b):\n    return a + b\n" * 3},
+            {"prompt": "the quick brown", "response": " fox jumps over the lazy dog."},
+            {"conversations": [{"from": "human", "value": "add a and b"}, {"from": "gpt", "value": "return a + b"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cli(*argv):
+    from medusa_plugin.cli import main
+
+    return main(["train", *map(str, argv)])
+
+
+def saved_weights(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_cli_train_checkpoints_and_resume_exactly(model_dir, data_file, tmp_path, capsys):
+    from medusa_plugin.core.heads import MedusaHeads
+
+    common = ["--model", model_dir, "--data", data_file, "--steps", 6, "--batch-size", 2, "--seq-len", 16,
+              "--num-heads", 2, "--device", "cpu", "--no-progress", "--save-every", 2]
+    assert cli(*common, "--out", tmp_path / "a") == 0
+    assert "top-1 per head" in capsys.readouterr().out
+    heads = MedusaHeads.from_pretrained(tmp_path / "a")
+    assert heads.num_heads == 2 and heads.own_lm_head and heads.base_model_name_or_path == str(model_dir)
+    assert torch.load(tmp_path / "a" / T.STATE_FILE, weights_only=False)["step"] == 6
+
+    assert cli(*common, "--out", tmp_path / "b", "--stop-after", 3) == 0
+    assert torch.load(tmp_path / "b" / T.STATE_FILE, weights_only=False)["step"] == 3
+    assert cli(*common, "--out", tmp_path / "b", "--resume") == 0
+    assert "resuming" in capsys.readouterr().out
+    a, b = saved_weights(tmp_path / "a"), saved_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert cli(*common, "--out", tmp_path / "b", "--resume", "--lr", "0.5") == 1
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_cli_self_distill_shared_lm_head(model_dir, data_file, tmp_path):
+    from medusa_plugin.core.heads import MedusaHeads
+    from medusa_plugin.testing.tiny import load_tiny_model
+
+    out = tmp_path / "sd"
+    assert cli("--model", model_dir, "--data", data_file, "--out", out, "--self-distill", "--distill-tokens", 5,
+               "--prompt-tokens", 4, "--shared-lm-head", "--steps", 2, "--batch-size", 2, "--seq-len", 16,
+               "--num-heads", 2, "--device", "cpu", "--no-progress") == 0
+    model, tok = load_tiny_model(model_dir)
+    samples = T.load_samples(data_file, tok)
+    prompts = T.distill_prompts(samples, prompt_tokens=4, chunk_tokens=16)
+    assert samples[1][0] in prompts and samples[2][0] in prompts  # prompt/response and chat rows: their own prompt
+    assert prompts[0] == samples[0][1][:4] and samples[0][1][16:20] in prompts  # plain text: every 16-token chunk
+    cached = [json.loads(line) for line in (out / T.SELF_DISTILL_FILE).read_text().splitlines()]
+    assert cached == T.self_distill(model, prompts, 5)
+    assert not MedusaHeads.from_pretrained(out).own_lm_head
+
+
+def test_cli_bad_data(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "hi"}\n')
+    assert cli("--model", model_dir, "--data", bad, "--out", tmp_path / "o", "--device", "cpu") == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "'text'" in err and "question" in err
+
+
+def test_load_samples_directory_of_text_files(model_dir, tmp_path):
+    from medusa_plugin.testing.tiny import load_tiny_model
+
+    _, tok = load_tiny_model(model_dir)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("the lazy dog")
+    (tmp_path / "d" / "sub" / "b.md").write_text("return a + b")
+    (tmp_path / "d" / ".hidden").write_text("ignored")
+    (tmp_path / "d" / "empty.txt").write_text("  \n")
+    assert T.load_samples(tmp_path / "d", tok) == [(None, tok("the lazy dog")["input_ids"]),
+                                                   (None, tok("return a + b")["input_ids"])]
+    with pytest.raises(FileNotFoundError, match="--data"):
+        T.load_samples(tmp_path / "missing", tok)

@@ -351,3 +351,240 @@ def train_heads(model: nn.Module, sequences: list[list[int]], *, num_heads: int 
                           warmup_ratio=warmup_ratio, weight_decay=weight_decay, loss_decay=loss_decay, device=device,
                           dtype=dtype, seed=seed)
     return trainer.run(progress=progress)
+
+
+# ------------------------------------------------------------------------------------------------ data
+_USER_ROLES = {"human": "user", "user": "user", "system": "system"}
+
+
+def _turns(conversation: list, where: str) -> list[dict]:
+    msgs = []
+    for turn in conversation:
+        if not isinstance(turn, dict):
+            raise TrainError(f"{where}: each conversation turn must be an object with 'from'/'role' and "
+                             f"'value'/'content', got {turn!r:.80}")
+        role = str(turn.get("role", turn.get("from", ""))).lower()
+        content = turn.get("content", turn.get("value"))
+        if content is None:
+            raise TrainError(f"{where}: conversation turn without 'value'/'content': {turn!r:.80}")
+        msgs.append({"role": _USER_ROLES.get(role, "assistant"), "content": str(content)})
+    return msgs
+
+
+def _tokenize_chat(tokenizer, msgs: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids = messages up to the first user turn + generation prompt, ids of the whole conversation)."""
+    first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), 0)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        prompt = tokenizer.apply_chat_template(msgs[:first_user + 1], tokenize=False, add_generation_prompt=True)
+        return (tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                tokenizer(full, add_special_tokens=False)["input_ids"])
+    text = lambda ms: "".join(f"{m['role'].upper()}: {m['content']}\n" for m in ms)  # noqa: E731
+    prompt_ids = tokenizer(text(msgs[:first_user + 1]) + "ASSISTANT:")["input_ids"]
+    return prompt_ids, tokenizer(text(msgs))["input_ids"]
+
+
+def _jsonl_samples(path: Path, tokenizer) -> list[tuple[list[int] | None, list[int]]]:
+    samples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainError(f"{where}: not valid JSON ({e.msg}); --data JSONL needs one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise TrainError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if "conversations" in rec or "messages" in rec:
+            samples.append(_tokenize_chat(tokenizer, _turns(rec.get("conversations", rec.get("messages")), where)))
+        elif "prompt" in rec:
+            prompt = tokenizer(str(rec["prompt"]))["input_ids"]
+            resp = rec.get("response", rec.get("completion", rec.get("output", "")))
+            samples.append((prompt, prompt + tokenizer(str(resp), add_special_tokens=False)["input_ids"]))
+        elif "text" in rec:
+            samples.append((None, tokenizer(str(rec["text"]))["input_ids"]))
+        else:
+            raise TrainError(f"{where}: no known field; each line needs 'text', 'prompt' (+ 'response'), or "
+                             f"'conversations' (found: {', '.join(sorted(rec)) or 'none'})")
+    return samples
+
+
+def load_samples(path: str | os.PathLike, tokenizer) -> list[tuple[list[int] | None, list[int]]]:
+    """Tokenised samples ``(prompt_ids or None, all_ids)`` from ``--data``.
+
+    * ``.jsonl`` / ``.json`` (one object per line): ``{"text"}``, ``{"prompt", "response"}`` (also "completion" /
+      "output") or ShareGPT ``{"conversations": [{"from", "value"}, ...]}`` / ``{"messages": [{"role", "content"}]}``
+      (rendered with the tokenizer's chat template when it has one; the prompt is everything up to the first user
+      turn plus the generation prompt).
+    * any other file: plain text, one sample per file.
+    * a directory: every non-hidden file under it (recursively, sorted), each as above.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or directory")
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    samples: list[tuple[list[int] | None, list[int]]] = []
+    for f in files:
+        if f.suffix in (".jsonl", ".json"):
+            samples += _jsonl_samples(f, tokenizer)
+        else:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                samples.append((None, tokenizer(text)["input_ids"]))
+    if not samples:
+        raise TrainError(f"--data {path}: no samples found (empty files?)")
+    return samples
+
+
+def distill_prompts(samples: list[tuple[list[int] | None, list[int]]], *, prompt_tokens: int,
+                    chunk_tokens: int) -> list[list[int]]:
+    """Prompts for self-distillation: a sample's own prompt when it has one; otherwise the first ``prompt_tokens``
+    tokens of every ``chunk_tokens``-token chunk of its text."""
+    prompts = []
+    for prompt, ids in samples:
+        if prompt:
+            prompts.append(prompt)
+        else:
+            prompts += [ids[s:s + prompt_tokens] for s in range(0, len(ids), chunk_tokens) if ids[s:s + prompt_tokens]]
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(trainer: HeadTrainer, out_dir: str | os.PathLike) -> None:
+    """Canonical heads (``save_pretrained``) plus ``training_state.pt`` (heads, optimizer, scheduler, step)."""
+    out = Path(out_dir)
+    trainer.heads.save_pretrained(out)
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(trainer.state_dict(), tmp)
+    os.replace(tmp, out / STATE_FILE)  # a crash mid-write never leaves a truncated state
+
+
+def load_checkpoint(trainer: HeadTrainer, out_dir: str | os.PathLike) -> bool:
+    """Restore ``trainer`` from ``out_dir/training_state.pt``; False when there is none."""
+    path = Path(out_dir) / STATE_FILE
+    if not path.is_file():
+        return False
+    trainer.load_state_dict(torch.load(path, map_location=trainer.device, weights_only=False))
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: Hugging Face hub id or local directory")
+    p.add_argument("--data", required=True,
+                   help="JSONL ('text', 'prompt'/'response' or 'conversations' per line), a text file, or a "
+                        "directory of such files")
+    p.add_argument("--out", required=True, help="output directory: canonical heads (model.safetensors + config.json) "
+                                                "and training_state.pt")
+    p.add_argument("--self-distill", action="store_true",
+                   help="train on the base model's own greedy responses to the data's prompts (recommended)")
+    p.add_argument("--distill-tokens", type=int, default=None,
+                   help="tokens generated per prompt with --self-distill (default: --seq-len)")
+    p.add_argument("--prompt-tokens", type=int, default=64,
+                   help="for samples without a prompt field: prompt = first N tokens of every --seq-len chunk")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
+    p.add_argument("--shared-lm-head", action="store_true",
+                   help="v2 layout: heads have no projection of their own and reuse the base lm_head")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=None, help="optimiser updates (default: 1 epoch)")
+    steps.add_argument("--epochs", type=float, default=None,
+                       help="passes over the data, in tokens: steps = epochs * tokens / (batch * seq_len)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--loss-decay", type=float, default=0.8, help="loss weight of head k is loss_decay**k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+                   help="base model weights; auto = bfloat16 on CUDA, float32 on CPU (heads train in float32)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from training_state.pt in --out (same arguments required); starts fresh if none")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) once this many steps are done in total; finish later with --resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_model(name: str, device: torch.device, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
+    return model, tokenizer
+
+
+def _read_ids_jsonl(path: Path) -> list[list[int]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except TrainError as e:
+        print(f"medusa-plugin train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    for name in ("num_heads", "num_layers", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_model(args.model, device, args.dtype)
+    samples = load_samples(args.data, tokenizer)
+    sequences = [ids for _, ids in samples]
+    if args.self_distill:
+        cache = out / SELF_DISTILL_FILE
+        if args.resume and cache.is_file():
+            sequences = _read_ids_jsonl(cache)
+            print(f"self-distill: reusing {len(sequences)} sequences from {cache}")
+        else:
+            prompts = distill_prompts(samples, prompt_tokens=args.prompt_tokens, chunk_tokens=args.seq_len)
+            print(f"self-distill: generating {len(prompts)} greedy responses with {args.model}")
+            sequences = self_distill(model, prompts, args.distill_tokens or args.seq_len, batch_size=args.batch_size)
+            cache.write_text("".join(json.dumps(s) + "\n" for s in sequences))
+    tokens = sum(len(s) for s in sequences)
+    steps = args.steps or max(1, math.ceil((args.epochs or 1.0) * tokens / (args.batch_size * args.seq_len)))
+
+    heads = new_heads(model, num_heads=args.num_heads, num_layers=args.num_layers,
+                      own_lm_head=not args.shared_lm_head, seed=args.seed)
+    heads.base_model_name_or_path = args.model
+    trainer = HeadTrainer(model, sequences, heads, steps=steps, lr=args.lr, batch_size=args.batch_size,
+                          seq_len=args.seq_len, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                          loss_decay=args.loss_decay, device=device, seed=args.seed)
+    if args.resume:
+        if load_checkpoint(trainer, out):
+            print(f"resuming from {out / STATE_FILE} at step {trainer.step}/{steps}")
+        else:
+            print(f"no {STATE_FILE} in {out}: starting from scratch")
+    print(f"training {args.num_heads} heads x {args.num_layers} layer(s) "
+          f"({'shared base lm_head' if args.shared_lm_head else 'own lm_head'}) on {len(sequences)} sequences "
+          f"({tokens} tokens), {steps} steps, device {device}")
+
+    def on_step(t: HeadTrainer) -> None:
+        if args.save_every and t.step % args.save_every == 0 and t.step < steps:
+            save_checkpoint(t, out)
+
+    until = steps if args.stop_after is None else min(steps, args.stop_after)
+    trainer.run(until, progress=not args.no_progress, on_step=on_step)
+    save_checkpoint(trainer, out)
+    last = trainer.history[-min(len(trainer.history), 10):]
+    if last:
+        loss = sum(e["loss"] for e in last) / len(last)
+        accs = [sum(e["acc"][k] for e in last) / len(last) for k in range(trainer.heads.num_heads)]
+        print(f"step {trainer.step}/{steps}: loss {loss:.4f}, top-1 per head "
+              + " ".join(f"{a:.3f}" for a in accs) + f" (mean of last {len(last)} steps)")
+    done = "saved" if trainer.step >= steps else f"checkpoint saved; continue with --resume"
+    print(f"{done}: {out}")
+    return 0
