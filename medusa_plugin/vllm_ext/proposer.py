@@ -1,0 +1,130 @@
+"""``MedusaTreeProposer``: the ``custom_class`` speculative proposer that drafts a whole Medusa tree per request.
+
+Selected with::
+
+    speculative_config={"method": "custom_class",
+                        "model": "medusa_plugin.vllm_ext.proposer.MedusaTreeProposer",
+                        "num_speculative_tokens": N}          # N = number of tree nodes
+    additional_config={"medusa": {"heads": DIR, "tree": NAME, ...}}
+
+vLLM builds it in ``GPUModelRunner.__init__`` (``v1/worker/gpu_model_runner.py:603``, via
+``v1/spec_decode/custom_class_proposer.py:create_custom_proposer``) and calls ``load_model(target_model)``
+(``cpu_model_runner.py:71-73``). The stock ``propose()`` call does not pass hidden states, so tree mode needs the
+Medusa model runner (:mod:`.runner`), which calls :meth:`MedusaTreeProposer.propose_tree` instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from medusa_plugin.core.config import MedusaConfig, load_config
+from medusa_plugin.core.heads import MedusaHeads
+from medusa_plugin.core.tree import MedusaTree
+
+__all__ = ["MedusaTreeProposer", "MedusaProposerError", "medusa_config_of"]
+
+
+class MedusaProposerError(ValueError):
+    """Medusa proposer misconfigured or used outside the Medusa model runner."""
+
+
+def medusa_config_of(vllm_config) -> MedusaConfig:
+    """The Medusa settings of an engine: V2's ``settings.medusa_settings`` when present, else
+    ``additional_config["medusa"]`` parsed with ``core.config.load_config``."""
+    try:
+        from .settings import medusa_settings  # owned by the plugin/settings module
+    except ImportError:
+        medusa_settings = None
+    if medusa_settings is not None:
+        return medusa_settings(vllm_config)
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if "medusa" not in extra:
+        raise MedusaProposerError(
+            "the Medusa proposer needs its settings: pass additional_config={'medusa': {'heads': DIR, 'tree': NAME}} "
+            "(--additional-config on the CLI)")
+    return load_config(extra["medusa"])
+
+
+class MedusaTreeProposer:
+    """Drafts ``tree.num_nodes`` tokens per request from the Medusa heads, in Medusa node order.
+
+    Attributes:
+        config: the :class:`MedusaConfig`.
+        tree: the :class:`MedusaTree` (on the target's device after ``load_model``).
+        heads: :class:`MedusaHeads` (after ``load_model``).
+    """
+
+    def __init__(self, vllm_config) -> None:
+        self.vllm_config = vllm_config
+        self.config = medusa_config_of(vllm_config)
+        self.tree = MedusaTree.load(self.config.tree, topk=self.config.topk)
+        spec = vllm_config.speculative_config
+        n = spec.num_speculative_tokens
+        if n != self.tree.num_nodes:
+            raise MedusaProposerError(
+                f"num_speculative_tokens={n} but the Medusa tree {self.config.tree_name!r} has "
+                f"{self.tree.num_nodes} nodes: set num_speculative_tokens={self.tree.num_nodes}")
+        if vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise MedusaProposerError("Medusa tree decoding does not support pipeline parallelism; use PP=1")
+        self.heads: MedusaHeads | None = None
+        self._lm_head: Tensor | None = None
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
+
+    # ------------------------------------------------------------------ vLLM hooks
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        """Load the heads onto the target's device and dtype (v2 heads project with the target's lm_head)."""
+        ref = next(target_model.parameters())
+        dtype = ref.dtype if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        mc = self.vllm_config.model_config
+        self.heads = MedusaHeads.from_pretrained(
+            self.config.heads, base_hidden_size=mc.get_hidden_size(), base_vocab_size=self.vocab_size,
+            dtype=dtype, device=ref.device, revision=self.config.heads_revision).eval()
+        if self.heads.num_heads < self.tree.max_depth:
+            raise MedusaProposerError(
+                f"the tree {self.config.tree_name!r} is {self.tree.max_depth} deep but the heads at "
+                f"{self.config.heads!r} have only {self.heads.num_heads}: choose a tree of depth <= "
+                f"{self.heads.num_heads}")
+        if not self.heads.own_lm_head:
+            lm_head = getattr(target_model, "lm_head", None)
+            weight = getattr(lm_head, "weight", None)
+            if weight is None:
+                raise MedusaProposerError("v2 Medusa heads need the target model's lm_head, which this model lacks")
+            if self.vllm_config.parallel_config.tensor_parallel_size != 1:
+                raise MedusaProposerError("v2 Medusa heads (no own lm_head) need tensor_parallel_size=1")
+            self._lm_head = weight[: self.vocab_size]
+        self.tree = self.tree.to(ref.device)
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
+        """The stock ``custom_class`` entry point; tree mode cannot work through it (no hidden states)."""
+        raise MedusaProposerError(
+            "MedusaTreeProposer needs the Medusa model runner (tree positions, tree attention and tree acceptance): "
+            "use worker_cls='medusa_plugin.vllm_ext.worker.MedusaCPUWorker' (--worker-cls), which the "
+            "medusa_plugin vLLM plugin selects automatically when it is installed")
+
+    # ------------------------------------------------------------------ tree drafting
+    @torch.inference_mode()
+    def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:
+        """Draft a tree per request.
+
+        Args:
+            hidden: ``[B, H]`` the target's last hidden state at each request's last accepted token (after the
+                final norm).
+            roots: ``B`` root tokens (the token just emitted, not yet in the KV cache).
+            allow: optional ``B`` flags; requests with False get no drafts.
+        Returns:
+            ``B`` lists: ``tree.num_nodes`` draft tokens in node order, or ``[]``.
+        """
+        if self.heads is None:
+            raise MedusaProposerError("propose_tree called before load_model")
+        b = hidden.shape[0]
+        idx = [i for i in range(b) if allow is None or allow[i]]
+        out: list[list[int]] = [[] for _ in range(b)]
+        if not idx:
+            return out
+        sel = torch.tensor(idx, device=hidden.device)
+        logits = self.heads(hidden[sel], lm_head=self._lm_head)[..., : self.vocab_size]  # [b', K, V]
+        root = torch.tensor([roots[i] for i in idx], dtype=torch.int64, device=hidden.device)
+        tokens = self.tree.build_candidates(root, logits)[:, 1:].tolist()
+        for i, toks in zip(idx, tokens):
+            out[i] = toks
+        return out

