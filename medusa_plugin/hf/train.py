@@ -384,29 +384,35 @@ def _tokenize_chat(tokenizer, msgs: list[dict]) -> tuple[list[int], list[int]]:
     return prompt_ids, tokenizer(text(msgs))["input_ids"]
 
 
-def _jsonl_samples(path: Path, tokenizer) -> list[tuple[list[int] | None, list[int]]]:
+def record_sample(rec, tokenizer, where: str) -> tuple[list[int] | None, list[int]]:
+    """One JSON record -> ``(prompt_ids or None, all_ids)`` (formats: see :func:`load_samples`)."""
+    if isinstance(rec, str):
+        return None, tokenizer(rec)["input_ids"]
+    if not isinstance(rec, dict):
+        raise TrainError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "conversations" in rec or "messages" in rec:
+        return _tokenize_chat(tokenizer, _turns(rec.get("conversations", rec.get("messages")), where))
+    if "prompt" in rec:
+        prompt = tokenizer(str(rec["prompt"]))["input_ids"]
+        resp = rec.get("response", rec.get("completion", rec.get("output", "")))
+        return prompt, prompt + tokenizer(str(resp), add_special_tokens=False)["input_ids"]
+    if "text" in rec:
+        return None, tokenizer(str(rec["text"]))["input_ids"]
+    raise TrainError(f"{where}: no known field; each line needs 'text', 'prompt' (+ 'response'), or "
+                     f"'conversations' (found: {', '.join(sorted(rec)) or 'none'})")
+
+
+def read_jsonl(path: Path, tokenizer) -> list[tuple[list[int] | None, list[int]]]:
+    """Samples from a JSONL file, one record per non-empty line (errors name ``file:line``)."""
     samples = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TrainError(f"{where}: not valid JSON ({e.msg}); --data JSONL needs one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise TrainError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        if "conversations" in rec or "messages" in rec:
-            samples.append(_tokenize_chat(tokenizer, _turns(rec.get("conversations", rec.get("messages")), where)))
-        elif "prompt" in rec:
-            prompt = tokenizer(str(rec["prompt"]))["input_ids"]
-            resp = rec.get("response", rec.get("completion", rec.get("output", "")))
-            samples.append((prompt, prompt + tokenizer(str(resp), add_special_tokens=False)["input_ids"]))
-        elif "text" in rec:
-            samples.append((None, tokenizer(str(rec["text"]))["input_ids"]))
-        else:
-            raise TrainError(f"{where}: no known field; each line needs 'text', 'prompt' (+ 'response'), or "
-                             f"'conversations' (found: {', '.join(sorted(rec)) or 'none'})")
+            raise TrainError(f"{path}:{n}: not valid JSON ({e.msg}); JSONL needs one JSON object per line") from None
+        samples.append(record_sample(rec, tokenizer, f"{path}:{n}"))
     return samples
 
 
@@ -428,7 +434,7 @@ def load_samples(path: str | os.PathLike, tokenizer) -> list[tuple[list[int] | N
     samples: list[tuple[list[int] | None, list[int]]] = []
     for f in files:
         if f.suffix in (".jsonl", ".json"):
-            samples += _jsonl_samples(f, tokenizer)
+            samples += read_jsonl(f, tokenizer)
         else:
             text = f.read_text(encoding="utf-8", errors="replace")
             if text.strip():
@@ -471,7 +477,7 @@ def load_checkpoint(trainer: HeadTrainer, out_dir: str | os.PathLike) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -503,7 +509,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-decay", type=float, default=0.8, help="loss weight of head k is loss_decay**k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="base model weights; auto = bfloat16 on CUDA, float32 on CPU (heads train in float32)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true",
@@ -513,10 +519,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load_model(name: str, device: torch.device, dtype: str):
+def load_model(name: str, device: torch.device, dtype: str):
+    """(causal LM in eval mode on ``device``, tokenizer); ``dtype``: "auto" (bf16 on CUDA, fp32 on CPU) or a name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch_dtype = DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(name)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype).to(device).eval()
     return model, tokenizer
@@ -541,7 +548,7 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _load_model(args.model, device, args.dtype)
+    model, tokenizer = load_model(args.model, device, args.dtype)
     samples = load_samples(args.data, tokenizer)
     sequences = [ids for _, ids in samples]
     if args.self_distill:
