@@ -1,0 +1,231 @@
+import itertools
+
+import pytest
+import torch
+import yaml
+
+from medusa_plugin.core.schedule import (RooflineParams, TreeSchedule, TreeScheduleError, default_accuracy,
+                                         prefix_accept_lengths)
+from medusa_plugin.core.tree import MedusaTree
+
+
+def _random_schedule(seed: int, max_batch: int = 8, num_nodes: int = 12) -> TreeSchedule:
+    """A table with every batch size 1..max_batch and every query count 1..num_nodes+1 (no interpolation)."""
+    g = torch.Generator().manual_seed(seed)
+    qs = list(range(1, num_nodes + 2))
+    overhead = []
+    for _ in range(max_batch):
+        steps = torch.rand(num_nodes, generator=g, dtype=torch.float64) * 0.4
+        overhead.append([1.0] + (1.0 + steps.cumsum(0)).tolist())
+    probs = torch.rand(num_nodes, generator=g, dtype=torch.float64) * 0.5
+    accept = [1.0] + (1.0 + probs.cumsum(0)).tolist()
+    draft = (torch.rand(max_batch, generator=g, dtype=torch.float64) * 0.2).tolist()
+    return TreeSchedule(list(range(1, max_batch + 1)), qs, overhead, accept, draft_overhead=draft)
+
+
+# ------------------------------------------------------------------------------------------------ roofline tables
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_roofline_table_full_tree_at_b1_then_shrinks_to_zero(gpu):
+    sched = TreeSchedule.roofline(RooflineParams.for_gpu(gpu))
+    tree = MedusaTree.from_name("mc_sim_7b_63")
+    table = sched.table()
+    assert table[1] == tree.num_nodes
+    sizes = [table[b] for b in sorted(table)]
+    assert all(b <= a for a, b in zip(sizes, sizes[1:])), "tree size must not grow with the batch size"
+    assert sizes[-1] == 0 and sched.num_nodes(sched.max_batch_size) == 0
+    assert 0 < table[16] < tree.num_nodes  # shrunk but still speculating in between
+    assert sched.num_nodes(sched.max_batch_size + 1) == 0  # beyond the table: no data, no speculation
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+def test_shipped_tables_match_the_roofline_and_say_so(gpu):
+    shipped = TreeSchedule.default(gpu)
+    key = "h100" if "H100" in gpu else "h200"
+    fresh = TreeSchedule.roofline(RooflineParams.for_gpu(key))
+    assert shipped.table() == fresh.table()
+    assert shipped.overhead == fresh.overhead and shipped.accept_lengths == fresh.accept_lengths
+    from importlib import resources
+    text = (resources.files("medusa_plugin") / "data" / f"schedule_{key}.yaml").read_text()
+    assert text.startswith("# DERIVED FROM THE ROOFLINE MODEL (not measured)")
+    assert "bench step-cost" in text.splitlines()[1]
+
+
+def test_unknown_gpu_points_to_the_benchmark():
+    with pytest.raises(TreeScheduleError, match="bench step-cost"):
+        TreeSchedule.default("NVIDIA A100-SXM4-80GB")
+
+
+def test_roofline_memory_bound_steps_cost_nothing():
+    p = RooflineParams()
+    assert p.step_time(64, 1) == pytest.approx(p.step_time(1, 1))  # B*q = 64 << ridge point
+    assert p.step_time(64, 64) > 8 * p.step_time(1, 64)  # B*q = 4096 >> ridge point: compute-bound
+    assert p.kv_bytes_per_token == 128 * 1024  # Llama-3-8B GQA: 32 layers * 8 KV heads * 128 * 2 (K, V) * 2 bytes
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+@pytest.mark.parametrize("seed", range(6))
+def test_choice_is_the_brute_force_argmax(seed):
+    sched = _random_schedule(seed)
+    for b in range(1, 9):
+        i = b - 1
+        speeds = [1.0] + [sched.accept_lengths[n] / (sched.overhead[i][n] + sched.draft_overhead[i])
+                          for n in range(1, 13)]
+        best = max(speeds)
+        assert sched.num_nodes(b) == speeds.index(best)  # the first (smallest) maximiser
+        assert sched.expected_speedup(b) == pytest.approx(best) and best >= 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_precomputed_lookup_agrees_with_cost_between_rows(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    base = _random_schedule(seed, max_batch=4, num_nodes=10)
+    # sparse rows (interpolated in B) and sparse columns (interpolated in q)
+    qs = [1, 3, 6, 11]
+    rows = [[1.0] + sorted((1 + torch.rand(3, generator=g, dtype=torch.float64)).tolist()) for _ in range(3)]
+    sched = TreeSchedule([1, 7, 20], qs, rows, base.accept_lengths, draft_overhead=[0.0, 0.05, 0.1])
+    for b in range(1, 21):
+        speeds = [sched.accept_lengths[n] / sched.cost(b, n) for n in range(0, 11)]
+        assert sched.num_nodes(b) == speeds.index(max(speeds))
+
+
+def test_interpolation_rule():
+    sched = TreeSchedule([2, 6], [1, 5, 9], [[1.0, 1.2, 2.0], [1.0, 2.0, 4.0]], [1.0 + 0.1 * n for n in range(9)],
+                         draft_overhead=[0.0, 0.4])
+    assert sched.cost(2, 0) == 1.0
+    assert sched.cost(2, 1) == pytest.approx(1.2)  # q = 2 < 5: the first tree column, not 1 -> 1.2 interpolation
+    assert sched.cost(2, 6) == pytest.approx(1.2 + 0.5 * 0.8)  # q = 7 halfway between 5 and 9
+    assert sched.cost(4, 4) == pytest.approx(0.5 * 1.2 + 0.5 * 2.0 + 0.5 * 0.4)  # B = 4 halfway between rows
+    assert sched.cost(1, 8) == pytest.approx(2.0)  # below the first row: clamped to it
+    with pytest.raises(TreeScheduleError, match="outside 0..8"):
+        sched.cost(2, 9)
+
+
+def test_never_slower_than_plain_decoding():
+    accept = prefix_accept_lengths("mc_sim_7b_63")
+    costly = [[1.0] + [accept[-1] + 0.5] * 3 for _ in range(3)]  # every tree step costs more than it can emit
+    sched = TreeSchedule([1, 2, 4], [1, 2, 32, 64], costly, accept)
+    assert set(sched.table().values()) == {0}
+    for seed in range(4):
+        s = _random_schedule(seed)
+        assert all(s.expected_speedup(b) >= 1.0 for b in range(1, 9))
+
+
+def test_num_nodes_arguments():
+    sched = _random_schedule(0)
+    assert sched.num_nodes(0) == 0
+    with pytest.raises(TreeScheduleError, match="batch_size must be >= 0"):
+        sched.num_nodes(-1)
+
+
+def test_for_tree_uses_the_given_tree():
+    sched = TreeSchedule.default("h100").for_tree("chain:4")
+    assert len(sched.accept_lengths) == 5 and sched.num_nodes(1) == 4 and sched.meta["tree"] == "chain:4"
+
+
+# ------------------------------------------------------------------------------------------------ E[L](n)
+def _brute_force_accept_length(tree: MedusaTree, acc) -> float:
+    """Enumerate which rank (or none) of every head is right; E[1 + longest accepted path]."""
+    per_head = [list(enumerate(row)) + [(None, 1.0 - sum(row))] for row in acc]
+    paths = set(tree.choices)
+    total = 0.0
+    for outcome in itertools.product(*per_head):
+        p = 1.0
+        for _, q in outcome:
+            p *= q
+        length = 0
+        while length < len(outcome) and outcome[length][0] is not None and \
+                tuple(r for r, _ in outcome[: length + 1]) in paths:
+            length += 1
+        total += p * (1 + length)
+    return total
+
+
+def test_prefix_accept_lengths_equal_brute_force():
+    acc = [[0.5, 0.2, 0.1], [0.4, 0.3], [0.3, 0.1]]
+    tree = MedusaTree.from_choices([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 1]])
+    el = prefix_accept_lengths(tree, acc)
+    assert len(el) == tree.num_nodes + 1 and el[0] == 1.0
+    for n in range(tree.num_nodes + 1):
+        prefix = MedusaTree.from_choices(tree.choices[:n]) if n else None
+        expected = _brute_force_accept_length(prefix, acc) if prefix else 1.0
+        assert el[n] == pytest.approx(expected)
+
+
+def test_prefix_accept_lengths_match_the_published_estimate():
+    assert prefix_accept_lengths("mc_sim_7b_63")[-1] == pytest.approx(2.34, abs=0.005)  # anchors §1.10
+    assert prefix_accept_lengths("chain:5")[-1] == pytest.approx(1.78, abs=0.005)
+    assert default_accuracy()[0][0] == pytest.approx(0.5604)
+
+
+def test_prefix_accept_lengths_agree_with_tree_fit():
+    tree_fit = pytest.importorskip("medusa_plugin.core.tree_fit")
+    tree = MedusaTree.from_name("mc_sim_7b_63")
+    el = prefix_accept_lengths(tree)
+    for n in (1, 10, 30, 63):
+        assert tree_fit.expected_accept_length(tree.choices[:n], default_accuracy()) == pytest.approx(el[n])
+
+
+def test_prefix_accept_lengths_bad_accuracy():
+    with pytest.raises(TreeScheduleError, match="probabilities"):
+        prefix_accept_lengths("chain:2", [[1.5]])
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+def test_yaml_round_trip(tmp_path):
+    sched = _random_schedule(3)
+    sched.meta.update(source="measured", gpu="cpu", tree="12 nodes")
+    path = tmp_path / "s.yaml"
+    text = sched.to_yaml(path)
+    back = TreeSchedule.from_yaml(path)
+    assert back.to_dict() == sched.to_dict() and back.table() == sched.table()
+    assert back.to_yaml() == text
+    roof = TreeSchedule.roofline()
+    roof.to_yaml(path)
+    assert TreeSchedule.from_yaml(path).table() == roof.table()
+
+
+def _good() -> dict:
+    return dict(batch_sizes=[1, 4], query_tokens=[1, 5], overhead=[[1.0, 1.1], [1.0, 1.6]],
+                accept_lengths=[1.0, 1.5, 1.7, 1.8, 1.85])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(batch_sizes=[4, 1]), "batch_sizes.*strictly increasing"),
+    (dict(batch_sizes=[0, 1]), "batch_sizes"),
+    (dict(query_tokens=[2, 5]), "query_tokens.*start with 1"),
+    (dict(overhead=[[1.0, 1.1]]), "one row per batch size"),
+    (dict(overhead=[[1.0, 1.1], [1.0]]), r"row B=4.*2 values"),
+    (dict(overhead=[[1.0, 1.1], [2.0, 1.6]]), r"row B=4.*plain decode step"),
+    (dict(overhead=[[1.0, "x"], [1.0, 1.6]]), "not a finite number"),
+    (dict(overhead=[[1.0, -1.0], [1.0, 1.6]]), "non-positive"),
+    (dict(accept_lengths=[1.0, 1.5, 1.2]), "never decrease"),
+    (dict(accept_lengths=[2.0, 2.5]), "start at 1.0"),
+    (dict(draft_overhead=[0.1]), "one per batch size"),
+    (dict(draft_overhead=-0.1), "negative"),
+    (dict(schedule_version=7), "schedule_version"),
+    (dict(overheads=[]), "unknown key.*overheads"),
+])
+def test_malformed_tables(tmp_path, change, match):
+    data = {**_good(), **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TreeScheduleError, match=match) as info:
+        TreeSchedule.from_yaml(path)
+    assert str(path) in str(info.value)
+
+
+def test_malformed_files(tmp_path):
+    TreeSchedule.from_dict(_good())  # the base case is valid
+    data = _good()
+    del data["accept_lengths"]
+    with pytest.raises(TreeScheduleError, match="missing.*accept_lengths.*for_tree"):
+        TreeSchedule.from_dict(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_sizes: [1, 2\n")
+    with pytest.raises(TreeScheduleError, match="not valid YAML"):
+        TreeSchedule.from_yaml(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(TreeScheduleError, match="expected a mapping"):
+        TreeSchedule.from_yaml(bad)
+    with pytest.raises(FileNotFoundError):
+        TreeSchedule.from_yaml(tmp_path / "missing.yaml")
