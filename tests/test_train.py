@@ -1,6 +1,7 @@
 """Medusa head training: hidden-state choice, self-distillation, the t+k+2 target offset, resume, the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -232,3 +233,12 @@ def test_load_samples_directory_of_text_files(model_dir, tmp_path):
                                                    (None, tok("return a + b")["input_ids"])]
     with pytest.raises(FileNotFoundError, match="--data"):
         T.load_samples(tmp_path / "missing", tok)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(model):
+    trainer = T.HeadTrainer(model, periodic_sequences(3, 30), T.new_heads(model, num_heads=2), steps=3, lr=1e-2,
+                            batch_size=2, seq_len=12, device="cpu", dtype=torch.bfloat16)
+    trainer.run(progress=False)
+    assert all(p.dtype == torch.float32 for p in trainer.heads.parameters())
+    assert all(math.isfinite(e["loss"]) for e in trainer.history) and trainer.step == 3
+    assert trainer.history[0]["lr"] > 0 and trainer.history[-1]["lr"] < trainer.history[1]["lr"]  # warm-up, cosine

@@ -193,7 +193,6 @@ def trained(tmp_path_factory):
 def test_fit_tree_cli_measures_and_writes_yaml(trained, tmp_path, capsys):
     from medusa_plugin.cli import main
     from medusa_plugin.core.tree import MedusaTree
-    from medusa_plugin.core.tree_fit import expected_accept_length
 
     model_dir, heads_dir, prompts = trained
     out, acc_json = tmp_path / "tree.yaml", tmp_path / "acc.json"

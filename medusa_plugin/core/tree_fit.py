@@ -13,8 +13,6 @@ from __future__ import annotations
 import heapq
 from typing import Mapping, Sequence
 
-Accuracy = Sequence[Sequence[float]]
-
 
 class TreeFitError(ValueError):
     """Bad accuracies or fitting arguments."""

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -184,8 +183,8 @@ def _lr_factor(step: int, *, warmup: int, total: int) -> float:
 def _fingerprint(sequences: Sequence[Sequence[int]]) -> str:
     h = hashlib.sha1()
     for s in sequences:
-        h.update(json.dumps(list(s)).encode())
-        h.update(b"\n")
+        h.update(len(s).to_bytes(8, "little"))
+        h.update(torch.as_tensor(list(s), dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -321,7 +320,8 @@ class HeadTrainer:
 
 def new_heads(model: nn.Module, *, num_heads: int = 4, num_layers: int = 1, own_lm_head: bool = True,
               seed: int = 0) -> nn.Module:
-    """Upstream-initialised heads for ``model`` (fp32, on the lm_head's device); seeded (ResBlock biases are random)."""
+    """Upstream-initialised heads for ``model`` (:meth:`MedusaHeads.init_from_lm_head`; fp32, on the lm_head's
+    device). Run under ``seed`` in case the initialisation draws random numbers."""
     from medusa_plugin.core.heads import MedusaHeads
 
     if num_heads < 1 or num_layers < 1:
@@ -429,8 +429,8 @@ def load_samples(path: str | os.PathLike, tokenizer) -> list[tuple[list[int] | N
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or directory")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(path).parts)  # noqa: E731
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not hidden(p))
     samples: list[tuple[list[int] | None, list[int]]] = []
     for f in files:
         if f.suffix in (".jsonl", ".json"):
