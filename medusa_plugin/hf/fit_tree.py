@@ -178,6 +178,11 @@ def _run(args: argparse.Namespace) -> int:
         mark = "  <- chosen" if b == args.budget else ""
         print(f"{b:>8} {len(tree):>6} {max(map(len, tree), default=0):>6} "
               f"{expected_accept_length(tree, acc):>12.3f}{mark}")
+    from medusa_plugin.core.tree import MedusaTree
+
+    shipped = MedusaTree.from_name("mc_sim_7b_63").choices
+    print(f"for comparison, shipped mc_sim_7b_63: {len(shipped)} nodes, depth {max(map(len, shipped))}, "
+          f"{expected_accept_length(shipped, acc):.3f} tokens/step")
     choices = fit(args.budget)
     if not choices:
         raise TreeFitError("every head accuracy is 0: no node would ever be accepted; train the heads longer or "
