@@ -449,7 +449,7 @@ class TreeSchedule:
         src = str(self.meta.get("source", ""))
         if src == "roofline":
             head = ["DERIVED FROM THE ROOFLINE MODEL (not measured). Replace it with a measurement on your GPU:",
-                    "  medusa-plugin bench step-cost --schedule-out schedule.yaml   (then tree_schedule: schedule.yaml)",
+                    "  medusa-plugin bench step-cost --schedule-out schedule.yaml  (then tree_schedule: schedule.yaml)",
                     "t(q, B) = max(t_mem, t_cmp) per medusa_plugin.core.schedule.RooflineParams with the 'model' "
                     "parameters below."]
         else:

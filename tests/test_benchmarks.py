@@ -1,0 +1,82 @@
+"""The benchmark harnesses at their tiniest settings on CPU: they run, print their table, write the JSON they promise
+(no timing asserts)."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from medusa_plugin.cli import main as cli_main
+from medusa_plugin.core.schedule import TreeSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_cost_tiny(tmp_path, capsys):
+    out, sched_path = tmp_path / "step_cost.json", tmp_path / "schedule.yaml"
+    rc = cli_main(["bench", "step-cost", "--tiny", "--batch-sizes", "1,2", "--tree-sizes", "5,16", "--repeats", "1",
+                   "--warmup", "0", "--json", str(out), "--schedule-out", str(sched_path)])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "Verification step cost / plain decode step" in printed.out
+    assert "q=5" in printed.out and "q=16" in printed.out and "random weights" in printed.out
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "step_cost" and res["measured"] is True
+    assert res["batch_sizes"] == [1, 2] and res["query_tokens"] == [1, 5, 16]
+    assert res["model"]["shape"] == "tiny" and res["model"]["weights"] == "random"
+    assert "4D tree mask" in res["attention"] and "depth-based positions" in res["attention"]
+    assert len(res["step_ms"]) == len(res["ratio"]) == len(res["draft_overhead"]) == 2
+    for ms, ratio in zip(res["step_ms"], res["ratio"]):
+        assert len(ms) == len(ratio) == 3 and min(ms) > 0 and ratio[0] == 1.0
+        assert all(abs(r - t / ms[0]) < 1e-2 * r for r, t in zip(ratio[1:], ms[1:]))  # ratios of the step times
+    sched = TreeSchedule.from_yaml(sched_path)
+    assert sched.batch_sizes == [1, 2] and sched.query_tokens == [1, 5, 16]
+    assert sched.overhead == res["ratio"] and sched.draft_overhead == res["draft_overhead"]
+    assert res["schedule"]["num_nodes"] == {str(b): n for b, n in sched.table().items()}
+    assert "measured by `medusa-plugin bench step-cost`" in sched_path.read_text().splitlines()[0]
+
+
+def test_step_cost_script_wrapper(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s.json"
+    monkeypatch.setattr(sys, "argv", ["bench_step_cost.py", "--tiny", "--batch-sizes", "1", "--tree-sizes", "5",
+                                      "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "bench_step_cost.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert json.loads(out.read_text())["query_tokens"] == [1, 5]
+    assert "Verification step cost" in capsys.readouterr().out
+
+
+def test_step_cost_rejects_tree_sizes_beyond_the_tree(tmp_path, capsys):
+    rc = cli_main(["bench", "step-cost", "--tiny", "--tree", "chain:3", "--tree-sizes", "8",
+                   "--json", str(tmp_path / "x.json")])
+    assert rc == 1
+    assert "chain:3" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_e2e_tiny_reference(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    rc = cli_main(["bench", "e2e", "--tiny", "--engine", "reference", "--concurrency", "1,2", "--max-tokens", "6",
+                   "--repeats", "1", "--train-steps", "10", "--distill-prompts", "4", "--cache-dir",
+                   str(tmp_path / "cache"), "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "End to end" in printed and "tok/step" in printed and "TPOT ms" in printed
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "e2e" and res["engine"] == "reference" and res["concurrency"] == [1, 2]
+    assert "build_tiny_medusa" in res["model"]
+    rows = {(r["mode"], r["concurrency"]): r for r in res["rows"]}
+    assert set(rows) == {(m, c) for m in ("plain", "tree", "chain") for c in (1, 2)}
+    for (mode, c), r in rows.items():
+        assert r["output_tokens"] == 6 * c
+        assert r["matches_plain"] == 1.0  # greedy Medusa is exact: same tokens as plain batched decoding
+        assert r["tpot_ms"] > 0 and r["output_tokens_per_s"] > 0 and r["speedup"] > 0
+        assert r["tokens_per_step"] == 1.0 if mode == "plain" else 1.0 <= r["tokens_per_step"] <= 5.0
+    assert rows[("chain", 1)]["tree"] == "chain:4" and "mc_sim_7b_63" in rows[("tree", 1)]["tree"]
+
+
+def test_e2e_needs_both_model_and_heads(tmp_path, capsys):
+    rc = cli_main(["bench", "e2e", "--engine", "reference", "--model-dir", str(tmp_path), "--json",
+                   str(tmp_path / "x.json")])
+    assert rc == 1 and "--heads-dir" in capsys.readouterr().err
