@@ -403,7 +403,11 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
 def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens, repeats: int) -> dict:
     """One engine per mode (plain / tree / chain), all concurrencies on it; greedy, eos ignored."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from .core.tree import MedusaTree
     from .vllm_ext import offline
+
+    def spec_nodes(spec) -> int:
+        return MedusaTree.load(spec).num_nodes
 
     runs: dict[str, dict[int, dict]] = {}
     for mode, spec, _label in modes:
@@ -411,8 +415,10 @@ def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens
         if spec is not None:
             choices = [list(p) for p in spec.choices] if not isinstance(spec, str) else spec
             medusa = {"heads": heads_dir, "tree": choices}
+        # room for the prompt, the output and a full tree of drafts (vLLM drops drafts that would not fit)
+        max_len = max(len(p) for p in prompts) + max_tokens + (0 if spec is None else spec_nodes(spec)) + 8
         llm = offline.build_llm(str(model_dir), medusa=medusa, max_num_seqs=max(concurrency),
-                                max_model_len=max(len(p) for p in prompts) + max_tokens + 8)
+                                max_model_len=max(512, max_len))
         try:
             offline.run(llm, prompts[:1], 2, ignore_eos=True)  # warm-up
             runs[mode] = {}

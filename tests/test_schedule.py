@@ -229,3 +229,16 @@ def test_malformed_files(tmp_path):
         TreeSchedule.from_yaml(bad)
     with pytest.raises(FileNotFoundError):
         TreeSchedule.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_resolve_config_setting(tmp_path):
+    assert TreeSchedule.resolve(None, "mc_sim_7b_63") is None
+    assert TreeSchedule.resolve("auto", "mc_sim_7b_63", gpu_name="NVIDIA A100") is None  # no shipped table
+    auto = TreeSchedule.resolve("auto", "mc_sim_7b_63", gpu_name="NVIDIA H100 80GB HBM3")
+    assert auto.table() == TreeSchedule.default("h100").table()
+    chain = TreeSchedule.resolve("auto", "chain:3", gpu_name="h200")
+    assert chain.accept_lengths == pytest.approx(prefix_accept_lengths("chain:3")) and chain.num_nodes(1) == 3
+    path = tmp_path / "s.yaml"
+    _random_schedule(1).to_yaml(path)
+    from_file = TreeSchedule.resolve(path, MedusaTree.chain(2))  # re-derived for the configured tree
+    assert len(from_file.accept_lengths) == 3 and from_file.overhead == _random_schedule(1).overhead

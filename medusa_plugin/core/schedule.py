@@ -399,6 +399,36 @@ class TreeSchedule:
         sched = cls.from_dict(yaml.safe_load(ref.read_text()), where=f"shipped schedule_{key}.yaml")
         return sched if tree is None and accuracy is None else sched.for_tree(tree or DEFAULT_TREE, accuracy)
 
+    @classmethod
+    def resolve(cls, setting: str | os.PathLike | None, tree, *, gpu_name: str | None = None,
+                accuracy: Sequence[Sequence[float]] | None = None) -> "TreeSchedule | None":
+        """The schedule for a config's ``tree_schedule`` value and the configured ``tree`` (spec or MedusaTree).
+
+        ``None`` -> None (one tree for every batch size). ``"auto"`` -> the shipped table for ``gpu_name`` (default:
+        the current CUDA device), or None on a CPU or a GPU without a shipped table. A path -> that YAML. E[L] is
+        re-derived for ``tree`` (from ``accuracy``) unless the table was made for a tree of the same name and size.
+        """
+        from .tree import MedusaTree
+
+        if setting is None:
+            return None
+        if str(setting) == "auto":
+            if gpu_name is None:
+                if not torch.cuda.is_available():
+                    return None
+                gpu_name = torch.cuda.get_device_name()
+            try:
+                sched = cls.default(gpu_name)
+            except TreeScheduleError:
+                return None
+        else:
+            sched = cls.from_yaml(setting)
+        mtree = MedusaTree.load(tree)
+        same = (isinstance(tree, str) and sched.meta.get("tree") == tree
+                and len(sched.accept_lengths) == mtree.num_nodes + 1)
+        return sched if same and accuracy is None else sched.for_tree(mtree if not isinstance(tree, str) else tree,
+                                                                      accuracy)
+
     # ---------------------------------------------------------------- (de)serialisation
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "tree schedule") -> "TreeSchedule":
