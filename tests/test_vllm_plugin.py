@@ -181,19 +181,45 @@ def test_num_tree_nodes():
     (dict(is_hybrid=True), "hybrid"),
     (dict(is_attention_free=True), "attention-free"),
     (dict(window=128), r"sliding-window attention \(window 128 < max_model_len 512\).*--disable-sliding-window"),
+    (dict(uses_mrope=True), "M-RoPE"),
+    (dict(is_encoder_decoder=True), "encoder-decoder"),
+    (dict(hf_text_config=SimpleNamespace(model_type="gemma2", attn_logit_softcapping=50.0)), "soft-capping"),
+    (dict(hf_text_config=SimpleNamespace(model_type="bloom")), "ALiBi"),
+    (dict(hf_text_config=SimpleNamespace(model_type="mpt", attn_config=SimpleNamespace(alibi=True))), "ALiBi"),
+    (dict(hf_text_config=SimpleNamespace(model_type="gpt_oss")), "attention sinks"),
 ])
 def test_unsupported_model_kinds_are_refused(model, match):
-    model = dict(model)
-    window = model.pop("window", None)
-    mc = SimpleNamespace(**{"model": "m", "max_model_len": 512, "use_mla": False, "is_hybrid": False,
-                            "is_attention_free": False, "get_sliding_window": lambda: window, **model})
-    cfg = SimpleNamespace(additional_config={"medusa": {"heads": "a/b", "tree": "chain:3"}},
-                          speculative_config=SimpleNamespace(method="custom_class", model=PROPOSER_PATH,
-                                                             num_speculative_tokens=3),
-                          parallel_config=SimpleNamespace(pipeline_parallel_size=1),
-                          cache_config=SimpleNamespace(cache_dtype="auto"), model_config=mc)
     with pytest.raises(MedusaUnsupportedError, match=match):
-        settings.check_supported(cfg)
+        settings.check_supported(_fake_vllm_config(**model))
+
+
+def _fake_vllm_config(window=None, **model):
+    mc = SimpleNamespace(**{"model": "m", "max_model_len": 512, "use_mla": False, "is_hybrid": False,
+                            "is_attention_free": False, "get_sliding_window": lambda: window,
+                            "hf_text_config": SimpleNamespace(model_type="llama"), **model})
+    return SimpleNamespace(additional_config={"medusa": {"heads": "a/b", "tree": "chain:3"}},
+                           speculative_config=SimpleNamespace(method="custom_class", model=PROPOSER_PATH,
+                                                              num_speculative_tokens=3),
+                           parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+                           cache_config=SimpleNamespace(cache_dtype="auto"), model_config=mc)
+
+
+def test_plain_attention_model_passes():
+    assert settings.check_supported(_fake_vllm_config()).tree == "chain:3"
+    assert settings.check_supported(_fake_vllm_config(window=1024)).tree == "chain:3"  # window >= max_model_len
+
+
+def test_platform_picks_the_worker(monkeypatch):
+    def platform(cpu, cuda):
+        return SimpleNamespace(is_cpu=lambda: cpu, is_cuda_alike=lambda: cuda)
+    assert plugin.medusa_worker_cls(platform(True, False)) == plugin.CPU_WORKER
+    with pytest.raises(MedusaUnsupportedError, match="CPU and CUDA platforms"):
+        plugin.medusa_worker_cls(platform(False, False))
+    monkeypatch.setattr(plugin, "CUDA_READY", False)
+    with pytest.raises(MedusaUnsupportedError, match="CPU backend only"):
+        plugin.medusa_worker_cls(platform(False, True))
+    monkeypatch.setattr(plugin, "CUDA_READY", True)
+    assert plugin.medusa_worker_cls(platform(False, True)) == plugin.GPU_WORKER
 
 
 # ------------------------------------------------------------------------------------------ real vLLM configs

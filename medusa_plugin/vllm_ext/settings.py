@@ -121,6 +121,23 @@ def _model_problems(model_config: Any, max_model_len: int | None) -> list[str]:
     if getattr(model_config, "is_hybrid", False) or getattr(model_config, "is_attention_free", False):
         problems.append(f"model {name} is a hybrid / attention-free (Mamba-style) model; Medusa needs a pure "
                         "attention model: serve it without the Medusa speculative config")
+    if getattr(model_config, "uses_mrope", False):
+        problems.append(f"model {name} uses M-RoPE (multimodal rotary positions); Medusa tree positions support "
+                        "1-D RoPE only: serve it without the Medusa speculative config")
+    if getattr(model_config, "is_encoder_decoder", False):
+        problems.append(f"model {name} is an encoder-decoder model; Medusa supports decoder-only models")
+    hf = getattr(model_config, "hf_text_config", None)
+    model_type = getattr(hf, "model_type", "")
+    if getattr(hf, "attn_logit_softcapping", None):
+        problems.append(f"model {name} uses attention logit soft-capping, which Medusa tree attention does not "
+                        "implement: serve it without the Medusa speculative config")
+    if (getattr(hf, "alibi", False) or getattr(getattr(hf, "attn_config", None), "alibi", False)
+            or model_type == "bloom"):
+        problems.append(f"model {name} uses ALiBi attention biases, which Medusa tree attention does not "
+                        "implement: serve it without the Medusa speculative config")
+    if model_type == "gpt_oss":
+        problems.append(f"model {name} uses attention sinks, which Medusa tree attention does not implement: "
+                        "serve it without the Medusa speculative config")
     try:
         window = model_config.get_sliding_window()
     except Exception:  # noqa: BLE001 - a model without the notion has no window
@@ -137,8 +154,8 @@ def check_supported(vllm_config: Any) -> MedusaConfig:
 
     Raises MedusaSettingsError (missing/invalid settings or tree) or MedusaUnsupportedError listing every
     unsupported option with its fix: pipeline parallelism, the V2 model runner, ``num_speculative_tokens`` other
-    than the tree's node count, a quantized KV cache, MLA / hybrid / sliding-window models, dual-batch overlap and
-    decode context parallelism.
+    than the tree's node count, a quantized KV cache, MLA / hybrid / attention-free / encoder-decoder / M-RoPE /
+    sliding-window / soft-capped / ALiBi / attention-sink models, dual-batch overlap and decode context parallelism.
     """
     cfg = _absolute(medusa_settings(vllm_config))
     tree = medusa_tree(cfg)
