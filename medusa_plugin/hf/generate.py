@@ -237,15 +237,14 @@ def baseline_generate(model, input_ids, max_new_tokens: int, eos_token_id: int |
 
     Returns the new tokens per request (eos included when it was produced). ``eos_token_id=None`` never stops early.
     """
-    from transformers import GenerationConfig
-
     prompts = _as_prompts(input_ids)
     dev = next(model.parameters()).device
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                           eos_token_id=eos_token_id, pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    # An empty list (not None) overrides the model's default eos: generate() falls back on it for None.
+    eos = [] if eos_token_id is None else [eos_token_id]
     outs = []
     for p in prompts:
         x = torch.tensor([p], dtype=torch.int64, device=dev)
-        y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
+        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                           min_new_tokens=0, eos_token_id=eos, pad_token_id=0)
         outs.append(y[0, len(p):].tolist())
     return outs

@@ -165,3 +165,49 @@ def load_tiny_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def tiny_prompts(tokenizer, n: int = 32, *, min_len: int = 4, max_len: int = 12, seed: int = 0,
+                 texts: Sequence[str] | None = None) -> list[list[int]]:
+    """``n`` short prompts (token id lists of ``min_len..max_len`` tokens) cut at random from stdlib source lines."""
+    g = torch.Generator().manual_seed(seed)
+    ids = tokenizer("\n".join(texts if texts is not None else stdlib_texts())).input_ids
+    prompts = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        start = int(torch.randint(0, len(ids) - length, (1,), generator=g))
+        prompts.append(ids[start:start + length])
+    return prompts
+
+
+def build_tiny_medusa(out_dir: str | Path, *, arch: str = "llama", num_heads: int = 4, steps: int = 300,
+                      num_prompts: int = 64, distill_tokens: int = 48, seed: int = 0,
+                      **model_kw) -> tuple[Path, Path]:
+    """A tiny random model plus Medusa heads trained on its own greedy continuations; returns (model_dir, heads_dir).
+
+    A random tiny model's greedy output is repetitive, so the heads learn it well: on the training prompts
+    (``tiny_prompts(tokenizer, k, seed=seed)``, whose first k equal the first k of the ``num_prompts`` used here) the
+    reference decoder with the 63-node tree accepts about 3 tokens per step (fewer on unseen prompts: the heads
+    memorise). Cached by arguments under ``out_dir``
+    (``<out_dir>/<arch>-<hash>/{model,heads}``). ``model_kw`` go to :func:`build_tiny_model`.
+    """
+    import hashlib
+
+    from ..hf.train import self_distill, train_heads
+
+    key = dict(kind="tiny_medusa", arch=arch, num_heads=num_heads, steps=steps, num_prompts=num_prompts,
+               distill_tokens=distill_tokens, seed=seed, **{k: str(v) for k, v in sorted(model_kw.items())})
+    root = Path(out_dir) / f"{arch}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
+    model_dir, heads_dir = root / "model", root / "heads"
+    if _marker_matches(root, key):
+        return model_dir, heads_dir
+    root.mkdir(parents=True, exist_ok=True)
+    build_tiny_model(model_dir, arch=arch, seed=seed, **model_kw)
+    model, tok = load_tiny_model(model_dir)
+    sequences = self_distill(model, tiny_prompts(tok, num_prompts, seed=seed), distill_tokens)
+    with torch.random.fork_rng(devices=[]):
+        heads = train_heads(model, sequences, num_heads=num_heads, steps=steps, seq_len=32, batch_size=16,
+                            lr=1e-2, seed=seed, device="cpu", progress=False)
+    heads.save_pretrained(heads_dir)
+    _write_marker(root, key)
+    return model_dir, heads_dir
