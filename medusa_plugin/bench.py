@@ -494,6 +494,8 @@ def _run_step_cost(args: argparse.Namespace) -> int:
         sched.to_yaml(args.schedule_out)
         res["schedule"] = {"path": str(args.schedule_out), "num_nodes": sched.table()}
     print(format_step_cost(res))
+    if args.schedule_out:
+        print(sched.describe())
     print(f"wrote {_write_json(args.json, res)}" + (f" and {args.schedule_out}" if args.schedule_out else ""))
     return 0
 

@@ -21,6 +21,7 @@ def test_step_cost_tiny(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "Verification step cost / plain decode step" in printed.out
     assert "q=5" in printed.out and "q=16" in printed.out and "random weights" in printed.out
+    assert "tree schedule (measured" in printed.out  # the resulting schedule is printed too
     res = json.loads(out.read_text())
     assert res["benchmark"] == "step_cost" and res["measured"] is True
     assert res["batch_sizes"] == [1, 2] and res["query_tokens"] == [1, 5, 16]
