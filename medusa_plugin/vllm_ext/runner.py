@@ -62,6 +62,8 @@ class MedusaStats:
     steps: int = 0                  # request-steps that verified a tree
     accepted: int = 0               # accepted draft tokens, summed over those request-steps
     nodes_verified: int = 0         # tree nodes (drafts) verified
+    tree_batches: int = 0           # engine steps with at least one tree request
+    mixed_batches: int = 0          # ... of which also prefilled another request (query length > 1, no drafts)
     accepted_per_depth: list[int] = field(default_factory=list)
 
     @property
@@ -83,12 +85,15 @@ def _seg_arange(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
-def _request_can_draft(sp) -> bool:
-    """Tree verification reproduces plain sampling only without logits-altering / chain-assuming features."""
+def _request_can_draft(req_state) -> bool:
+    """Tree verification reproduces plain sampling only without logits-altering / chain-assuming features
+    (logprobs of drafted tokens are not produced either); such requests decode without drafts."""
+    sp = req_state.sampling_params
     if sp is None:
         return False
     return not (sp.logprobs is not None or sp.structured_outputs is not None or sp.logit_bias
-                or sp.allowed_token_ids or sp.bad_words or (sp.min_tokens or 0) > 0 or (sp.min_p or 0.0) > 0.0
+                or sp.allowed_token_ids or sp.bad_words or (sp.min_p or 0.0) > 0.0
+                or (sp.min_tokens or 0) > len(req_state.output_token_ids)
                 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0 or sp.repetition_penalty != 1.0)
 
 
@@ -133,6 +138,9 @@ class MedusaRunnerMixin:
                 f"a request verifying a Medusa tree must schedule exactly its drafts + 1 tokens (at most "
                 f"{self._m_tree.num_nodes + 1}); got scheduled={sched.tolist()} drafts+1={q_len.tolist()}")
         num_reqs = len(num_draft)
+        all_sched = np.asarray(num_scheduled_tokens, dtype=np.int64)[:num_reqs]
+        self.medusa_stats.tree_batches += 1
+        self.medusa_stats.mixed_batches += int(bool(np.any((num_draft == 0) & (all_sched > 1))))
         starts = self.query_start_loc.np[: num_reqs + 1][rows].astype(np.int64)
         local = _seg_arange(q_len)
         dev = self.positions.device
@@ -305,7 +313,7 @@ class MedusaRunnerMixin:
         req_ids = self.input_batch.req_ids
         max_batch = self._medusa.config.max_batch_size
         speculate = max_batch is None or len(req_ids) <= max_batch
-        allow = [speculate and bool(toks) and _request_can_draft(self.requests[rid].sampling_params)
+        allow = [speculate and bool(toks) and _request_can_draft(self.requests[rid])
                  for rid, toks in zip(req_ids, sampled_token_ids)]
         roots = [toks[-1] if toks else 0 for toks in sampled_token_ids]
         hidden = sample_hidden_states[self._m_hidden_rows]
