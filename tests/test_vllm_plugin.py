@@ -248,6 +248,14 @@ def test_medusa_config_selects_the_medusa_worker_without_flags(tiny_model, tmp_p
     assert not cfg.use_v2_model_runner
 
 
+def test_config_hook_is_idempotent(tiny_model):
+    """vLLM re-runs VllmConfig.__post_init__ in the engine-core process; a second pass must change nothing."""
+    cfg = _engine_config(tiny_model)
+    before = (cfg.parallel_config.worker_cls, dict(cfg.additional_config["medusa"]))
+    cfg.__post_init__()
+    assert (cfg.parallel_config.worker_cls, cfg.additional_config["medusa"]) == before
+
+
 def test_explicit_medusa_worker_is_kept(tiny_model):
     assert _engine_config(tiny_model, worker_cls=plugin.CPU_WORKER).parallel_config.worker_cls == plugin.CPU_WORKER
 
