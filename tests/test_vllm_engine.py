@@ -34,7 +34,7 @@ MAX_MODEL_LEN = 256
 NUM_HEADS = 4
 TREES = ("mc_sim_7b_63", "vicuna_7b_stage2", f"chain:{NUM_HEADS}")
 NUM_SAMPLES = 300          # seeded requests per engine for the T > 0 test
-SAMPLING_TEMPERATURE = 0.7
+SAMPLING_TEMPERATURE = 0.15  # peaked enough that sampled drafts get accepted
 
 
 def _cache_dir() -> Path:
@@ -124,9 +124,15 @@ def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None) -> dict:
             params = [SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], stop_token_ids=p["stop"])
                       for p in plan]
             res["stops"] = _tokens(llm.generate(_as_inputs([p["prompt"] for p in plan]), params, use_tqdm=False))
+            mixed_before = _runner_stats(llm, tree)
             res["mixed"] = _mixed_batch(llm, prompts)
+            if tree is not None:
+                res["mixed_batches"] = _runner_stats(llm, tree).mixed_batches - mixed_before.mixed_batches
+            stats_before = _runner_stats(llm, tree)
             res["samples"] = _samples(llm, prompts["accept"][0])
             res["stats"] = _runner_stats(llm, tree)
+            if tree is not None:
+                res["sample_accepted"] = res["stats"].accepted - stats_before.accepted
     finally:
         del llm
         gc.collect()
@@ -158,7 +164,8 @@ def _mixed_batch(llm, prompts) -> dict[str, list[int]]:
 def _samples(llm, prompt) -> list[list[int]]:
     from vllm import SamplingParams
 
-    params = [SamplingParams(temperature=SAMPLING_TEMPERATURE, max_tokens=3, seed=1000 + i, ignore_eos=True)
+    params = [SamplingParams(temperature=SAMPLING_TEMPERATURE, max_tokens=3, seed=1000 + i,
+                             top_k=50, top_p=0.95, ignore_eos=True)
               for i in range(NUM_SAMPLES)]
     return _tokens(llm.generate(_as_inputs([prompt] * NUM_SAMPLES), params, use_tqdm=False))
 
@@ -225,7 +232,7 @@ def test_mixed_prefill_and_tree_batch(results):
     got = results[TREES[0]]
     assert got["mixed"] == results["ref"]["mixed"]
     assert len(got["mixed"]) == 5
-    assert got["stats"].mixed_batches > 0  # a prefill shared a step with tree verification
+    assert got["mixed_batches"] > 0  # a prefill shared a step with tree verification
 
 
 def _chi2_pvalue(a: list[int], b: list[int]) -> float:
@@ -255,5 +262,5 @@ def test_sampling_distribution_matches_no_speculation(results):
     for pos in (1, 2):  # token 0 comes from the prefill; tokens 1 and 2 from tree verification
         p = _chi2_pvalue([s[pos] for s in ref], [s[pos] for s in got])
         assert p > 1e-3, f"token {pos}: p-value {p:.2e}"
-    # The same seeds do not give the same tokens (the tree consumes randomness differently), but drafts were used:
-    assert results[TREES[0]]["stats"].accepted > 0
+    # The same seeds do not give the same tokens (the tree consumes randomness differently), but drafts were accepted:
+    assert results[TREES[0]]["sample_accepted"] > 0
