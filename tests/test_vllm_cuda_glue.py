@@ -18,6 +18,9 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -44,6 +47,7 @@ from medusa_plugin.vllm_ext.cuda_kv import CudaKVLayoutError, cuda_kv_views, spl
 
 BLOCK_SIZE, HKV, HQ, D = 16, 2, 4, 16
 LAYOUTS = list(KVCacheLayout)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"   # set by test_tree_rows_with_triton_kernel_in_interpreter
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -239,6 +243,8 @@ def test_tree_step_rows_match_brute_force_and_other_rows_stay_stock(layout, stoc
     finally:
         tree_step.clear()
     assert out is output
+    kernel = cuda_attention._tree_kernel(query.device).__name__
+    assert kernel == ("triton_paged_tree_attention" if INTERPRET else "reference")
     torch.testing.assert_close(out[:md.num_actual_tokens].double(), want.double(), atol=1e-5, rtol=1e-5)
     assert bool((out[md.num_actual_tokens:] == 7.0).all())
 
@@ -247,6 +253,19 @@ def test_tree_step_rows_match_brute_force_and_other_rows_stay_stock(layout, stoc
     plain = impl.forward(layer, padded, None, None, kv_cache, md, torch.full_like(padded, 7.0))
     torch.testing.assert_close(plain, stock, rtol=0, atol=0)
     assert not torch.allclose(plain[step.token_index].double(), want[step.token_index].double(), atol=1e-3)
+
+
+def test_tree_rows_with_triton_kernel_in_interpreter():
+    """The same check with the real Triton tree kernel (Triton's CPU interpreter, in a child process because it must
+    be on before triton is imported)."""
+    pytest.importorskip("triton")
+    if INTERPRET:
+        pytest.skip("this is the interpreter process")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "tree_step_rows_match and LBNHC"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    assert "1 passed" in res.stdout, res.stdout[-2000:]
 
 
 def test_tree_step_refuses_unsupported_layers_and_desync(stock_write, monkeypatch):
