@@ -289,44 +289,53 @@ def test_tree_step_refuses_unsupported_layers_and_desync(stock_write, monkeypatc
 # ------------------------------------------------------------------------------------------------ (c) GPU end to end
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM CUDA build)")
 def test_gpu_greedy_tokens_identical_to_no_speculation(monkeypatch):
-    """Tiny trained Medusa model on vLLM's CUDA engine with the Triton tree backend: greedy outputs equal the
-    engine without speculation, and trees were really verified. Needs the plugin's experimental CUDA switch."""
-    import tempfile
-    from pathlib import Path
+    """Tiny trained Medusa model on vLLM's CUDA engine with the Triton tree backend, eager and with (piecewise) CUDA
+    graphs: greedy outputs equal the stock engine without speculation, and trees were really verified.
 
+    The reference engine starts first, before the experimental switch is set and before our backend is registered,
+    so it runs the stock TRITON_ATTN backend."""
+    import tempfile
+
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from transformers import AutoTokenizer
 
     from medusa_plugin.testing.tiny import build_tiny_medusa, tiny_prompts
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("MEDUSA_PLUGIN_EXPERIMENTAL_CUDA", "1")
+    monkeypatch.delenv("MEDUSA_PLUGIN_EXPERIMENTAL_CUDA", raising=False)
     cache = Path(os.environ.get("MEDUSA_TEST_CACHE", Path(tempfile.gettempdir()) / "medusa_plugin_test_cache"))
     model_dir, heads_dir = build_tiny_medusa(cache, num_heads=4)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [{"prompt_token_ids": p} for p in tiny_prompts(tok, 48, seed=0)[:8] + tiny_prompts(tok, 4, seed=7)]
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    from medusa_plugin.vllm_ext.plugin import register
-    register()
-    register_backend(AttentionBackendEnum.TRITON_ATTN, cuda_attention.BACKEND_PATH)
     base = dict(model=str(model_dir), dtype="float32", max_model_len=256, max_num_seqs=8, seed=0,
                 attention_backend="TRITON_ATTN", gpu_memory_utilization=0.3, disable_log_stats=False)
-    outs = {}
-    for name, extra in (("ref", {}), ("medusa", {
-            "speculative_config": {"method": "custom_class",
-                                   "model": "medusa_plugin.vllm_ext.proposer.MedusaTreeProposer",
-                                   "num_speculative_tokens": MedusaTree.from_name("mc_sim_7b_63").num_nodes},
-            "additional_config": {"medusa": {"heads": str(heads_dir), "tree": "mc_sim_7b_63"}}})):
-        llm = LLM(**base, **extra)
+    medusa = {"speculative_config": {"method": "custom_class",
+                                     "model": "medusa_plugin.vllm_ext.proposer.MedusaTreeProposer",
+                                     "num_speculative_tokens": MedusaTree.from_name("mc_sim_7b_63").num_nodes},
+              "additional_config": {"medusa": {"heads": str(heads_dir), "tree": "mc_sim_7b_63"}}}
+
+    def run(**kw):
+        llm = LLM(**base, **kw)
         try:
-            outs[name] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
-            if name == "medusa":
-                stats = llm.collective_rpc(lambda self: self.model_runner.medusa_stats.steps)[0]
+            out = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            steps = (llm.collective_rpc(lambda self: self.model_runner.medusa_stats.steps)[0]
+                     if "speculative_config" in kw else 0)
+            return out, steps
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
             torch.cuda.empty_cache()
-    assert outs["medusa"] == outs["ref"]
-    assert stats > 0
+
+    ref, _ = run()
+    monkeypatch.setenv("MEDUSA_PLUGIN_EXPERIMENTAL_CUDA", "1")
+    register_backend(AttentionBackendEnum.TRITON_ATTN, cuda_attention.BACKEND_PATH)
+    try:
+        for eager in (True, False):
+            got, steps = run(enforce_eager=eager, **medusa)
+            assert got == ref, f"enforce_eager={eager}"
+            assert steps > 0, f"enforce_eager={eager}: no tree was verified"
+    finally:
+        AttentionBackendEnum.TRITON_ATTN.clear_override()
