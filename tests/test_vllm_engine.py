@@ -55,7 +55,7 @@ def _make_llm(model_dir: Path, heads_dir: Path, tree: str | None):
     from vllm import LLM
 
     kw = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
-              max_num_seqs=8, max_num_batched_tokens=1024, seed=0, disable_log_stats=False)
+              max_num_seqs=16, max_num_batched_tokens=1000, seed=0, disable_log_stats=False)
     if tree is not None:
         _register_backend()
         kw.update(worker_cls=CPU_WORKER,
@@ -87,12 +87,12 @@ def _tokens(outputs) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------------------------ workloads
 def _prompts(tokenizer) -> dict[str, list]:
-    """"batch": prompts of 3..40 tokens plus one so long that its last steps cannot fit a tree before
-    max_model_len; "accept": prompts whose greedy continuations the heads were trained on (right heads)."""
-    ids = tiny_prompts(tokenizer, 10, min_len=3, max_len=40, seed=7)
+    """"batch": prompts of 3..40 tokens; "long": a prompt so long that no tree fits before max_model_len;
+    "accept": prompts whose greedy continuations the heads were trained on (right heads)."""
+    ids = tiny_prompts(tokenizer, 16, min_len=3, max_len=40, seed=7)
     long_ids = (sum(ids, []) * 8)[: MAX_MODEL_LEN - 20]
     trained_on = tiny_prompts(tokenizer, 48, seed=0)[:8]  # build_tiny_medusa's distillation prompts (seed 0)
-    return {"batch": ids + [long_ids], "accept": trained_on}
+    return {"batch": ids, "long": long_ids, "accept": trained_on}
 
 
 def _as_inputs(token_lists):
@@ -107,6 +107,9 @@ def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None) -> dict:
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=24)
         res["batch"] = _tokens(llm.generate(_as_inputs(prompts["batch"]), greedy, use_tqdm=False))
+        res["near_limit"] = _tokens(llm.generate(_as_inputs([prompts["long"]]),
+                                                 SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                                                 use_tqdm=False))
 
         before, stats_before = _spec_counters(llm), _runner_stats(llm, tree)
         res["accept_out"] = _tokens(llm.generate(_as_inputs(prompts["accept"]),
@@ -145,7 +148,7 @@ def _mixed_batch(llm, prompts) -> dict[str, list[int]]:
 
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    first, later = prompts["accept"][:3], [prompts["accept"][3], prompts["batch"][-1][:150]]
+    first, later = prompts["accept"][:3], [prompts["accept"][3], prompts["long"][:150]]
     for i, p in enumerate(first):
         engine.add_request(f"m{i}", {"prompt_token_ids": p}, params)
     done: dict[str, list[int]] = {}
@@ -177,7 +180,7 @@ def results():
     model_dir, heads_dir = build_tiny_medusa(_cache_dir(), num_heads=NUM_HEADS)
     prompts = _prompts(AutoTokenizer.from_pretrained(model_dir))
     ref = _run_engine(model_dir, heads_dir, None, prompts, stop_plan=lambda r: _stop_plan(prompts, r))
-    res = {"ref": ref, "plan": ref["plan"]}
+    res = {"ref": ref, "plan": ref["plan"], "prompts": prompts}
     for tree in TREES:
         res[tree] = _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=ref["plan"])
     return res
@@ -206,7 +209,11 @@ def test_greedy_outputs_identical_to_no_speculation(results, tree):
     ref, got = results["ref"], results[tree]
     assert got["batch"] == ref["batch"]
     assert got["accept_out"] == ref["accept_out"]
+    assert got["near_limit"] == ref["near_limit"] and len(ref["near_limit"][0]) == MAX_MODEL_LEN - len(
+        results["prompts"]["long"])  # stopped by max_model_len
     assert got["spec"]["vllm:spec_decode_num_drafts"] > 0  # trees were really verified
+    if "stats" in got:  # the token budget (1000 < 16 x 64) cut some trees to a prefix subtree
+        assert got["stats"].truncated_trees > 0
 
 
 def _tokens_per_step(res) -> float:

@@ -42,7 +42,7 @@ from medusa_plugin.core.kv_compaction import compact_paged_kv, compaction_slots
 from . import tree_step
 from .proposer import MedusaTreeProposer
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.medusa_plugin.runner")  # under "vllm" so vLLM's handlers print it
 
 __all__ = ["MedusaRunnerMixin", "MedusaRunnerError", "MedusaStats", "medusa_runner_class"]
 
@@ -64,6 +64,7 @@ class MedusaStats:
     nodes_verified: int = 0         # tree nodes (drafts) verified
     tree_batches: int = 0           # engine steps with at least one tree request
     mixed_batches: int = 0          # ... of which also prefilled another request (query length > 1, no drafts)
+    truncated_trees: int = 0        # tree requests whose drafts vLLM cut to a prefix (token budget, max_model_len)
     accepted_per_depth: list[int] = field(default_factory=list)
 
     @property
@@ -141,6 +142,7 @@ class MedusaRunnerMixin:
         all_sched = np.asarray(num_scheduled_tokens, dtype=np.int64)[:num_reqs]
         self.medusa_stats.tree_batches += 1
         self.medusa_stats.mixed_batches += int(bool(np.any((num_draft == 0) & (all_sched > 1))))
+        self.medusa_stats.truncated_trees += int((q_len < self._m_tree.num_nodes + 1).sum())
         starts = self.query_start_loc.np[: num_reqs + 1][rows].astype(np.int64)
         local = _seg_arange(q_len)
         dev = self.positions.device
@@ -207,8 +209,8 @@ class MedusaRunnerMixin:
         width = int(num_draft.max()) + 1
         sampled = torch.full((num_reqs, width), -1, dtype=torch.int32, device=dev)
         sampled[:, 0] = base.sampled_token_ids[:, 0].to(torch.int32)
-        depth = result.output_tokens.shape[1]
-        sampled[torch.from_numpy(rows).to(dev), :depth] = result.output_tokens.to(torch.int32)
+        cols = min(result.output_tokens.shape[1], width)  # L + 1 <= q_len <= width even for truncated trees
+        sampled[torch.from_numpy(rows).to(dev), :cols] = result.output_tokens[:, :cols].to(torch.int32)
 
         self._medusa_compact(rows, result)
         self._medusa_record(result, q_len)
