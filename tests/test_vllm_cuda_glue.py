@@ -286,6 +286,44 @@ def test_tree_step_refuses_unsupported_layers_and_desync(stock_write, monkeypatc
         tree_step.clear()
 
 
+# ------------------------------------------------------------------------------------------------ plugin switch
+@pytest.fixture
+def plugin():
+    from medusa_plugin.vllm_ext import plugin
+    if not hasattr(plugin, "cuda_enabled"):
+        pytest.skip("plugin.py has no experimental CUDA switch yet")
+    return plugin
+
+
+def test_experimental_switch_selects_the_gpu_worker(plugin, monkeypatch):
+    from medusa_plugin.vllm_ext.settings import MedusaUnsupportedError
+    cuda = SimpleNamespace(is_cpu=lambda: False, is_cuda_alike=lambda: True)
+    monkeypatch.setattr(plugin, "CUDA_READY", False)
+    monkeypatch.delenv(plugin.ENV_EXPERIMENTAL_CUDA, raising=False)
+    with pytest.raises(MedusaUnsupportedError, match=plugin.ENV_EXPERIMENTAL_CUDA):
+        plugin.medusa_worker_cls(cuda)
+    monkeypatch.setenv(plugin.ENV_EXPERIMENTAL_CUDA, "1")
+    assert plugin.medusa_worker_cls(cuda) == plugin.GPU_WORKER
+    assert plugin.CUDA_ATTENTION_BACKEND == cuda_attention.BACKEND_PATH
+
+
+def test_medusa_on_cuda_forces_the_triton_backend(plugin):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from medusa_plugin.vllm_ext.settings import MedusaUnsupportedError
+    try:
+        cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=None, backend_per_kind={}))
+        plugin._select_cuda_attention(cfg)
+        assert cfg.attention_config.backend == AttentionBackendEnum.TRITON_ATTN
+        assert AttentionBackendEnum.TRITON_ATTN.get_class() is cuda_attention.MedusaTritonAttentionBackend
+        plugin._select_cuda_attention(cfg)  # an explicit TRITON_ATTN is fine
+        cfg.attention_config.backend = AttentionBackendEnum.FLASH_ATTN
+        with pytest.raises(MedusaUnsupportedError, match="FLASH_ATTN.*--attention-backend TRITON_ATTN"):
+            plugin._select_cuda_attention(cfg)
+    finally:
+        AttentionBackendEnum.TRITON_ATTN.clear_override()
+
+
 # ------------------------------------------------------------------------------------------------ (c) GPU end to end
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (vLLM CUDA build)")
 def test_gpu_greedy_tokens_identical_to_no_speculation(monkeypatch):
@@ -329,9 +367,14 @@ def test_gpu_greedy_tokens_identical_to_no_speculation(monkeypatch):
             gc.collect()
             torch.cuda.empty_cache()
 
+    def drop_cached_backend_choice():  # vLLM caches the resolved backend class per (backend, layer config)
+        from vllm.v1.attention import selector
+        selector._cached_get_attn_backend.cache_clear()
+
     ref, _ = run()
     monkeypatch.setenv("MEDUSA_PLUGIN_EXPERIMENTAL_CUDA", "1")
     register_backend(AttentionBackendEnum.TRITON_ATTN, cuda_attention.BACKEND_PATH)
+    drop_cached_backend_choice()
     try:
         for eager in (True, False):
             got, steps = run(enforce_eager=eager, **medusa)
@@ -339,3 +382,4 @@ def test_gpu_greedy_tokens_identical_to_no_speculation(monkeypatch):
             assert steps > 0, f"enforce_eager={eager}: no tree was verified"
     finally:
         AttentionBackendEnum.TRITON_ATTN.clear_override()
+        drop_cached_backend_choice()
