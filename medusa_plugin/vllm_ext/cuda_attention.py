@@ -11,7 +11,11 @@ Not verified on a GPU yet; the plugin uses it only when ``MEDUSA_PLUGIN_EXPERIME
   :func:`.cuda_kv.split_kv_cache`): each tree node sees the context plus itself and its ancestors, never its siblings;
 * its metadata builder declares ``AttentionCGSupport.NEVER``, so vLLM downgrades full CUDA graphs to PIECEWISE:
   attention (a splitting op) then runs eagerly every step and the Python branch on the tree step is honoured.
-  A full graph captured without a tree step would silently replay plain causal attention for tree rows.
+  A full graph captured without a tree step would silently replay plain causal attention for tree rows. (vLLM
+  turns the default FULL_AND_PIECEWISE into PIECEWISE and refuses an explicit ``cudagraph_mode=FULL``.)
+
+Cost: tree rows are computed twice (stock causal, then tree); restricting the stock call to non-tree rows would need
+rebuilt metadata (split-KV scratch, 3D-kernel thresholds) and is left for when this runs on a GPU.
 
 Name, cache layout, block sizes and supported features are the stock ones, so vLLM allocates and fills the KV cache
 exactly as for ``TRITON_ATTN``.
