@@ -186,6 +186,7 @@ class Contract:
 
 _GMR = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
 _CPU_ATTN = "vllm.v1.attention.backends.cpu_attn"
+_TRITON_ATTN = "vllm.v1.attention.backends.triton_attn"
 
 CONTRACTS: tuple[Contract, ...] = (
     # ---- plugin loading and selection (plugin.py, settings.py)
@@ -335,6 +336,42 @@ CONTRACTS: tuple[Contract, ...] = (
              "is_cpu() / is_cuda_alike() pick the Medusa worker; its class's check_and_update_config is wrapped",
              _attrs("is_cpu", "is_cuda_alike", "check_and_update_config")),
     Contract("vllm.logger.init_logger", "runner", "loggers under vLLM's logging configuration"),
+    # ---- EXPERIMENTAL CUDA tree attention (cuda_attention.py, cuda_kv.py; MEDUSA_PLUGIN_EXPERIMENTAL_CUDA=1)
+    Contract("vllm.v1.attention.backends.registry.AttentionBackendEnum.TRITON_ATTN", "plugin",
+             "overridden on CUDA with the tree-aware Triton backend and forced for Medusa configs"),
+    Contract("vllm.v1.attention.backends.registry.AttentionBackendEnum.get_class", "plugin",
+             "honours register_backend overrides through get_path() (CUDA resolves the selected backend with it)",
+             _source("self.get_path()")),
+    Contract("vllm.v1.attention.selector._cached_get_attn_backend", "plugin",
+             "cleared when the plugin overrides TRITON_ATTN after a backend was already resolved in this process",
+             _attrs("cache_clear")),
+    Contract("vllm.config.attention.AttentionConfig", "plugin",
+             "backend (set to TRITON_ATTN for Medusa on CUDA; other choices refused)", _fields("backend")),
+    Contract(f"{_TRITON_ATTN}.TritonAttentionBackend", "cuda_attention",
+             "subclassed; get_impl_cls / get_builder_cls return the tree-aware impl and a no-full-graph builder",
+             _attrs("get_impl_cls", "get_builder_cls", "get_name")),
+    Contract(f"{_TRITON_ATTN}.TritonAttentionImpl.forward", "cuda_attention",
+             "wrapped: stock kernel for the batch, then tree rows recomputed with the Triton tree kernel",
+             _params("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+                     "output_block_scale")),
+    Contract(f"{_TRITON_ATTN}.TritonAttentionImpl.__init__", "cuda_attention",
+             "impl attributes checked before tree attention: head_size, scale, sliding_window, alibi_slopes, "
+             "logits_soft_cap, sinks, kv_cache_dtype, attn_type",
+             _source("self.head_size = ", "self.scale = ", "self.sliding_window = ", "self.alibi_slopes = ",
+                     "self.logits_soft_cap = ", "self.sinks = ", "self.kv_cache_dtype = ", "self.attn_type = ")),
+    Contract(f"{_TRITON_ATTN}.TritonAttentionImpl.do_kv_cache_update", "cuda_kv, cuda_attention",
+             "a layer cache is logical [num_blocks, Hkv, block_size, 2*D]; K/V = transpose(1, 2).split(head_size)",
+             _source("kv_cache.transpose(1, 2).split(self.head_size, dim=-1)", "triton_reshape_and_cache_flash(")),
+    Contract(f"{_TRITON_ATTN}.TritonAttentionMetadataBuilder", "cuda_attention",
+             "subclassed with _cudagraph_support = NEVER (attention runs eagerly under PIECEWISE CUDA graphs)",
+             _attrs("_cudagraph_support", "get_cudagraph_support", "build")),
+    Contract(f"{_TRITON_ATTN}.TritonAttentionMetadata", "cuda_attention", "block table / seq lens of the step",
+             _fields("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "max_seq_len")),
+    Contract("vllm.v1.attention.backend.AttentionCGSupport", "cuda_attention", "NEVER disables full CUDA graphs",
+             _attrs("NEVER")),
+    Contract("vllm.model_executor.layers.attention.attention.Attention.__init__", "runner (cuda_kv)",
+             "static_forward_context[layer].head_size / head_size_v size the K|V split of a CUDA cache",
+             _source("self.head_size = ", "self.head_size_v = ")),
     # ---- offline generation and metrics (offline.py, tests)
     Contract("vllm.LLM", "offline", "LLM(model=..., speculative_config=..., additional_config=..., ...)",
              _all(_attrs("generate", "get_metrics"), lambda c: _params("model")(c.__init__),

