@@ -8,7 +8,9 @@ one starts. The tests then compare the recorded outputs with the engine without 
 * with trained heads: > 2 tokens per tree verification, and tree > chain with the same heads;
 * requests finishing inside an accepted path (``max_tokens``, stop tokens) stop exactly where plain decoding does;
 * a mixed batch (requests prefilling while others verify trees) stays token-identical;
-* temperature > 0 with seeds: the distribution of the first sampled tokens matches plain decoding (chi-square).
+* temperature > 0 with seeds: the distribution of the first sampled tokens matches plain decoding (chi-square);
+* trees cut to a prefix by the token budget, requests at max_model_len and preempted requests stay identical;
+* a tree engine whose attention is not the Medusa impl refuses to start.
 """
 from __future__ import annotations
 
@@ -51,11 +53,11 @@ def _register_backend() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, "medusa_plugin.vllm_ext.attention.MedusaCPUAttentionBackend")
 
 
-def _make_llm(model_dir: Path, heads_dir: Path, tree: str | None):
+def _make_llm(model_dir: Path, heads_dir: Path, tree: str | None, **overrides):
     from vllm import LLM
 
     kw = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
-              max_num_seqs=16, max_num_batched_tokens=1000, seed=0, disable_log_stats=False)
+              max_num_seqs=16, max_num_batched_tokens=1000, seed=0, disable_log_stats=False, **overrides)
     if tree is not None:
         _register_backend()
         kw.update(worker_cls=CPU_WORKER,
@@ -183,7 +185,23 @@ def results():
     res = {"ref": ref, "plan": ref["plan"], "prompts": prompts}
     for tree in TREES:
         res[tree] = _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=ref["plan"])
+    res["preempted"] = _run_preempted(model_dir, heads_dir, prompts)
     return res
+
+
+def _run_preempted(model_dir, heads_dir, prompts) -> dict:
+    """The greedy batch with so few KV blocks that trees (64 slots per request and step) force preemptions."""
+    from vllm import SamplingParams
+
+    llm = _make_llm(model_dir, heads_dir, TREES[0], num_gpu_blocks_override=24, block_size=32)
+    try:
+        out = _tokens(llm.generate(_as_inputs(prompts["batch"]), SamplingParams(temperature=0.0, max_tokens=24),
+                                   use_tqdm=False))
+        preemptions = {m.name: m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"}
+        return {"batch": out, "preemptions": preemptions["vllm:num_preemptions"]}
+    finally:
+        del llm
+        gc.collect()
 
 
 def _stop_plan(prompts, ref) -> list[dict]:
@@ -214,6 +232,12 @@ def test_greedy_outputs_identical_to_no_speculation(results, tree):
     assert got["spec"]["vllm:spec_decode_num_drafts"] > 0  # trees were really verified
     if "stats" in got:  # the token budget (1000 < 16 x 64) cut some trees to a prefix subtree
         assert got["stats"].truncated_trees > 0
+
+
+def test_preempted_requests_resume_identically(results):
+    got = results["preempted"]
+    assert got["preemptions"] > 0
+    assert got["batch"] == results["ref"]["batch"]
 
 
 def _tokens_per_step(res) -> float:
