@@ -36,6 +36,7 @@ MAX_MODEL_LEN = 256
 NUM_HEADS = 4
 TREES = ("mc_sim_7b_63", "vicuna_7b_stage2", f"chain:{NUM_HEADS}")
 NUM_SAMPLES = 300          # seeded requests per engine for the T > 0 test
+LOGPROB_REQUESTS = (1, 5)  # requests asking for logprobs (decoded without drafts) next to tree requests
 SAMPLING_TEMPERATURE = 0.15  # peaked enough that sampled drafts get accepted
 
 
@@ -129,6 +130,13 @@ def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None) -> dict:
             params = [SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], stop_token_ids=p["stop"])
                       for p in plan]
             res["stops"] = _tokens(llm.generate(_as_inputs([p["prompt"] for p in plan]), params, use_tqdm=False))
+            lp_params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                        logprobs=2 if i in LOGPROB_REQUESTS else None)
+                         for i in range(len(prompts["accept"]))]
+            outs = llm.generate(_as_inputs(prompts["accept"]), lp_params, use_tqdm=False)
+            res["logprobs"] = [(list(o.outputs[0].token_ids),
+                                [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs or []])
+                               for o in outs]
             mixed_before = _runner_stats(llm, tree)
             res["mixed"] = _mixed_batch(llm, prompts)
             if tree is not None:
@@ -257,6 +265,17 @@ def test_request_finishing_inside_an_accepted_path(results):
     ref, got, plan = results["ref"]["stops"], results[TREES[0]]["stops"], results["plan"]
     assert got == ref
     assert got == [p["expect"] for p in plan]
+
+
+def test_logprob_requests_next_to_tree_requests(results):
+    ref, got = results["ref"]["logprobs"], results[TREES[0]]["logprobs"]
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    for i in LOGPROB_REQUESTS:
+        (_, lp_ref), (_, lp_got) = ref[i], got[i]
+        assert len(lp_got) == len(lp_ref) == 16
+        for a, b in zip(lp_got, lp_ref):
+            assert a.keys() == b.keys()
+            assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
 
 
 def test_mixed_prefill_and_tree_batch(results):

@@ -244,7 +244,7 @@ class MedusaRunnerMixin:
         self._medusa_record(result, q_len)
         logprobs = base.logprobs_tensors
         if logprobs is not None and width > 1:  # one entry per output slot; only slot 0 of non-tree rows is real
-            logprobs = LogprobsTensors(*(t.repeat_interleave(width, dim=0) for t in logprobs))
+            logprobs = LogprobsTensors(*(t.repeat_interleave(width, dim=0) for t in logprobs[:3]))
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs)
 
     def _medusa_accept(self, rows: np.ndarray, tokens, tree_logits, num_valid) -> AcceptanceResult:
