@@ -118,7 +118,9 @@ class MedusaRunnerMixin:
         self._m_is_chain = tree.num_nodes == tree.max_depth
         self._m_depth = tree.depth
         self._m_mask = tree.ancestor_mask
-        self._m_rows: np.ndarray | None = None      # tree request rows of the current step
+        self._m_rows: np.ndarray | None = None      # this step's tree requests (batch rows), None if there are none
+        self._m_qlen: np.ndarray | None = None      # their query lengths (drafts + 1)
+        self._m_starts: np.ndarray | None = None    # their first query row
         self._m_hidden_rows: torch.Tensor | None = None
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
@@ -192,13 +194,9 @@ class MedusaRunnerMixin:
         if self._medusa is None:
             return super()._sample(logits, spec_decode_metadata)
         if spec_decode_metadata is None or self._m_rows is None:
-            out = super()._sample(logits, spec_decode_metadata)
-            if spec_decode_metadata is None:
-                self._m_hidden_rows = torch.arange(logits.shape[0], device=logits.device)
-            else:  # drafts exist in the metadata shape only as zeros: one logit row per request
-                num_sampled = np.asarray(spec_decode_metadata.num_draft_tokens) + 1
-                self._m_hidden_rows = torch.from_numpy(np.cumsum(num_sampled) - num_sampled).to(logits.device)
-            return out
+            # No request verifies drafts: the stock path, and one logit (and hidden) row per request.
+            self._m_hidden_rows = torch.arange(logits.shape[0], device=logits.device)
+            return super()._sample(logits, spec_decode_metadata)
         return self._medusa_sample(logits, spec_decode_metadata)
 
     def _medusa_sample(self, logits, spec_md):
