@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
         f"{tree.max_depth}, nodes per depth {tree.nodes_per_depth}"
         + ("" if args.tree else f", expected {meta['expected_tokens_per_step']:.2f} tokens/step"),
         f"engine: {engine_name}",
-        f"run:    {n} prompts x {max_new} new tokens, greedy",
+        f"run:    {n} prompts x {max_new} new tokens, greedy, "
+        + ("one batch" if engine == "vllm" else "one prompt at a time (batch 1)"),
         "",
         f"identical output:      {'yes' if identical else 'NO'}",
         f"tokens per step:       {res['tokens_per_step']:.2f} (plain decoding: 1.00)",
