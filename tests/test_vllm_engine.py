@@ -130,13 +130,7 @@ def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None) -> dict:
             params = [SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], stop_token_ids=p["stop"])
                       for p in plan]
             res["stops"] = _tokens(llm.generate(_as_inputs([p["prompt"] for p in plan]), params, use_tqdm=False))
-            lp_params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
-                                        logprobs=2 if i in LOGPROB_REQUESTS else None)
-                         for i in range(len(prompts["accept"]))]
-            outs = llm.generate(_as_inputs(prompts["accept"]), lp_params, use_tqdm=False)
-            res["logprobs"] = [(list(o.outputs[0].token_ids),
-                                [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs or []])
-                               for o in outs]
+            res["logprobs"] = _logprob_run(llm, prompts["accept"])
             mixed_before = _runner_stats(llm, tree)
             res["mixed"] = _mixed_batch(llm, prompts)
             if tree is not None:
@@ -150,6 +144,17 @@ def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None) -> dict:
         del llm
         gc.collect()
     return res
+
+
+def _logprob_run(llm, prompts) -> list[tuple[list[int], list[dict[int, float]]]]:
+    """Greedy batch in which LOGPROB_REQUESTS ask for top-2 logprobs: (tokens, logprobs per token) per request."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                             logprobs=2 if i in LOGPROB_REQUESTS else None) for i in range(len(prompts))]
+    outs = llm.generate(_as_inputs(prompts), params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs or []]) for o in outs]
 
 
 def _mixed_batch(llm, prompts) -> dict[str, list[int]]:
