@@ -19,6 +19,7 @@ BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 SPECIAL_TOKENS = [BOS, EOS, UNK, PAD]
 ARCHS = ("llama", "qwen2", "mistral")
 _MARKER = ".medusa_build.json"
+_MEDUSA_RECIPE = 1  # bump when build_tiny_medusa's recipe changes so cached builds are redone
 
 # Plain-text modules every CPython install ships; used as training text (tokenizer, demo model).
 STDLIB_TEXT_FILES = ("textwrap.py", "string.py", "functools.py", "shlex.py", "fnmatch.py", "bisect.py",
@@ -192,22 +193,35 @@ def build_tiny_medusa(out_dir: str | Path, *, arch: str = "llama", num_heads: in
     (``<out_dir>/<arch>-<hash>/{model,heads}``). ``model_kw`` go to :func:`build_tiny_model`.
     """
     import hashlib
+    import os
+    import shutil
 
     from ..hf.train import self_distill, train_heads
 
-    key = dict(kind="tiny_medusa", arch=arch, num_heads=num_heads, steps=steps, num_prompts=num_prompts,
-               distill_tokens=distill_tokens, seed=seed, **{k: str(v) for k, v in sorted(model_kw.items())})
+    key = dict(kind="tiny_medusa", recipe=_MEDUSA_RECIPE, arch=arch, num_heads=num_heads, steps=steps,
+               num_prompts=num_prompts, distill_tokens=distill_tokens, seed=seed,
+               **{k: str(v) for k, v in sorted(model_kw.items())})
     root = Path(out_dir) / f"{arch}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
     model_dir, heads_dir = root / "model", root / "heads"
     if _marker_matches(root, key):
         return model_dir, heads_dir
-    root.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(model_dir, arch=arch, seed=seed, **model_kw)
-    model, tok = load_tiny_model(model_dir)
+    # Build in a private directory and rename it into place, so concurrent builders never see half-written files.
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(tmp / "model", arch=arch, seed=seed, **model_kw)
+    model, tok = load_tiny_model(tmp / "model")
     sequences = self_distill(model, tiny_prompts(tok, num_prompts, seed=seed), distill_tokens)
     with torch.random.fork_rng(devices=[]):
         heads = train_heads(model, sequences, num_heads=num_heads, steps=steps, seq_len=32, batch_size=16,
                             lr=1e-2, seed=seed, device="cpu", progress=False)
-    heads.save_pretrained(heads_dir)
-    _write_marker(root, key)
+    heads.save_pretrained(tmp / "heads")
+    _write_marker(tmp, key)
+    if not _marker_matches(root, key):
+        shutil.rmtree(root, ignore_errors=True)  # a stale or partial build
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not _marker_matches(root, key):  # not merely another process finishing first
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return model_dir, heads_dir
