@@ -146,3 +146,13 @@ def test_sampling_matches_model_distribution(setup):
     chi2 = sum((seen.count(k) - n * p) ** 2 / (n * p) for k, p in exact.items())
     assert chi2 < 24.3, (chi2, exact)  # p = 0.001
     assert out.stats.mean_accepted_tokens_per_step > 1  # drafts were accepted, not only bonus tokens
+
+
+def test_requests_finishing_at_prefill(setup):
+    model, heads, prompts, ref = setup("llama", "trained")
+    assert medusa_generate(model, heads, "mc_sim_7b_63", prompts, max_new_tokens=1).sequences == [r[:1] for r in ref]
+    # request 0 stops on its first token (eos), the others run on in a smaller batch
+    eos = ref[0][0]
+    out = medusa_generate(model, heads, "mc_sim_7b_63", prompts, max_new_tokens=MAX_NEW, eos_token_id=eos)
+    assert out.sequences == baseline_generate(model, prompts, MAX_NEW, eos_token_id=eos)
+    assert out.sequences[0] == [eos] and out.stats.step_tokens[0] == []
