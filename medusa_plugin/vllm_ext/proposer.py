@@ -19,6 +19,7 @@ from torch import Tensor
 
 from medusa_plugin.core.config import MedusaConfig, load_config
 from medusa_plugin.core.heads import MedusaHeads
+from medusa_plugin.core.schedule import TreeSchedule
 from medusa_plugin.core.tree import MedusaTree
 
 __all__ = ["MedusaTreeProposer", "MedusaProposerError", "medusa_config_of"]
@@ -52,6 +53,9 @@ class MedusaTreeProposer:
         config: the :class:`MedusaConfig`.
         tree: the :class:`MedusaTree` (on the target's device after ``load_model``).
         heads: :class:`MedusaHeads` (after ``load_model``).
+        schedule: the batch-aware :class:`TreeSchedule` from the ``tree_schedule`` setting, or None (full tree at
+            every batch size). With a schedule, each step drafts the first ``schedule.num_nodes(batch)`` nodes (a
+            prefix of node order is itself a tree; 0 = no speculation for that step).
     """
 
     def __init__(self, vllm_config) -> None:
@@ -66,6 +70,7 @@ class MedusaTreeProposer:
                 f"{self.tree.num_nodes} nodes: set num_speculative_tokens={self.tree.num_nodes}")
         if vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise MedusaProposerError("Medusa tree decoding does not support pipeline parallelism; use PP=1")
+        self.schedule = TreeSchedule.resolve(self.config.tree_schedule, self.tree)
         self.heads: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
         self.vocab_size = vllm_config.model_config.get_vocab_size()
@@ -112,19 +117,22 @@ class MedusaTreeProposer:
             roots: ``B`` root tokens (the token just emitted, not yet in the KV cache).
             allow: optional ``B`` flags; requests with False get no drafts.
         Returns:
-            ``B`` lists: ``tree.num_nodes`` draft tokens in node order, or ``[]``.
+            ``B`` lists: ``tree.num_nodes`` draft tokens in node order (the first ``schedule.num_nodes(B)`` with a
+            schedule), or ``[]``.
         """
         if self.heads is None:
             raise MedusaProposerError("propose_tree called before load_model")
         b = hidden.shape[0]
-        idx = [i for i in range(b) if allow is None or allow[i]]
+        num_nodes = self.tree.num_nodes if self.schedule is None else min(self.schedule.num_nodes(b),
+                                                                           self.tree.num_nodes)
+        idx = [i for i in range(b) if allow is None or allow[i]] if num_nodes > 0 else []
         out: list[list[int]] = [[] for _ in range(b)]
         if not idx:
             return out
         sel = torch.tensor(idx, device=hidden.device)
         logits = self.heads(hidden[sel], lm_head=self._lm_head)[..., : self.vocab_size]  # [b', K, V]
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64, device=hidden.device)
-        tokens = self.tree.build_candidates(root, logits)[:, 1:].tolist()
+        tokens = self.tree.build_candidates(root, logits)[:, 1 : num_nodes + 1].tolist()
         for i, toks in zip(idx, tokens):
             out[i] = toks
         return out
