@@ -218,17 +218,31 @@ def _generate_reference(model_dir, heads_dir, tree, prompts, max_new, repeats: i
 
 
 def _generate_vllm(model_dir, heads_dir, tree, prompts, max_new):
-    """Both runs through the vLLM engine (the whole batch at once); engine start-up is not timed."""
+    """Both runs through the vLLM engine, one prompt at a time (single-stream decoding, the case Medusa is for),
+    after a short warm-up request; engine start-up is not timed."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from medusa_plugin.vllm_ext import offline
 
-    plain = offline.generate(str(model_dir), prompts, max_new, ignore_eos=True)
-    med = offline.generate(str(model_dir), prompts, max_new, ignore_eos=True,
-                           medusa=dict(heads=str(heads_dir), tree=[list(c) for c in tree.choices]))
-    m = med.metrics or {}
-    return dict(plain=plain.token_ids, medusa=med.token_ids, t_plain=plain.elapsed_s, t_medusa=med.elapsed_s,
-                tokens_per_step=m.get("mean_tokens_per_step", float("nan")),
-                acceptance_per_depth=m.get("acceptance_per_position", []))
+    def one_engine(medusa):
+        llm = offline.build_llm(str(model_dir), medusa=medusa)
+        try:
+            offline.run(llm, prompts[:1], 8, ignore_eos=True)  # warm-up: first calls allocate and build caches
+            return [offline.run(llm, [p], max_new, ignore_eos=True) for p in prompts]
+        finally:
+            offline.shutdown(llm)
+
+    plain = one_engine(None)
+    med = one_engine(dict(heads=str(heads_dir), tree=[list(c) for c in tree.choices]))
+    drafts = sum(r.metrics.get("num_drafts", 0) for r in med)
+    accepted = sum(r.metrics.get("num_accepted_tokens", 0) for r in med)
+    per_pos = [0] * tree.max_depth
+    for r in med:
+        for i, c in enumerate(r.metrics.get("accepted_per_pos", [])[: tree.max_depth]):
+            per_pos[i] += c
+    return dict(plain=[r.token_ids[0] for r in plain], medusa=[r.token_ids[0] for r in med],
+                t_plain=sum(r.elapsed_s for r in plain), t_medusa=sum(r.elapsed_s for r in med),
+                tokens_per_step=1.0 + accepted / drafts if drafts else float("nan"),
+                acceptance_per_depth=[c / drafts for c in per_pos] if drafts else [])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -265,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
     texts, prompts = _held_out_prompts(tok, n)
 
     if engine == "vllm":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the demo's report readable
         import vllm
 
         engine_name = f"vLLM {vllm.__version__}"
@@ -288,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         + ("" if args.tree else f", expected {meta['expected_tokens_per_step']:.2f} tokens/step"),
         f"engine: {engine_name}",
         f"run:    {n} prompts x {max_new} new tokens, greedy, "
-        + ("one batch" if engine == "vllm" else "one prompt at a time (batch 1)"),
+        + "one prompt at a time (batch 1)",
         "",
         f"identical output:      {'yes' if identical else 'NO'}",
         f"tokens per step:       {res['tokens_per_step']:.2f} (plain decoding: 1.00)",
