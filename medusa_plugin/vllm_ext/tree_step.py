@@ -10,7 +10,7 @@ layer's ``[num_blocks, Hkv, block_size, 2*D]`` cache into logical ``[num_blocks,
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,12 +29,14 @@ class TreeStep:
         sub_query_start_loc: ``[R+1]`` int64, offsets of each tree request inside ``token_index``.
         tree_mask: ``[N+1, N+1]`` bool ancestor mask (row i attends tree node j iff ``tree_mask[i, j]``).
         num_tokens: total scheduled tokens of the step (a sanity check for the reader).
+        plans: the attention impl's per-step cache (tree-attention plans shared by the layers).
     """
     tree_reqs: Tensor
     token_index: Tensor
     sub_query_start_loc: Tensor
     tree_mask: Tensor
     num_tokens: int
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 _CURRENT: TreeStep | None = None
