@@ -8,10 +8,12 @@ sources followed by one scatter to all destinations, for the whole batch at once
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["KVCompactionError", "compact_paged_kv", "compaction_slots"]
+__all__ = ["KVCompactionError", "compact_paged_kv", "compact_paged_kv_many", "compaction_slots"]
 
 
 class KVCompactionError(ValueError):
@@ -52,8 +54,8 @@ def compaction_slots(path_nodes: Tensor, accept_len: Tensor, tree_slot_mapping: 
     return src[keep], dst[keep]
 
 
-def _slot_index(cache: Tensor, slots: Tensor, block_size: int, block_dim: int, offset_dim: int) -> tuple:
-    index: list = [slice(None)] * cache.dim()
+def _slot_index(nd: int, slots: Tensor, block_size: int, block_dim: int, offset_dim: int) -> tuple:
+    index: list = [slice(None)] * nd
     index[block_dim] = slots // block_size
     index[offset_dim] = slots % block_size
     return tuple(index)
@@ -70,25 +72,40 @@ def compact_paged_kv(cache: Tensor, src_slots: Tensor, dst_slots: Tensor, *, blo
             ``[2, num_blocks, ...]`` cache with ``block_dim=1``).
         src_slots, dst_slots: ``[M]`` int slots (from :func:`compaction_slots`); destinations must be distinct.
     """
-    nd = cache.dim()
+    compact_paged_kv_many([cache], src_slots, dst_slots, block_size=block_size, block_dim=block_dim,
+                          offset_dim=offset_dim)
+
+
+def compact_paged_kv_many(caches: Sequence[Tensor], src_slots: Tensor, dst_slots: Tensor, *, block_size: int,
+                          block_dim: int = 0, offset_dim: int = 1) -> None:
+    """:func:`compact_paged_kv` on several caches of one layout (e.g. the K and V views of every layer), with the
+    slot checks and block/offset indices computed once. Caches must share ``dim()`` and device."""
+    if not caches:
+        return
+    nd = caches[0].dim()
     block_dim, offset_dim = block_dim % nd, offset_dim % nd
     if block_dim == offset_dim:
         raise KVCompactionError(f"block_dim and offset_dim must differ, both are {block_dim}")
-    if cache.shape[offset_dim] != block_size:
-        raise KVCompactionError(
-            f"cache.shape[offset_dim={offset_dim}] = {cache.shape[offset_dim]} but block_size = {block_size}; "
-            "pass the dims of your cache layout (vLLM CPU: offset_dim=2)")
+    for cache in caches:
+        if cache.dim() != nd or cache.device != caches[0].device:
+            raise KVCompactionError("all caches must have the same number of dims and device")
+        if cache.shape[offset_dim] != block_size:
+            raise KVCompactionError(
+                f"cache.shape[offset_dim={offset_dim}] = {cache.shape[offset_dim]} but block_size = {block_size}; "
+                "pass the dims of your cache layout (vLLM CPU: offset_dim=2)")
     if src_slots.shape != dst_slots.shape or src_slots.dim() != 1:
         raise KVCompactionError(
             f"src_slots and dst_slots must be 1-D of equal length, got {tuple(src_slots.shape)} and "
             f"{tuple(dst_slots.shape)}")
     if src_slots.numel() == 0:
         return
-    num_slots = cache.shape[block_dim] * block_size
-    src = src_slots.to(cache.device, torch.int64)
-    dst = dst_slots.to(cache.device, torch.int64)
+    num_slots = min(cache.shape[block_dim] for cache in caches) * block_size
+    src = src_slots.to(caches[0].device, torch.int64)
+    dst = dst_slots.to(caches[0].device, torch.int64)
     lo, hi = int(torch.minimum(src.min(), dst.min())), int(torch.maximum(src.max(), dst.max()))
     if lo < 0 or hi >= num_slots:
         raise KVCompactionError(f"slots must lie in [0, {num_slots}), got range [{lo}, {hi}]")
-    values = cache[_slot_index(cache, src, block_size, block_dim, offset_dim)]  # advanced indexing copies
-    cache[_slot_index(cache, dst, block_size, block_dim, offset_dim)] = values
+    src_index = _slot_index(nd, src, block_size, block_dim, offset_dim)
+    dst_index = _slot_index(nd, dst, block_size, block_dim, offset_dim)
+    for cache in caches:
+        cache[dst_index] = cache[src_index]  # advanced indexing copies: all sources are read before any write

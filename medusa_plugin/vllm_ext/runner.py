@@ -40,7 +40,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
 from medusa_plugin.core.acceptance import AcceptanceResult, greedy_accept, sampling_accept, typical_accept
-from medusa_plugin.core.kv_compaction import compact_paged_kv, compaction_slots
+from medusa_plugin.core.kv_compaction import compact_paged_kv_many, compaction_slots
 
 from . import tree_step
 from .proposer import MedusaTreeProposer
@@ -89,6 +89,12 @@ def _seg_arange(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
+def _kv_identity(layer) -> tuple | None:
+    """(address, shape) of a layer's KV cache tensor, to notice when the engine reallocates it."""
+    kv = getattr(layer, "kv_cache", None)
+    return (kv.data_ptr(), tuple(kv.shape)) if isinstance(kv, torch.Tensor) else None
+
+
 def _request_can_draft(req_state) -> bool:
     """Tree verification reproduces plain sampling only without logits-altering / chain-assuming features
     (logprobs of drafted tokens are not produced either); such requests decode without drafts."""
@@ -122,6 +128,7 @@ class MedusaRunnerMixin:
         self._m_qlen: np.ndarray | None = None      # their query lengths (drafts + 1)
         self._m_starts: np.ndarray | None = None    # their first query row
         self._m_hidden_rows: torch.Tensor | None = None
+        self._m_kv_cache_views: tuple | None = None  # (cache identities, per-group K/V views) for compaction
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
 
@@ -289,26 +296,44 @@ class MedusaRunnerMixin:
         if int(result.accept_len.max()) == 0:
             return
         n1 = self._m_tree.num_nodes + 1
-        q_len = self._m_qlen
-        seen: set[int] = set()
-        for gid, group in enumerate(self.kv_cache_config.kv_cache_groups):
-            if not isinstance(group.kv_cache_spec, FullAttentionSpec):
-                continue
+        idx = self._m_starts[:, None] + np.minimum(np.arange(n1)[None, :], self._m_qlen[:, None] - 1)
+        idx_t = torch.from_numpy(idx)
+        for gid, caches in self._medusa_kv_caches():
             slot_mapping = self.input_batch.block_table.block_tables[gid].slot_mapping.gpu
             dev = slot_mapping.device
-            idx = self._m_starts[:, None] + np.minimum(np.arange(n1)[None, :], q_len[:, None] - 1)
-            tree_slots = slot_mapping[torch.from_numpy(idx).to(dev)].to(torch.int64)
+            tree_slots = slot_mapping[idx_t.to(dev)].to(torch.int64)
             src, dst = compaction_slots(result.path_nodes.to(dev), result.accept_len.to(dev), tree_slots)
             if src.numel() == 0:
                 continue
+            for block_size, same in caches.items():
+                compact_paged_kv_many(same, src, dst, block_size=block_size, block_dim=0, offset_dim=1)
+
+    def _medusa_kv_caches(self) -> list[tuple[int, dict[int, list[torch.Tensor]]]]:
+        """Per full-attention KV cache group: its id and its layers' logical K and V views by block size (each
+        physical cache once). Built once and rebuilt only if the engine's cache tensors change."""
+        ctx = self.compilation_config.static_forward_context
+        groups = self.kv_cache_config.kv_cache_groups
+        key = tuple(_kv_identity(ctx.get(name)) for group in groups for name in group.layer_names)
+        cached = self._m_kv_cache_views
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out: list[tuple[int, dict[int, list[torch.Tensor]]]] = []
+        seen: set[int] = set()
+        for gid, group in enumerate(groups):
+            if not isinstance(group.kv_cache_spec, FullAttentionSpec):
+                continue
+            caches: dict[int, list[torch.Tensor]] = {}
             for name in group.layer_names:
-                ctx = self.compilation_config.static_forward_context.get(name)
-                kv = getattr(ctx, "kv_cache", None)
+                layer = ctx.get(name)
+                kv = getattr(layer, "kv_cache", None)
                 if not isinstance(kv, torch.Tensor) or kv.numel() == 0 or kv.data_ptr() in seen:
                     continue
                 seen.add(kv.data_ptr())
-                for cache in self._medusa_kv_views(ctx, kv):
-                    compact_paged_kv(cache, src, dst, block_size=cache.shape[1], block_dim=0, offset_dim=1)
+                for cache in self._medusa_kv_views(layer, kv):
+                    caches.setdefault(cache.shape[1], []).append(cache)
+            out.append((gid, caches))
+        self._m_kv_cache_views = (key, out)
+        return out
 
     def _medusa_kv_views(self, layer, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logical [num_blocks, block_size, Hkv, D] K and V views of one layer's cache."""
