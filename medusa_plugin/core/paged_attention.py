@@ -180,8 +180,8 @@ def paged_tree_attention_planned(query: Tensor, key_cache: Tensor, value_cache: 
         q = query[g.tok].float()
         # [bsz, Hkv, group*Q, Dh] queries against [bsz, Hkv, S, Dh] keys.
         q = q.view(bsz, max_q, hkv, group, dh).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, group * max_q, dh)
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale                             # [bsz, Hkv, G*Q, S]
-        scores = scores.masked_fill(g.blocked, float("-inf"))
+        scores = torch.matmul(q, k.permute(0, 2, 3, 1)).mul_(scale)                        # [bsz, Hkv, G*Q, S]
+        scores.masked_fill_(g.blocked, float("-inf"))
         o = torch.matmul(torch.softmax(scores, dim=-1), v.permute(0, 2, 1, 3))             # [bsz, Hkv, G*Q, Dh]
         o = o.view(bsz, hkv, group, max_q, dh).permute(0, 3, 1, 2, 4).reshape(bsz, max_q, hkv * group, dh)
         out[g.out_rows] = o[g.q_valid].to(out.dtype)

@@ -58,7 +58,9 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
             raise RuntimeError(
                 f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
                 f"{n}; the runner and attention are out of sync")
-        self._check_tree_support()
+        if not getattr(self, "_tree_supported", False):
+            self._check_tree_support()
+            self._tree_supported = True
         # Every row is a tree row (token_index == arange(n)): the stock kernel's result would be overwritten.
         all_tree = step.token_index.shape[0] == n
         if not all_tree:
@@ -66,8 +68,7 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
                                      output_block_scale)
         elif output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the CPU attention backend")
-        layout = tree_step.cpu_kv_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
-        key_cache, value_cache = tree_step.cpu_kv_views(kv_cache, layout)
+        key_cache, value_cache = self._kv_views(layer, kv_cache)
         plan = self._tree_plan(step, attn_metadata, key_cache, query)
         if all_tree:
             paged_tree_attention_planned(query[:n], key_cache, value_cache, plan, self.scale,
@@ -76,6 +77,16 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
             tree_out = paged_tree_attention_planned(query[step.token_index], key_cache, value_cache, plan, self.scale)
             output[step.token_index] = tree_out.to(output.dtype)
         return output
+
+    def _kv_views(self, layer, kv_cache):
+        """Logical K and V views of this layer's cache (cached; rebuilt if the engine gives another tensor)."""
+        ident = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()), kv_cache.dtype)
+        cached = getattr(self, "_tree_kv_views", None)
+        if cached is None or cached[0] != ident:
+            layout = tree_step.cpu_kv_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+            cached = (ident, tree_step.cpu_kv_views(kv_cache, layout))
+            self._tree_kv_views = cached
+        return cached[1]
 
     @staticmethod
     def _tree_plan(step: tree_step.TreeStep, attn_metadata, key_cache, query) -> PagedTreePlan:

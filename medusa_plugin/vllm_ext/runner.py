@@ -237,17 +237,20 @@ class MedusaRunnerMixin:
         last_node[rows] = result.last_node.cpu().numpy()
         hidden_rows = torch.from_numpy(first + last_node).to(dev)
         self._m_hidden_rows = hidden_rows
-        base = self.sampler(logits=logits[hidden_rows], sampling_metadata=batch.sampling_metadata)
-
+        md = batch.sampling_metadata
         width = int(num_draft.max()) + 1
         sampled = torch.full((num_reqs, width), -1, dtype=torch.int32, device=dev)
-        sampled[:, 0] = base.sampled_token_ids[:, 0].to(torch.int32)
+        # All rows verify a tree and are greedy without logprobs: the sampler's tokens would all be overwritten.
+        skip_sampler = rows.size == num_reqs and md.all_greedy and md.max_num_logprobs is None
+        base = None if skip_sampler else self.sampler(logits=logits[hidden_rows], sampling_metadata=md)
+        if base is not None:
+            sampled[:, 0] = base.sampled_token_ids[:, 0].to(torch.int32)
         cols = min(result.output_tokens.shape[1], width)  # L + 1 <= q_len <= width even for truncated trees
         sampled[torch.from_numpy(rows).to(dev), :cols] = result.output_tokens[:, :cols].to(torch.int32)
 
         self._medusa_compact(rows, result)
         self._medusa_record(result, q_len)
-        logprobs = base.logprobs_tensors
+        logprobs = None if base is None else base.logprobs_tensors
         if logprobs is not None and width > 1:  # one entry per output slot; only slot 0 of non-tree rows is real
             logprobs = LogprobsTensors(*(t.repeat_interleave(width, dim=0) for t in logprobs[:3]))
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs)
@@ -265,11 +268,13 @@ class MedusaRunnerMixin:
             groups.setdefault((rule, int(r) if seeded else -1), []).append(j)
         parts: list[tuple[list[int], AcceptanceResult]] = []
         for (rule, seeded_row), js in groups.items():
-            sel = torch.tensor(js, device=tokens.device)
-            args = (tree, tokens[sel], tree_logits[sel])
+            if len(groups) == 1:  # every row: no need to gather
+                args, nv = (tree, tokens, tree_logits), num_valid
+            else:
+                sel = torch.tensor(js, device=tokens.device)
+                args, nv = (tree, tokens[sel], tree_logits[sel]), num_valid[sel]
             if rule == "greedy":
-                res = greedy_accept(*args, num_valid=num_valid[sel])
-                parts.append((js, res))
+                parts.append((js, greedy_accept(*args, num_valid=nv)))
                 continue
             r = rows[js]
             t = torch.from_numpy(temp[js].astype(np.float32))
@@ -277,11 +282,10 @@ class MedusaRunnerMixin:
             if rule == "sampling":
                 top_k = torch.from_numpy(batch.top_k_cpu[r].astype(np.int64))
                 top_p = torch.from_numpy(batch.top_p_cpu[r].astype(np.float32))
-                res = sampling_accept(*args, temperature=t, top_k=top_k, top_p=top_p, generator=gen,
-                                      num_valid=num_valid[sel])
+                res = sampling_accept(*args, temperature=t, top_k=top_k, top_p=top_p, generator=gen, num_valid=nv)
             else:
                 res = typical_accept(*args, temperature=t, posterior_threshold=acc.posterior_threshold,
-                                     posterior_alpha=acc.posterior_alpha, generator=gen, num_valid=num_valid[sel])
+                                     posterior_alpha=acc.posterior_alpha, generator=gen, num_valid=nv)
             parts.append((js, res))
         if len(parts) == 1:
             return parts[0][1]
