@@ -100,3 +100,20 @@ def test_errors():
         compact_paged_kv(cache, torch.tensor([1, 2]), torch.tensor([0]), block_size=16)
     with pytest.raises(KVCompactionError, match="p_j"):
         compaction_slots(torch.tensor([[0, 3, 1]]), torch.tensor([2]), torch.arange(5).view(1, 5))
+
+
+def test_compact_many_equals_one_call_per_cache():
+    from medusa_plugin.core.kv_compaction import compact_paged_kv_many
+
+    g = torch.Generator().manual_seed(3)
+    caches = [torch.randn(6, 2, 4, 3, generator=g) for _ in range(3)]  # vLLM CPU layout [blocks, H, block_size, D]
+    expected = [c.clone() for c in caches]
+    src = torch.tensor([5, 9, 14, 22])
+    dst = torch.tensor([4, 6, 13, 20])
+    for c in expected:
+        compact_paged_kv(c, src, dst, block_size=4, block_dim=0, offset_dim=2)
+    compact_paged_kv_many(caches, src, dst, block_size=4, block_dim=0, offset_dim=2)
+    for got, want in zip(caches, expected):
+        assert torch.equal(got, want)
+    with pytest.raises(KVCompactionError, match="block_size"):
+        compact_paged_kv_many(caches, src, dst, block_size=2, block_dim=0, offset_dim=2)

@@ -136,3 +136,21 @@ def test_errors_are_clear():
                              is_tree=torch.tensor([True]), scale=1.0)
     with pytest.raises(PagedAttentionError, match="bool"):
         paged_tree_attention(**kw, tree_mask=MC63.int(), is_tree=torch.tensor([True]), scale=1.0)
+
+
+def test_one_plan_serves_every_layer():
+    """The per-step plan (gather indices + mask) built once is reused by layers with different caches and queries."""
+    from medusa_plugin.core.paged_attention import paged_tree_attention_planned, plan_paged_tree_attention
+
+    q_lens, seq_lens = [64, 9, 1], [64 + 5, 40 + 9, 30 + 1]
+    is_tree = torch.tensor([True, False, False])
+    layers = [make_batch(seq_lens, q_lens, block_size=16, hq=8, hkv=2, seed=s) for s in (1, 2)]
+    kw0 = layers[0]
+    plan = plan_paged_tree_attention(kw0["block_tables"], kw0["seq_lens"], kw0["query_start_loc"], MC63, is_tree,
+                                     num_tokens=kw0["query"].shape[0], block_size=16, num_kv_heads=2,
+                                     num_q_heads=8, head_dim=8)
+    for kw in layers:  # same block tables (same seeds draw the same shapes), different K/V/Q contents
+        kw = dict(kw, block_tables=kw0["block_tables"], seq_lens=kw0["seq_lens"], query_start_loc=kw0["query_start_loc"])
+        got = paged_tree_attention_planned(kw["query"], kw["key_cache"], kw["value_cache"], plan, 8 ** -0.5)
+        want = dense_tree_attention_reference(**kw, tree_mask=MC63, is_tree=is_tree, scale=8 ** -0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
