@@ -29,23 +29,14 @@ from . import tree_step
 __all__ = ["MedusaCPUAttentionBackend", "MedusaCPUAttentionImpl", "TreeAttentionUnsupported"]
 
 
-class TreeAttentionUnsupported(ValueError):
-    """A layer feature tree attention does not implement (sliding window, ALiBi, soft-cap, sinks, fp8 KV)."""
+TreeAttentionUnsupported = tree_step.TreeAttentionUnsupported
 
 
 class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
     """Stock CPU attention plus tree-masked rows for requests that verify a Medusa tree this step."""
 
     def _check_tree_support(self) -> None:
-        bad = [name for name, on in (("sliding window", self.sliding_window not in (-1, None)),
-                                     ("ALiBi", self.alibi_slopes is not None),
-                                     ("logits soft-cap", bool(self.logits_soft_cap)),
-                                     ("attention sinks", self.sinks is not None),
-                                     ("fp8 KV cache", self.is_fp8_kv_cache)) if on]
-        if bad:
-            raise TreeAttentionUnsupported(
-                f"Medusa tree attention does not support {', '.join(bad)} (this model's attention uses it); "
-                "run this model without the Medusa proposer")
+        tree_step.check_tree_attention_support(self, (("fp8 KV cache", self.is_fp8_kv_cache),))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -55,8 +55,7 @@ BACKEND_PATH = "medusa_plugin.vllm_ext.cuda_attention.MedusaTritonAttentionBacke
 _PLAIN_KV_DTYPES = frozenset({"auto", "float16", "bfloat16", "float32", "half", "float"})
 
 
-class TreeAttentionUnsupported(ValueError):
-    """A layer feature tree attention does not implement (sliding window, ALiBi, soft-cap, sinks, quantized KV...)."""
+TreeAttentionUnsupported = tree_step.TreeAttentionUnsupported
 
 
 def _tree_kernel(device: torch.device):
@@ -76,21 +75,12 @@ class MedusaTritonAttentionImpl(TritonAttentionImpl):
     """Stock Triton attention plus tree-masked rows for requests that verify a Medusa tree this step."""
 
     def _check_tree_support(self, kv_cache: torch.Tensor, query: torch.Tensor, output_scale) -> None:
-        window = getattr(self, "sliding_window", None)
-        bad = [name for name, on in (
-            ("sliding window", window not in (None, -1, (-1, -1))),
-            ("ALiBi", getattr(self, "alibi_slopes", None) is not None),
-            ("logits soft-cap", bool(getattr(self, "logits_soft_cap", 0))),
-            ("attention sinks", getattr(self, "sinks", None) is not None),
+        tree_step.check_tree_attention_support(self, (
             ("chunked local attention", getattr(self, "chunk_lookback", -1) != -1),
             (f"kv cache dtype {self.kv_cache_dtype!r}", str(self.kv_cache_dtype) not in _PLAIN_KV_DTYPES),
             ("fused output quantization", output_scale is not None),
             (f"query dtype {query.dtype} != KV cache dtype {kv_cache.dtype}", query.dtype != kv_cache.dtype),
-        ) if on]
-        if bad:
-            raise TreeAttentionUnsupported(
-                f"Medusa tree attention does not support {', '.join(bad)} (this model's attention uses it); "
-                "run this model without the Medusa proposer (or with --kv-cache-dtype auto)")
+        ), hint=" (or with --kv-cache-dtype auto)")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -57,6 +57,26 @@ def clear() -> None:
 
 
 # ------------------------------------------------------------------------------------------ CPU KV cache layout
+class TreeAttentionUnsupported(ValueError):
+    """A layer feature tree attention does not implement (sliding window, ALiBi, soft-cap, sinks, quantized KV...)."""
+
+
+def check_tree_attention_support(impl, extra: tuple[tuple[str, bool], ...] = (), hint: str = "") -> None:
+    """Raise :class:`TreeAttentionUnsupported` naming every feature of attention ``impl`` (a vLLM ``AttentionImpl``)
+    that the tree path does not implement: the ones every backend shares, plus the backend's own ``extra``
+    ``(name, in_use)`` pairs."""
+    window = getattr(impl, "sliding_window", None)
+    common = (("sliding window", window not in (None, -1, (-1, -1))),
+              ("ALiBi", getattr(impl, "alibi_slopes", None) is not None),
+              ("logits soft-cap", bool(getattr(impl, "logits_soft_cap", 0))),
+              ("attention sinks", getattr(impl, "sinks", None) is not None))
+    bad = [name for name, on in common + tuple(extra) if on]
+    if bad:
+        raise TreeAttentionUnsupported(
+            f"Medusa tree attention does not support {', '.join(bad)} (this model's attention uses it); "
+            f"run this model without the Medusa proposer{hint}")
+
+
 class CpuKVLayoutError(ValueError):
     """The CPU attention kernel writes K/V in a layout this plugin does not know."""
 
