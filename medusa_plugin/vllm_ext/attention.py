@@ -40,15 +40,11 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        step = tree_step.current()
-        if step is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+        step = tree_step.for_layer(self.attn_type == AttentionType.DECODER, attn_metadata)
+        if step is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         n = attn_metadata.num_actual_tokens
-        if step.num_tokens != n:
-            raise RuntimeError(
-                f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
-                f"{n}; the runner and attention are out of sync")
         if not getattr(self, "_tree_supported", False):
             self._check_tree_support()
             self._tree_supported = True

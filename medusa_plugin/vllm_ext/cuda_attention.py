@@ -84,14 +84,10 @@ class MedusaTritonAttentionImpl(TritonAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        step = tree_step.current()
-        if step is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+        step = tree_step.for_layer(self.attn_type == AttentionType.DECODER, attn_metadata)
+        if step is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        if step.num_tokens != attn_metadata.num_actual_tokens:
-            raise RuntimeError(
-                f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
-                f"{attn_metadata.num_actual_tokens}; the runner and attention are out of sync")
         self._check_tree_support(kv_cache, query, output_scale)
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)

@@ -51,6 +51,19 @@ def current() -> TreeStep | None:
     return _CURRENT
 
 
+def for_layer(is_decoder: bool, attn_metadata) -> TreeStep | None:
+    """The tree step a decoder attention layer must honour now, or None (stock attention). Raises if the step was
+    published for another token count than the layer runs on (runner and attention out of sync)."""
+    step = _CURRENT
+    if step is None or attn_metadata is None or not is_decoder:
+        return None
+    if step.num_tokens != attn_metadata.num_actual_tokens:
+        raise RuntimeError(
+            f"Medusa tree step was published for {step.num_tokens} tokens but attention runs on "
+            f"{attn_metadata.num_actual_tokens}; the runner and attention are out of sync")
+    return step
+
+
 def clear() -> None:
     global _CURRENT
     _CURRENT = None
