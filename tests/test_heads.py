@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, convert, detect_format
+from medusa_plugin.core.head_checkpoints import convert, detect_format
+from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError
 
 H, V = 24, 64
 
@@ -312,7 +313,7 @@ def test_error_head_missing_layer(tmp_path):
     sd = fd_state(raw_heads(K=5, L=2))
     del sd["3.1.linear.weight"], sd["3.1.linear.bias"]
     save_file(sd, tmp_path / "medusa_lm_head.safetensors")
-    with pytest.raises(MedusaHeadsError, match="head 3 has no layer 1"):
+    with pytest.raises(MedusaHeadsError, match=r"key '3\.1\.linear\.weight' is missing \(head 3 of 5, layer 1 of 2\)"):
         MedusaHeads.from_pretrained(tmp_path)
 
 
