@@ -13,6 +13,7 @@ import yaml
 
 from medusa_plugin import cli
 from medusa_plugin.core.config import load_config, validate
+from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.tree import MedusaTree, shipped_tree_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +126,6 @@ def _write_fastdecoding_v1(d: Path, K=3, L=2, H=8, V=16, seed=0):
 
 
 def test_convert_fastdecoding_v1(tmp_path, capsys):
-    heads_mod = pytest.importorskip("medusa_plugin.core.heads")
     sd = _write_fastdecoding_v1(tmp_path / "src", K=3, L=2, H=8, V=16)
     rc, out, err = run(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "out"))
     assert rc == 0, err
@@ -133,13 +133,12 @@ def test_convert_fastdecoding_v1(tmp_path, capsys):
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     assert fields["format"] == "fastdecoding"
     assert (fields["heads (K)"], fields["layers (L)"], fields["hidden"], fields["vocab"]) == ("3", "2", "8", "16")
-    heads = heads_mod.MedusaHeads.from_pretrained(tmp_path / "out")
+    heads = MedusaHeads.from_pretrained(tmp_path / "out")
     assert torch.equal(heads.blocks[1][1].linear.weight, sd["1.1.linear.weight"])
     assert torch.equal(heads.lm_heads[2].weight, sd["2.2.weight"])
 
 
 def test_convert_bad_source(tmp_path, capsys):
-    pytest.importorskip("medusa_plugin.core.heads")
     (tmp_path / "src").mkdir()
     torch.save({"foo.weight": torch.zeros(2, 2)}, tmp_path / "src" / "medusa_lm_head.pt")
     rc, out, err = run(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "out"))

@@ -4,9 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from medusa_plugin.core.config import (AcceptanceConfig, MedusaConfig, MedusaConfigError, load_config, validate)
+from medusa_plugin.core.config import (AcceptanceConfig, MedusaConfig, MedusaConfigError, check_tree_depth,
+                                       load_config, validate)
+from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.tree import MedusaTree
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.y*ml"))
@@ -65,7 +68,7 @@ def test_dtype_alias():
 
 def test_relative_paths_resolve_next_to_config_file(tmp_path):
     (tmp_path / "my_tree.yaml").write_text("[[0], [1], [0, 0]]\n")
-    (tmp_path / "heads").mkdir()
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=2).save_pretrained(tmp_path / "heads")
     (tmp_path / "c.yaml").write_text("heads: ./heads\ntree: my_tree.yaml\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert Path(cfg.heads) == tmp_path / "heads" and Path(cfg.tree) == tmp_path / "my_tree.yaml"

@@ -183,12 +183,13 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) pickle
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled {found[1]}" if found else "pickled Python objects"
-        raise MedusaHeadsError(f"{path} holds {what}, not a state dict of tensors (a torch.save of the whole module?); "
-                               f"loading it would run its code, so it is refused: {_RESAVE}") from None
-    except Exception as e:  # zip/pickle framing errors: truncated, corrupt or not a torch file at all
+    except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only refuses to rebuild a Python class
+            raise MedusaHeadsError(f"{path} holds a pickled {found[1]}, not a state dict of tensors (a torch.save of "
+                                   f"the whole module?); loading it would run its code, so it is refused: "
+                                   f"{_RESAVE}") from None
+        # zip/pickle framing errors: truncated, corrupt or not a torch file at all
         raise MedusaHeadsError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {one_line(e)}): the "
                                "file is truncated or corrupt, or not a torch.save file; re-download it or "
                                f"{_RESAVE}") from None
@@ -308,7 +309,7 @@ def _read_parts(src: Source) -> _Parts:
             path = src.get(shard)
             if path is None:
                 raise MedusaHeadsError(f"shard '{shard}' listed in {weight} (for key '{shard_keys[0]}') is missing: "
-                                       "download the complete checkpoint")
+                                       "the download is incomplete; re-download the complete checkpoint")
             tf = _TensorFile(path)
             absent = [k for k in shard_keys if k not in set(tf.keys)]
             if absent:
