@@ -61,6 +61,32 @@ def test_validate_check_files(tmp_path, capsys):
     assert rc == 1 and "'heads' path does not exist" in err
 
 
+def test_validate_check_files_reads_the_heads(tmp_path, capsys):
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=2).save_pretrained(tmp_path / "heads")
+    p = tmp_path / "c.yaml"
+    p.write_text("heads: ./heads\ntree: chain:2\n")
+    rc, out, err = run(capsys, "validate", "--check-files", str(p))
+    assert rc == 0 and err == ""
+    assert "2 heads x 1 layer(s), hidden 8, vocab 80, own lm_head, canonical format" in out
+
+
+def test_validate_check_files_refuses_a_tree_deeper_than_the_heads(tmp_path, capsys):
+    """The engine refuses such a tree when it loads the heads; validate says so first, with the same message."""
+    from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
+
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=2).save_pretrained(tmp_path / "heads")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"heads: {tmp_path / 'heads'}\ntree: vicuna_7b_stage2\n")
+    assert run(capsys, "validate", str(p))[0] == 0
+    rc, out, err = run(capsys, "validate", "--check-files", str(p))
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    with pytest.raises(MedusaConfigError) as e:
+        check_tree_depth(MedusaTree.from_name("vicuna_7b_stage2"), 2, tree_name="vicuna_7b_stage2",
+                         heads=str(tmp_path / "heads"))
+    assert err == f"medusa-plugin validate: error: {e.value}\n"
+    assert "choose a tree of depth <= 2" in err
+
+
 def test_tree_name(capsys):
     rc, out, _ = run(capsys, "tree", "mc_sim_7b_63")
     assert rc == 0 and out.strip() == MedusaTree.from_name("mc_sim_7b_63").describe()

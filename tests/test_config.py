@@ -189,3 +189,27 @@ def test_validate_check_files(tmp_path):
     validate({"heads": "org/repo"}, check_files=True)  # hub ids are not checked
     _err({"heads": "org/repo", "tree_schedule": str(tmp_path / "s.yaml")}, "'tree_schedule' file not found",
          check_files=True)
+
+
+def test_validate_check_files_refuses_a_tree_deeper_than_the_heads(tmp_path):
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=3).save_pretrained(tmp_path / "heads")
+    ok = validate({"heads": str(tmp_path / "heads"), "tree": "chain:3"}, check_files=True)
+    assert ok.max_depth == 3
+    deep = {"heads": str(tmp_path / "heads"), "tree": "mc_sim_7b_63"}
+    validate(deep)  # the heads are only read with check_files
+    with pytest.raises(MedusaConfigError) as e:
+        validate(deep, check_files=True)
+    with pytest.raises(MedusaConfigError) as direct:  # the check the proposer shares
+        check_tree_depth(MedusaTree.from_name("mc_sim_7b_63"), 3, tree_name="mc_sim_7b_63",
+                         heads=str(tmp_path / "heads"))
+    assert str(e.value) == str(direct.value)
+    assert "'mc_sim_7b_63' is 4 deep but the heads at" in str(e.value) and "have only 3" in str(e.value)
+    assert "choose a tree of depth <= 3" in str(e.value)
+
+
+def test_check_tree_depth_accepts_trees_up_to_the_head_count():
+    tree = MedusaTree.from_name("mc_sim_7b_63")
+    for num_heads in (tree.max_depth, tree.max_depth + 1):
+        check_tree_depth(tree, num_heads, tree_name="t", heads="h")
+    with pytest.raises(MedusaConfigError, match="is 4 deep.*have only 3"):
+        check_tree_depth(tree, tree.max_depth - 1, tree_name="t", heads="h")
