@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .head_sources import WEIGHT_FILES, Source, one_line, open_source
+from .head_files import WEIGHT_FILES, Source, TensorFile, open_source, read_json
 from .heads import MedusaHeads, MedusaHeadsError
 
 __all__ = ["load_heads", "save_heads", "convert", "detect_format", "vocab_padding_limit", "FORMAT_VERSION",
@@ -65,7 +64,6 @@ _LAYOUTS: dict[str, dict[str, str]] = {
              "proj": r"(?:medusa_heads\.)?lm_heads\.(\d+)\.weight", "shared": r"(?:medusa_heads\.)?lm_head\.weight",
              "token_map": r"(?:medusa_heads\.)?token_map"},
 }
-_RESAVE = "re-save the heads with torch.save(heads.state_dict(), path) or safetensors.torch.save_file"
 
 
 # ---------------------------------------------------------------------- public API
@@ -135,7 +133,7 @@ def detect_format(path_or_repo: str | os.PathLike, revision: str | None = None) 
     """The layout of a checkpoint: 'fastdecoding' | 'medusa2' | 'vllm' | 'canonical' (reads keys, not tensors)."""
     src = open_source(path_or_repo, revision)
     config, weight = _locate(src)
-    keys = list(_weight_map(weight)) if weight.name.endswith(".index.json") else _TensorFile(weight).keys
+    keys = list(_weight_map(weight)) if weight.name.endswith(".index.json") else TensorFile(weight).keys
     return _detect_layout(keys, config, str(weight))
 
 
@@ -156,88 +154,6 @@ class _Parts:
     origin: str                                               # file name(s) for messages
     config: dict
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)   # only the head tensors, raw key names
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MedusaHeadsError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): the file is "
-                               "damaged or not a config; fix it, or re-download it") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MedusaHeadsError(f"cannot read {path} ({one_line(e)}): check the file, or re-download it") from None
-    if not isinstance(data, dict):
-        raise MedusaHeadsError(f"{path} holds a JSON {type(data).__name__}, not an object of settings: it is not a "
-                               "model config; fix it or remove it")
-    return data
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    if path.stat().st_size == 0:
-        raise MedusaHeadsError(f"{path} is empty (0 bytes): the download or save was interrupted; re-download or "
-                               "re-save it")
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) pickle
-    except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and found:  # weights_only refuses to rebuild a Python class
-            raise MedusaHeadsError(f"{path} holds a pickled {found[1]}, not a state dict of tensors (a torch.save of "
-                                   f"the whole module?); loading it would run its code, so it is refused: "
-                                   f"{_RESAVE}") from None
-        # zip/pickle framing errors: truncated, corrupt or not a torch file at all
-        raise MedusaHeadsError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {one_line(e)}): the "
-                               "file is truncated or corrupt, or not a torch.save file; re-download it or "
-                               f"{_RESAVE}") from None
-    if not isinstance(sd, dict):
-        raise MedusaHeadsError(f"{path} holds a {type(sd).__name__}, not a state dict (a dict of tensors): {_RESAVE}")
-    for key, value in sd.items():
-        if isinstance(value, torch.Tensor):
-            continue
-        if isinstance(value, dict):
-            raise MedusaHeadsError(f"{path}: key '{key}' holds a nested dict, not a tensor (a training checkpoint "
-                                   f"wrapping the weights?): save checkpoint['{key}'] on its own, or {_RESAVE}")
-        raise MedusaHeadsError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor: the file is not a "
-                               f"plain state dict; {_RESAVE}")
-    return sd
-
-
-class _TensorFile:
-    """Lazy key listing + selective reads for one .safetensors or torch pickle file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if path.name.endswith(".safetensors"):
-            from safetensors import safe_open
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    self.keys = list(f.keys())
-            except Exception as e:
-                raise MedusaHeadsError(f"{path} is not a valid safetensors file ({one_line(e)}): it is truncated or "
-                                       "corrupt (an interrupted download?), or not safetensors; re-download or "
-                                       "re-save it") from None
-            self._sd = None
-        else:
-            self._sd = _torch_load(path)
-            self.keys = list(self._sd)
-
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        if self._sd is not None:
-            return {k: self._sd[k] for k in keys}
-        from safetensors import safe_open
-        out = {}
-        with safe_open(str(self.path), framework="pt") as f:
-            for k in keys:
-                try:
-                    out[k] = f.get_tensor(k)
-                except Exception as e:
-                    raise MedusaHeadsError(f"{self.path}: cannot read tensor '{k}' ({one_line(e)}): the file is "
-                                           "corrupt; re-download or re-save it") from None
-        return out
 
 
 def _detect_layout(keys: list[str], config: dict, origin: str) -> str:
@@ -262,7 +178,7 @@ def _wanted(layout: str, key: str) -> bool:
 def _locate(src: Source) -> tuple[dict, Path]:
     """(config.json contents or {}, the weights file to read) for a source."""
     cfg_path = src.get(CONFIG_NAME)
-    config = _read_json(cfg_path) if cfg_path is not None else {}
+    config = read_json(cfg_path) if cfg_path is not None else {}
     fmt = config.get("medusa_plugin_format", FORMAT_VERSION)
     if not isinstance(fmt, int) or isinstance(fmt, bool):
         raise MedusaHeadsError(f"{cfg_path}: 'medusa_plugin_format' is {fmt!r}, not an integer: the config was "
@@ -283,7 +199,7 @@ def _locate(src: Source) -> tuple[dict, Path]:
 
 
 def _weight_map(index: Path) -> dict[str, str]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise MedusaHeadsError(f"{index} has no 'weight_map': it is not a sharded checkpoint index; point 'heads' at "
                                "the checkpoint directory or a weights file")
@@ -310,7 +226,7 @@ def _read_parts(src: Source) -> _Parts:
             if path is None:
                 raise MedusaHeadsError(f"shard '{shard}' listed in {weight} (for key '{shard_keys[0]}') is missing: "
                                        "the download is incomplete; re-download the complete checkpoint")
-            tf = _TensorFile(path)
+            tf = TensorFile(path)
             absent = [k for k in shard_keys if k not in set(tf.keys)]
             if absent:
                 raise MedusaHeadsError(f"{path} lacks key '{absent[0]}' that {weight.name} places there: "
@@ -318,7 +234,7 @@ def _read_parts(src: Source) -> _Parts:
             tensors.update(tf.read(shard_keys))
         return _Parts(layout, f"{weight} (+{len(by_shard)} shard(s))", config, tensors)
 
-    tf = _TensorFile(weight)
+    tf = TensorFile(weight)
     layout = _detect_layout(tf.keys, config, str(weight))
     return _Parts(layout, str(weight), config, tf.read([k for k in tf.keys if _wanted(layout, k)]))
 
