@@ -45,16 +45,28 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def _add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="medusa config (.yaml/.yml/.json)")
     p.add_argument("--check-files", action="store_true",
-                   help="also require a local 'heads' path and a 'tree_schedule' file to exist")
+                   help="also load local 'heads' (the checkpoint must be readable and have at least as many heads "
+                        "as the tree is deep) and require a 'tree_schedule' file to exist; hub heads are not fetched")
+
+
+def _heads_summary(heads) -> str:
+    lm = "own lm_head" if heads.own_lm_head else "base model's lm_head (v2)"
+    return (f"{heads.num_heads} heads x {heads.num_layers} layer(s), hidden {heads.hidden_size}, vocab "
+            f"{heads.vocab_size}, {lm}, {heads.source_format} format")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from medusa_plugin.core.config import heads_is_local, load_config, validate
+    from medusa_plugin.core.config import check_local_files, heads_is_local, load_config, validate
 
     cfg = load_config(args.config)
-    tree = validate(cfg, check_files=args.check_files)
+    tree = validate(cfg)
+    heads = check_local_files(cfg, tree) if args.check_files else None
     kind = "local path" if heads_is_local(cfg.heads) else "hub repo"
     rev = f", revision {cfg.heads_revision}" if cfg.heads_revision else ""
+    if heads is not None:
+        kind += ": " + _heads_summary(heads)
+    elif args.check_files:
+        kind += ", not fetched"
     lines = [
         f"medusa config OK: {args.config}",
         f"  heads:          {cfg.heads} ({kind}{rev})",
@@ -109,25 +121,15 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: keep the checkpoint's)")
 
 
-def _detected_format(heads_mod, src: str, revision: str | None) -> str:
-    """The checkpoint layout name (fastdecoding | medusa2 | vllm | canonical) as detected by core.heads."""
-    detect = getattr(heads_mod, "detect_format", None)
-    if detect is not None:
-        return str(detect(src, revision=revision))
-    try:  # no public detector yet: reuse the loader's own detection (reads the head tensors once more)
-        return heads_mod._read_parts(heads_mod._open_source(src, revision)).layout
-    except AttributeError:
-        return "unknown"
-
-
 def _run_convert(args: argparse.Namespace) -> int:
-    from medusa_plugin.core import heads as heads_mod
+    from medusa_plugin.core.head_checkpoints import convert, detect_format
+    from medusa_plugin.core.heads import MedusaHeads
 
     kwargs = {k: v for k, v in (("revision", args.revision), ("dtype", args.dtype)) if v is not None}
-    heads_mod.convert(args.src, args.out_dir, **kwargs)
-    heads = heads_mod.MedusaHeads.from_pretrained(args.out_dir)
+    convert(args.src, args.out_dir, **kwargs)
+    heads = MedusaHeads.from_pretrained(args.out_dir)
     print(f"converted {args.src} -> {args.out_dir}")
-    print(f"  format:     {_detected_format(heads_mod, args.src, args.revision)}")
+    print(f"  format:     {detect_format(args.src, revision=args.revision)}")
     print(f"  heads (K):  {heads.num_heads}")
     print(f"  layers (L): {heads.num_layers}")
     print(f"  hidden:     {heads.hidden_size}")

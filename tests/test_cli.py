@@ -13,6 +13,7 @@ import yaml
 
 from medusa_plugin import cli
 from medusa_plugin.core.config import load_config, validate
+from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.tree import MedusaTree, shipped_tree_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,32 @@ def test_validate_check_files(tmp_path, capsys):
     assert run(capsys, "validate", str(p))[0] == 0
     rc, _, err = run(capsys, "validate", "--check-files", str(p))
     assert rc == 1 and "'heads' path does not exist" in err
+
+
+def test_validate_check_files_reads_the_heads(tmp_path, capsys):
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=2).save_pretrained(tmp_path / "heads")
+    p = tmp_path / "c.yaml"
+    p.write_text("heads: ./heads\ntree: chain:2\n")
+    rc, out, err = run(capsys, "validate", "--check-files", str(p))
+    assert rc == 0 and err == ""
+    assert "2 heads x 1 layer(s), hidden 8, vocab 80, own lm_head, canonical format" in out
+
+
+def test_validate_check_files_refuses_a_tree_deeper_than_the_heads(tmp_path, capsys):
+    """The engine refuses such a tree when it loads the heads; validate says so first, with the same message."""
+    from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
+
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=2).save_pretrained(tmp_path / "heads")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"heads: {tmp_path / 'heads'}\ntree: vicuna_7b_stage2\n")
+    assert run(capsys, "validate", str(p))[0] == 0
+    rc, out, err = run(capsys, "validate", "--check-files", str(p))
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    with pytest.raises(MedusaConfigError) as e:
+        check_tree_depth(MedusaTree.from_name("vicuna_7b_stage2"), 2, tree_name="vicuna_7b_stage2",
+                         heads=str(tmp_path / "heads"))
+    assert err == f"medusa-plugin validate: error: {e.value}\n"
+    assert "choose a tree of depth <= 2" in err
 
 
 def test_tree_name(capsys):
@@ -125,7 +152,6 @@ def _write_fastdecoding_v1(d: Path, K=3, L=2, H=8, V=16, seed=0):
 
 
 def test_convert_fastdecoding_v1(tmp_path, capsys):
-    heads_mod = pytest.importorskip("medusa_plugin.core.heads")
     sd = _write_fastdecoding_v1(tmp_path / "src", K=3, L=2, H=8, V=16)
     rc, out, err = run(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "out"))
     assert rc == 0, err
@@ -133,13 +159,12 @@ def test_convert_fastdecoding_v1(tmp_path, capsys):
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     assert fields["format"] == "fastdecoding"
     assert (fields["heads (K)"], fields["layers (L)"], fields["hidden"], fields["vocab"]) == ("3", "2", "8", "16")
-    heads = heads_mod.MedusaHeads.from_pretrained(tmp_path / "out")
+    heads = MedusaHeads.from_pretrained(tmp_path / "out")
     assert torch.equal(heads.blocks[1][1].linear.weight, sd["1.1.linear.weight"])
     assert torch.equal(heads.lm_heads[2].weight, sd["2.2.weight"])
 
 
 def test_convert_bad_source(tmp_path, capsys):
-    pytest.importorskip("medusa_plugin.core.heads")
     (tmp_path / "src").mkdir()
     torch.save({"foo.weight": torch.zeros(2, 2)}, tmp_path / "src" / "medusa_lm_head.pt")
     rc, out, err = run(capsys, "convert", str(tmp_path / "src"), str(tmp_path / "out"))

@@ -4,9 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from medusa_plugin.core.config import (AcceptanceConfig, MedusaConfig, MedusaConfigError, load_config, validate)
+from medusa_plugin.core.config import (AcceptanceConfig, MedusaConfig, MedusaConfigError, check_tree_depth,
+                                       load_config, validate)
+from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.tree import MedusaTree
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.y*ml"))
@@ -65,7 +68,7 @@ def test_dtype_alias():
 
 def test_relative_paths_resolve_next_to_config_file(tmp_path):
     (tmp_path / "my_tree.yaml").write_text("[[0], [1], [0, 0]]\n")
-    (tmp_path / "heads").mkdir()
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=2).save_pretrained(tmp_path / "heads")
     (tmp_path / "c.yaml").write_text("heads: ./heads\ntree: my_tree.yaml\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert Path(cfg.heads) == tmp_path / "heads" and Path(cfg.tree) == tmp_path / "my_tree.yaml"
@@ -186,3 +189,27 @@ def test_validate_check_files(tmp_path):
     validate({"heads": "org/repo"}, check_files=True)  # hub ids are not checked
     _err({"heads": "org/repo", "tree_schedule": str(tmp_path / "s.yaml")}, "'tree_schedule' file not found",
          check_files=True)
+
+
+def test_validate_check_files_refuses_a_tree_deeper_than_the_heads(tmp_path):
+    MedusaHeads.init_from_lm_head(torch.randn(80, 8), num_heads=3).save_pretrained(tmp_path / "heads")
+    ok = validate({"heads": str(tmp_path / "heads"), "tree": "chain:3"}, check_files=True)
+    assert ok.max_depth == 3
+    deep = {"heads": str(tmp_path / "heads"), "tree": "mc_sim_7b_63"}
+    validate(deep)  # the heads are only read with check_files
+    with pytest.raises(MedusaConfigError) as e:
+        validate(deep, check_files=True)
+    with pytest.raises(MedusaConfigError) as direct:  # the check the proposer shares
+        check_tree_depth(MedusaTree.from_name("mc_sim_7b_63"), 3, tree_name="mc_sim_7b_63",
+                         heads=str(tmp_path / "heads"))
+    assert str(e.value) == str(direct.value)
+    assert "'mc_sim_7b_63' is 4 deep but the heads at" in str(e.value) and "have only 3" in str(e.value)
+    assert "choose a tree of depth <= 3" in str(e.value)
+
+
+def test_check_tree_depth_accepts_trees_up_to_the_head_count():
+    tree = MedusaTree.from_name("mc_sim_7b_63")
+    for num_heads in (tree.max_depth, tree.max_depth + 1):
+        check_tree_depth(tree, num_heads, tree_name="t", heads="h")
+    with pytest.raises(MedusaConfigError, match="is 4 deep.*have only 3"):
+        check_tree_depth(tree, tree.max_depth - 1, tree_name="t", heads="h")

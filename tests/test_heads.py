@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, convert, detect_format
+from medusa_plugin.core.head_checkpoints import convert, detect_format
+from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError
 
 H, V = 24, 64
 
@@ -199,6 +200,57 @@ def test_old_vllm_token_map(tmp_path, rows):
     assert torch.isinf(out[..., ~mask]).all() and torch.isfinite(out[..., mask]).all()
 
 
+# ---------------------------------------------------------------------- vocabulary padding
+@pytest.mark.parametrize("heads_vocab,base_vocab", [(256, 320), (320, 256), (V, V + 1)],
+                         ids=["heads_tokenizer_sized", "heads_padded_base_not", "one_added_token"])
+def test_vocab_differing_by_padding_loads(tmp_path, heads_vocab, base_vocab):
+    """A base vocab padded for the matmul (320 for a 256-token tokenizer) and heads sized to either one: the heads'
+    logits are the base vocab wide, -inf for ids the heads lack, rows for ids the base lacks are dropped."""
+    raw = raw_heads(K=3, V=heads_vocab)
+    save_file(fd_state(raw), tmp_path / "medusa_lm_head.safetensors")
+    heads = MedusaHeads.from_pretrained(tmp_path, base_hidden_size=H, base_vocab_size=base_vocab)
+    assert heads.vocab_size == base_vocab
+    out, want = heads(X), reference(X, raw)
+    common = min(heads_vocab, base_vocab)
+    assert out.shape == (3, 2, 3, base_vocab)
+    torch.testing.assert_close(out[..., :common], want[..., :common])
+    assert torch.isneginf(out[..., common:]).all()
+    heads.save_pretrained(tmp_path / "canonical")  # the padded heads round-trip as they are
+    back = MedusaHeads.from_pretrained(tmp_path / "canonical", base_vocab_size=base_vocab)
+    torch.testing.assert_close(back(X), out, rtol=0, atol=0)
+
+
+def test_token_map_heads_on_a_padded_base_vocab(tmp_path):
+    raw, T = raw_heads(K=3), 20
+    token_map = torch.randperm(V, generator=torch.Generator().manual_seed(3))[:T]
+    sd = vllm_state(raw)
+    for h in range(3):
+        sd[f"lm_heads.{h}.weight"] = raw["P"][h][token_map]
+    sd["token_map"] = token_map
+    save_file(sd, tmp_path / "model.safetensors")
+    write_json(tmp_path / "config.json", {"model_type": "medusa", "vocab_size": V, "truncated_vocab_size": T})
+    heads = MedusaHeads.from_pretrained(tmp_path, base_vocab_size=V + 64)
+    assert heads.vocab_size == V + 64
+    want = reference(X, raw, proj=[p[token_map] for p in raw["P"]], token_map=token_map, full_vocab=V + 64)
+    torch.testing.assert_close(heads(X), want)
+    with pytest.raises(MedusaHeadsError, match=r"map draft tokens to ids outside \[0, 48\).*another model"):
+        MedusaHeads.from_pretrained(tmp_path, base_vocab_size=48)  # ids up to 63 do not exist in a 48-token vocab
+
+
+@pytest.mark.parametrize("heads_vocab,base_vocab", [(32000, 128256), (V, V + 1025)])
+def test_vocab_differing_by_more_than_padding_is_refused(tmp_path, heads_vocab, base_vocab):
+    g = torch.Generator().manual_seed(0)
+    sd = {"0.0.linear.weight": torch.zeros(4, 4), "0.0.linear.bias": torch.zeros(4),
+          "0.1.weight": torch.randn(heads_vocab, 4, generator=g)}
+    save_file(sd, tmp_path / "medusa_lm_head.safetensors")
+    write_json(tmp_path / "config.json", {"base_model_name_or_path": "lmsys/vicuna-7b-v1.3"})
+    with pytest.raises(MedusaHeadsError) as e:
+        MedusaHeads.from_pretrained(tmp_path, base_vocab_size=base_vocab)
+    msg = str(e.value)
+    assert f"trained for vocab size {heads_vocab} but the base model has {base_vocab}" in msg
+    assert "more than vocabulary padding explains" in msg and "another model" in msg and "vicuna" in msg
+
+
 def test_init_from_lm_head_matches_base():
     lm = torch.randn(V, H)
     heads = MedusaHeads.init_from_lm_head(lm, num_heads=4, num_layers=2)
@@ -312,7 +364,7 @@ def test_error_head_missing_layer(tmp_path):
     sd = fd_state(raw_heads(K=5, L=2))
     del sd["3.1.linear.weight"], sd["3.1.linear.bias"]
     save_file(sd, tmp_path / "medusa_lm_head.safetensors")
-    with pytest.raises(MedusaHeadsError, match="head 3 has no layer 1"):
+    with pytest.raises(MedusaHeadsError, match=r"key '3\.1\.linear\.weight' is missing \(head 3 of 5, layer 1 of 2\)"):
         MedusaHeads.from_pretrained(tmp_path)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from medusa_plugin.core import tree_fit
 from medusa_plugin.core.schedule import (RooflineParams, TreeSchedule, TreeScheduleError, default_accuracy,
                                          prefix_accept_lengths)
 from medusa_plugin.core.tree import MedusaTree
@@ -158,7 +159,6 @@ def test_prefix_accept_lengths_match_the_published_estimate():
 
 
 def test_prefix_accept_lengths_agree_with_tree_fit():
-    tree_fit = pytest.importorskip("medusa_plugin.core.tree_fit")
     tree = MedusaTree.from_name("mc_sim_7b_63")
     el = prefix_accept_lengths(tree)
     for n in (1, 10, 30, 63):

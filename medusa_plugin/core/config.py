@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import yaml
 
 __all__ = ["AcceptanceConfig", "MedusaConfig", "MedusaConfigError", "load_config", "validate", "heads_is_local",
-           "DEFAULT_TREE"]
+           "check_tree_depth", "check_local_files", "local_heads", "DEFAULT_TREE"]
 
 DEFAULT_TREE = "mc_sim_7b_63"
 ACCEPTANCE_RULES = ("lossless", "typical")
@@ -331,11 +331,26 @@ def heads_is_local(heads: str) -> bool:
             or heads.lower().endswith(HEADS_FILE_SUFFIXES) or heads.count("/") > 1)
 
 
+def check_tree_depth(tree, num_heads: int, *, tree_name: str, heads: str) -> None:
+    """Refuse a tree deeper than the heads: node depth d is drafted by head d-1, so depth D needs D heads.
+
+    Shared by ``medusa-plugin validate --check-files`` and the engine's proposer (when it loads the heads), so both
+    give the same message. ``tree``: a ``core.tree.MedusaTree``. Raises MedusaConfigError.
+    """
+    if tree.max_depth > num_heads:
+        raise MedusaConfigError(
+            f"the tree {tree_name!r} is {tree.max_depth} deep but the heads at {heads!r} have only {num_heads}: "
+            f"choose a tree of depth <= {num_heads} (for example 'chain:{num_heads}', or medusa-plugin fit-tree "
+            f"for these heads), or heads with at least {tree.max_depth} heads")
+
+
 def validate(config: MedusaConfig | str | os.PathLike | Mapping, *, check_files: bool = False):
     """Fully check a config: parse it (if needed) and build its ``MedusaTree`` (returned).
 
-    With ``check_files``: a local ``heads`` path and a ``tree_schedule`` file must exist. Tree errors are re-raised
-    as MedusaConfigError. Returns the ``core.tree.MedusaTree`` (CPU).
+    With ``check_files``: a local ``heads`` path must exist and hold loadable Medusa heads with at least as many
+    heads as the tree is deep (:func:`check_tree_depth`), and a ``tree_schedule`` file must exist. Hub heads are
+    not downloaded. Tree and head errors are re-raised as MedusaConfigError. Returns the ``core.tree.MedusaTree``
+    (CPU).
     """
     if not isinstance(config, MedusaConfig):
         config = load_config(config)
@@ -352,10 +367,40 @@ def validate(config: MedusaConfig | str | os.PathLike | Mapping, *, check_files:
         raise MedusaConfigError(f"invalid 'tree' ({config.tree_name}): file not found: "
                                 f"{Path(e.filename or config.tree_name).resolve()}") from None
     if check_files:
-        if heads_is_local(config.heads) and not Path(config.heads).expanduser().exists():
-            raise MedusaConfigError(f"'heads' path does not exist: {Path(config.heads).expanduser().resolve()} "
-                                    f"(give an existing directory/file or a hub repo id 'org/name')")
-        sched = config.tree_schedule
-        if sched is not None and sched != "auto" and not Path(sched).expanduser().is_file():
-            raise MedusaConfigError(f"'tree_schedule' file not found: {Path(sched).expanduser().resolve()}")
+        check_local_files(config, tree)
     return tree
+
+
+def check_local_files(config: MedusaConfig, tree):
+    """The file checks of ``validate(..., check_files=True)``; returns the loaded heads (None for hub heads).
+
+    A local ``heads`` path must hold loadable Medusa heads with at least as many heads as ``tree`` (a
+    ``core.tree.MedusaTree``) is deep (:func:`check_tree_depth`); a ``tree_schedule`` file must exist. Hub heads
+    are not downloaded. Raises MedusaConfigError.
+    """
+    heads = None
+    if heads_is_local(config.heads):
+        heads = local_heads(config)
+        check_tree_depth(tree, heads.num_heads, tree_name=config.tree_name, heads=config.heads)
+    sched = config.tree_schedule
+    if sched is not None and sched != "auto" and not Path(sched).expanduser().is_file():
+        raise MedusaConfigError(f"'tree_schedule' file not found: {Path(sched).expanduser().resolve()}")
+    return heads
+
+
+def local_heads(config: MedusaConfig):
+    """The ``core.heads.MedusaHeads`` at a config's local ``heads`` path (CPU, checkpoint dtype).
+
+    Raises MedusaConfigError when the path does not exist or the checkpoint cannot be loaded (the message of
+    ``core.head_checkpoints`` names the file, the key, the cause and the fix).
+    """
+    path = Path(config.heads).expanduser()
+    if not path.exists():
+        raise MedusaConfigError(f"'heads' path does not exist: {path.resolve()} "
+                                f"(give an existing directory/file or a hub repo id 'org/name')")
+    from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError
+
+    try:
+        return MedusaHeads.from_pretrained(path)
+    except MedusaHeadsError as e:
+        raise MedusaConfigError(f"invalid 'heads': {e}") from None

@@ -223,6 +223,9 @@ CONTRACTS: tuple[Contract, ...] = (
              _fields("cache_dtype")),
     Contract("vllm.config.ModelConfig", "settings", "refuse sliding-window / hybrid / MLA / attention-free models",
              _all(_attrs("get_sliding_window", "is_hybrid", "use_mla", "is_attention_free"))),
+    Contract("vllm.engine.arg_utils.EngineArgs.create_engine_config", "plugin",
+             "wrapped: its LoRA check (max_num_batched_tokens < max_num_seqs x (num_speculative_tokens + 1)) is "
+             "re-raised with the Medusa fix (settings.lora_token_budget_error)"),
     Contract("vllm.engine.arg_utils.EngineArgs", "offline, tests",
              "speculative_config / additional_config keyword arguments and create_engine_config()",
              _all(_fields("speculative_config", "additional_config", "worker_cls"),

@@ -12,7 +12,9 @@ imports nothing heavy and touches no device. It:
 3. wraps the current platform's ``check_and_update_config`` (run once while ``VllmConfig`` is built, before any
    worker exists) so that a config whose speculative config names the Medusa proposer gets, with no extra flag:
    its settings validated and unsupported options refused (:func:`.settings.check_supported`), the vLLM internals
-   probed (:func:`.compat.check_contracts`), and ``worker_cls`` set to the Medusa worker of the platform.
+   probed (:func:`.compat.check_contracts`), and ``worker_cls`` set to the Medusa worker of the platform;
+4. wraps ``EngineArgs.create_engine_config`` so that vLLM's LoRA token-budget refusal, which comes before step 3 and
+   advises lowering ``num_speculative_tokens``, is replaced by the Medusa fix (:func:`.settings.lora_token_budget_error`).
 
 ``MEDUSA_PLUGIN_DISABLE=1`` makes ``register()`` do nothing (vLLM then runs exactly as without the plugin).
 """
@@ -25,7 +27,7 @@ import os
 from typing import Any
 
 from . import compat
-from .settings import PROPOSER_PATH, MedusaUnsupportedError, check_supported, is_medusa
+from .settings import PROPOSER_PATH, MedusaUnsupportedError, check_supported, is_medusa, lora_token_budget_error
 
 __all__ = ["register", "check_version", "medusa_worker_cls", "cuda_enabled", "ATTENTION_BACKEND",
            "CUDA_ATTENTION_BACKEND", "CPU_WORKER", "GPU_WORKER", "ENV_SKIP_VERSION_CHECK", "ENV_DISABLE",
@@ -94,6 +96,7 @@ def register() -> None:
             logger.warning("medusa_plugin: EXPERIMENTAL CUDA tree attention on (%s=1): TRITON_ATTN is replaced by "
                            "%s, not yet verified on GPUs", ENV_EXPERIMENTAL_CUDA, CUDA_ATTENTION_BACKEND)
     _wrap_check_and_update_config(type(current_platform))
+    _wrap_create_engine_config()
     _registered = True
 
 
@@ -198,3 +201,24 @@ def _wrap_check_and_update_config(platform_cls: type) -> None:
     check_and_update_config.__medusa_wrapped__ = True
     check_and_update_config.__wrapped__ = original
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _wrap_create_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "__medusa_wrapped__", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except ValueError as e:
+            better = lora_token_budget_error(self) if "num_speculative_tokens" in str(e) else None
+            if better is None:
+                raise
+            raise better from None
+
+    create_engine_config.__medusa_wrapped__ = True
+    create_engine_config.__wrapped__ = original
+    EngineArgs.create_engine_config = create_engine_config

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from medusa_plugin.core.config import MedusaConfig, MedusaConfigError, heads_is_local, load_config
 
 __all__ = ["PROPOSER_PATH", "ENV_CONFIG", "MedusaSettingsError", "MedusaUnsupportedError", "is_medusa",
-           "medusa_settings", "medusa_tree", "check_supported", "num_tree_nodes"]
+           "medusa_settings", "medusa_tree", "check_supported", "num_tree_nodes", "lora_token_budget_error"]
 
 PROPOSER_PATH = "medusa_plugin.vllm_ext.proposer.MedusaTreeProposer"
 ENV_CONFIG = "MEDUSA_PLUGIN_CONFIG"
@@ -149,22 +149,82 @@ def _model_problems(model_config: Any, max_model_len: int | None) -> list[str]:
     return problems
 
 
+def _speculative_tokens_problems(n: int, tree: Any, tree_name: str, lora: bool, max_num_batched_tokens: int | None,
+                                 max_num_seqs: int | None) -> list[str]:
+    """``num_speculative_tokens`` must be the tree's node count N; with LoRA, vLLM also needs
+    ``max_num_batched_tokens >= max_num_seqs * (N + 1)`` (``EngineArgs.create_engine_config``, vLLM 0.32/0.33), whose
+    own message says to lower num_speculative_tokens, which Medusa cannot do: say what to change instead."""
+    nodes = tree.num_nodes
+    budget = None
+    if lora and max_num_batched_tokens is not None and max_num_seqs and max_num_batched_tokens < max_num_seqs * (
+            nodes + 1):
+        need = max_num_seqs * (nodes + 1)
+        options = [f"raise --max-num-batched-tokens to {need}"]
+        if max_num_batched_tokens // (nodes + 1) >= 1:
+            options.append(f"lower --max-num-seqs to {max_num_batched_tokens // (nodes + 1)}")
+        fit = max_num_batched_tokens // max_num_seqs - 1
+        if fit >= 1:
+            options.append(f"choose a tree of at most {fit} nodes (medusa-plugin fit-tree --budget {fit}, or "
+                           f"'chain:K' with K <= {fit})")
+        budget = (f"with LoRA vLLM then needs max_num_batched_tokens >= max_num_seqs x ({nodes} + 1) = "
+                  f"{max_num_seqs} x {nodes + 1} = {need}, but it is {max_num_batched_tokens}: "
+                  + ", or ".join(options))
+    if n != nodes:
+        return [f"num_speculative_tokens={n} but the Medusa tree {tree_name!r} has {nodes} nodes: set "
+                f"\"num_speculative_tokens\": {nodes} in the speculative config"
+                + (f" (Medusa drafts the whole tree, so it cannot be lowered), and {budget}" if budget else "")]
+    if budget:
+        return [f"num_speculative_tokens must stay {nodes} (the node count of the Medusa tree {tree_name!r}), and "
+                + budget]
+    return []
+
+
+def lora_token_budget_error(engine_args: Any) -> MedusaUnsupportedError | None:
+    """The Medusa fix for vLLM's LoRA token-budget refusal, for ``EngineArgs`` whose ``create_engine_config`` failed.
+
+    vLLM refuses LoRA + speculative decoding when ``max_num_batched_tokens < max_num_seqs * (num_speculative_tokens
+    + 1)`` with "Consider increasing max_num_batched_tokens or decreasing num_speculative_tokens", before the Medusa
+    config check can run; Medusa cannot lower ``num_speculative_tokens`` (it is the tree's node count). Returns the
+    error to raise instead (the same message :func:`check_supported` gives), or None when the condition does not hold
+    or Medusa is not selected. ``engine_args``: the ``EngineArgs`` after the failed call (vLLM has resolved its
+    default ``max_num_batched_tokens`` / ``max_num_seqs`` in place by then).
+    """
+    spec = getattr(engine_args, "speculative_config", None)
+    if not (isinstance(spec, Mapping) and spec.get("method") == "custom_class" and spec.get("model") == PROPOSER_PATH
+            and getattr(engine_args, "enable_lora", False)):
+        return None
+    tokens, seqs, n = engine_args.max_num_batched_tokens, engine_args.max_num_seqs, spec.get("num_speculative_tokens")
+    if not isinstance(tokens, int) or not isinstance(seqs, int) or not isinstance(n, int) or tokens >= seqs * (n + 1):
+        return None
+    try:
+        cfg = medusa_settings(engine_args)
+        tree = medusa_tree(cfg)
+    except MedusaConfigError:
+        return None  # vLLM's error stands; the settings error comes once it is fixed
+    problems = _speculative_tokens_problems(n, tree, cfg.tree_name, True, tokens, seqs)
+    return MedusaUnsupportedError("Medusa tree speculative decoding cannot run with this vLLM config:\n  - "
+                                  + "\n  - ".join(problems)) if problems else None
+
+
 def check_supported(vllm_config: Any) -> MedusaConfig:
     """Validate a Medusa-selecting ``VllmConfig``; returns its settings (local paths made absolute).
 
     Raises MedusaSettingsError (missing/invalid settings or tree) or MedusaUnsupportedError listing every
     unsupported option with its fix: pipeline parallelism, the V2 model runner, ``num_speculative_tokens`` other
-    than the tree's node count, a quantized KV cache, MLA / hybrid / attention-free / encoder-decoder / M-RoPE /
-    sliding-window / soft-capped / ALiBi / attention-sink models, dual-batch overlap and decode context parallelism.
+    than the tree's node count, LoRA with ``max_num_batched_tokens < max_num_seqs * (tree nodes + 1)`` (vLLM's own
+    limit; :func:`lora_token_budget_error` gives the same message where vLLM refuses first), a quantized KV cache,
+    MLA / hybrid / attention-free / encoder-decoder / M-RoPE / sliding-window / soft-capped / ALiBi / attention-sink
+    models, dual-batch overlap and decode context parallelism.
     """
     cfg = _absolute(medusa_settings(vllm_config))
     tree = medusa_tree(cfg)
     problems: list[str] = []
 
-    n = vllm_config.speculative_config.num_speculative_tokens
-    if n != tree.num_nodes:
-        problems.append(f"num_speculative_tokens={n} but the Medusa tree {cfg.tree_name!r} has {tree.num_nodes} "
-                        f"nodes: set \"num_speculative_tokens\": {tree.num_nodes} in the speculative config")
+    sched = getattr(vllm_config, "scheduler_config", None)
+    problems += _speculative_tokens_problems(
+        vllm_config.speculative_config.num_speculative_tokens, tree, cfg.tree_name,
+        getattr(vllm_config, "lora_config", None) is not None, getattr(sched, "max_num_batched_tokens", None),
+        getattr(sched, "max_num_seqs", None))
 
     par = vllm_config.parallel_config
     if getattr(par, "pipeline_parallel_size", 1) > 1:
