@@ -12,7 +12,9 @@ imports nothing heavy and touches no device. It:
 3. wraps the current platform's ``check_and_update_config`` (run once while ``VllmConfig`` is built, before any
    worker exists) so that a config whose speculative config names the Medusa proposer gets, with no extra flag:
    its settings validated and unsupported options refused (:func:`.settings.check_supported`), the vLLM internals
-   probed (:func:`.compat.check_contracts`), and ``worker_cls`` set to the Medusa worker of the platform.
+   probed (:func:`.compat.check_contracts`), and ``worker_cls`` set to the Medusa worker of the platform;
+4. lets Medusa engines accept min_p / logit_bias requests, which vLLM refuses under speculation
+   (:func:`.sampling_support.allow_min_p_and_logit_bias`; they are decoded without drafts).
 
 ``MEDUSA_PLUGIN_DISABLE=1`` makes ``register()`` do nothing (vLLM then runs exactly as without the plugin).
 """
@@ -25,6 +27,7 @@ import os
 from typing import Any
 
 from . import compat
+from .sampling_support import allow_min_p_and_logit_bias
 from .settings import PROPOSER_PATH, MedusaUnsupportedError, check_supported, is_medusa
 
 __all__ = ["register", "check_version", "medusa_worker_cls", "cuda_enabled", "ATTENTION_BACKEND",
@@ -94,6 +97,7 @@ def register() -> None:
             logger.warning("medusa_plugin: EXPERIMENTAL CUDA tree attention on (%s=1): TRITON_ATTN is replaced by "
                            "%s, not yet verified on GPUs", ENV_EXPERIMENTAL_CUDA, CUDA_ATTENTION_BACKEND)
     _wrap_check_and_update_config(type(current_platform))
+    allow_min_p_and_logit_bias()
     _registered = True
 
 

@@ -43,6 +43,7 @@ from medusa_plugin.core.acceptance import AcceptanceResult, greedy_accept, sampl
 from medusa_plugin.core.kv_compaction import compact_paged_kv_many, compaction_slots
 
 from . import tree_step
+from .sampling_support import install_logits_processors, request_can_draft
 from .proposer import MedusaTreeProposer
 
 logger = init_logger("vllm.medusa_plugin.runner")  # under "vllm" so vLLM's handlers print it
@@ -95,18 +96,6 @@ def _kv_identity(layer) -> tuple | None:
     return (kv.data_ptr(), tuple(kv.shape)) if isinstance(kv, torch.Tensor) else None
 
 
-def _request_can_draft(req_state) -> bool:
-    """Tree verification reproduces plain sampling only without logits-altering / chain-assuming features
-    (logprobs of drafted tokens are not produced either); such requests decode without drafts."""
-    sp = req_state.sampling_params
-    if sp is None:
-        return False
-    return not (sp.logprobs is not None or sp.structured_outputs is not None or sp.logit_bias
-                or sp.allowed_token_ids or sp.bad_words or (sp.min_p or 0.0) > 0.0
-                or (sp.min_tokens or 0) > len(req_state.output_token_ids)
-                or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0 or sp.repetition_penalty != 1.0)
-
-
 class MedusaRunnerMixin:
     """Mixin for vLLM's V1 ``GPUModelRunner`` / ``CPUModelRunner``; see the module docstring."""
 
@@ -131,6 +120,7 @@ class MedusaRunnerMixin:
         self._m_kv_cache_views: tuple | None = None  # (cache identities, per-group K/V views) for compaction
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
+        install_logits_processors(self.input_batch, vllm_config, self.device)
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -201,9 +191,12 @@ class MedusaRunnerMixin:
         if self._medusa is None:
             return super()._sample(logits, spec_decode_metadata)
         if spec_decode_metadata is None or self._m_rows is None:
-            # No request verifies drafts: the stock path, and one logit (and hidden) row per request.
-            self._m_hidden_rows = torch.arange(logits.shape[0], device=logits.device)
-            return super()._sample(logits, spec_decode_metadata)
+            # No request verifies drafts, so each has exactly one logit row: sample like plain decoding. Not the stock
+            # _sample: vLLM builds spec-decode metadata for every step once speculation is configured, and its
+            # rejection sampler then applies top-k to zero draft rows (``k.max()`` of an empty tensor: a crash).
+            self._m_hidden_rows = None
+            self.input_batch.update_async_output_token_ids()
+            return self.sampler(logits=logits, sampling_metadata=self.input_batch.sampling_metadata)
         return self._medusa_sample(logits, spec_decode_metadata)
 
     def _medusa_sample(self, logits, spec_md):
@@ -371,10 +364,11 @@ class MedusaRunnerMixin:
         req_ids = self.input_batch.req_ids
         max_batch = self._medusa.config.max_batch_size
         speculate = max_batch is None or len(req_ids) <= max_batch
-        allow = [speculate and bool(toks) and _request_can_draft(self.requests[rid])
+        allow = [speculate and bool(toks) and request_can_draft(self.requests[rid])
                  for rid, toks in zip(req_ids, sampled_token_ids)]
         roots = [toks[-1] if toks else 0 for toks in sampled_token_ids]
-        hidden = sample_hidden_states[self._m_hidden_rows]
+        rows = self._m_hidden_rows
+        hidden = sample_hidden_states if rows is None else sample_hidden_states[rows]
         return self._medusa.propose_tree(hidden, roots, allow)
 
 
