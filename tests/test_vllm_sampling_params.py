@@ -77,17 +77,17 @@ def _run(model_dir: Path, heads_dir: Path, medusa: bool, prompts) -> dict:
     llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=8, seed=0,
               **kw)
 
-    def tree_steps() -> int:
-        return llm.collective_rpc(lambda self: self.model_runner.medusa_stats.steps)[0] if medusa else 0
+    def tree_steps(engine) -> int:
+        return engine.collective_rpc(lambda self: self.model_runner.medusa_stats.steps)[0] if medusa else 0
 
     out: dict = {"vocab": llm.llm_engine.model_config.get_vocab_size()}
     try:
         for name, (params, _, _) in CASES.items():
             sp = None if params is None else SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **params)
-            before = tree_steps()
+            before = tree_steps(llm)
             res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
             out[name] = {"tokens": [[list(c.token_ids) for c in r.outputs] for r in res],
-                         "tree_steps": tree_steps() - before,
+                         "tree_steps": tree_steps(llm) - before,
                          "max_tokens": (sp or llm.get_default_sampling_params()).max_tokens}
         out["defaults"] = llm.get_default_sampling_params()
     finally:
