@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from medusa_plugin.core.acceptance import (AcceptanceError, AcceptanceResult, accept, greedy_accept,
+from medusa_plugin.core.acceptance import (AcceptanceError, AcceptanceResult, accept, accept_batch, greedy_accept,
                                            probs_from_logits, sampling_accept, typical_accept)
 from medusa_plugin.core.tree import MedusaTree
 
@@ -357,3 +357,73 @@ def test_accept_dispatch_and_errors():
         greedy_accept(tree, tt, logits[:, :5])
     with pytest.raises(AcceptanceError, match="temperature must be a scalar or a"):
         sampling_accept(tree, tt, logits, temperature=torch.ones(B + 1))
+
+
+# ------------------------------------------------------------------------------------------------ accept_batch
+def _batch_case(tree, b, V=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tt = torch.randint(0, V, (b, tree.num_nodes + 1), generator=gen)
+    logits = planted_logits(tree, tt, V, gen, p_plant=0.7)
+    num_valid = torch.randint(2, tree.num_nodes + 2, (b,), generator=gen)
+    return tt, logits, num_valid
+
+
+def test_accept_batch_rows_use_their_own_rule_parameters_and_generator():
+    """Each row equals the single-rule call on that row alone: greedy rows, unseeded sampled rows (global generator,
+    in row order), seeded rows (their own generator only)."""
+    tree = SMALL
+    tt, logits, nv = _batch_case(tree, 7)
+    temp = torch.tensor([0.0, 0.7, 1.3, 0.0, 0.9, 0.5, 2.0])
+    top_k = torch.tensor([0, 3, 0, 5, 2, 0, 4])
+    top_p = torch.tensor([1.0, 0.8, 1.0, 1.0, 0.6, 0.9, 1.0])
+    seeded = {2: 123, 5: 7, 3: 99}  # row 3 is greedy: its generator must not be touched
+    gens = {r: torch.Generator().manual_seed(s) for r, s in seeded.items()}
+    torch.manual_seed(42)
+    got = accept_batch(tree, tt, logits, temperature=temp, top_k=top_k, top_p=top_p, generators=gens, num_valid=nv)
+    check_consistent(tree, tt, got)
+
+    def rows(res, idx):
+        return [tuple(t[i].tolist() for t in res) for i in range(len(idx))]
+
+    greedy = [0, 3]
+    ref = greedy_accept(tree, tt[greedy], logits[greedy], num_valid=nv[greedy])
+    assert rows(ref, greedy) == [tuple(t[i].tolist() for t in got) for i in greedy]
+    unseeded = [1, 4, 6]
+    torch.manual_seed(42)
+    ref = sampling_accept(tree, tt[unseeded], logits[unseeded], temperature=temp[unseeded], top_k=top_k[unseeded],
+                          top_p=top_p[unseeded], num_valid=nv[unseeded])
+    assert rows(ref, unseeded) == [tuple(t[i].tolist() for t in got) for i in unseeded]
+    for r in (2, 5):
+        ref = sampling_accept(tree, tt[[r]], logits[[r]], temperature=temp[[r]], top_k=top_k[[r]], top_p=top_p[[r]],
+                              generator=torch.Generator().manual_seed(seeded[r]), num_valid=nv[[r]])
+        assert rows(ref, [r]) == [tuple(t[r].tolist() for t in got)]
+    assert gens[3].initial_seed() == 99 and torch.equal(gens[3].get_state(),
+                                                         torch.Generator().manual_seed(99).get_state())
+
+
+def test_accept_batch_typical_rule_and_all_greedy_fast_path():
+    tree = SMALL
+    tt, logits, nv = _batch_case(tree, 5, seed=1)
+    temp = torch.tensor([0.0, 0.8, 0.0, 1.0, 0.6])
+    torch.manual_seed(3)
+    got = accept_batch(tree, tt, logits, temperature=temp, sampled_rule="typical", num_valid=nv,
+                       posterior_threshold=0.2, posterior_alpha=0.5)
+    torch.manual_seed(3)
+    ref = typical_accept(tree, tt, logits, temperature=temp, posterior_threshold=0.2, posterior_alpha=0.5,
+                         num_valid=nv)
+    for g, r in zip(got, ref):
+        assert torch.equal(g[[0, 2]], r[[0, 2]])  # greedy rows; sampled rows drew in another grouping
+        assert g.shape == r.shape
+    check_consistent(tree, tt, got)
+    zero = torch.zeros(5)
+    for g, r in zip(accept_batch(tree, tt, logits, temperature=zero, num_valid=nv),
+                    greedy_accept(tree, tt, logits, num_valid=nv)):
+        assert torch.equal(g, r)
+
+
+def test_accept_batch_errors():
+    tt, logits, _ = _batch_case(SMALL, 2)
+    with pytest.raises(AcceptanceError, match="sampled_rule"):
+        accept_batch(SMALL, tt, logits, temperature=torch.ones(2), sampled_rule="greedy")
+    with pytest.raises(AcceptanceError, match="temperature"):
+        accept_batch(SMALL, tt, logits, temperature=torch.ones(3))

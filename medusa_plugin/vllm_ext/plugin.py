@@ -14,7 +14,9 @@ imports nothing heavy and touches no device. It:
    its settings validated and unsupported options refused (:func:`.settings.check_supported`), the vLLM internals
    probed (:func:`.compat.check_contracts`), and ``worker_cls`` set to the Medusa worker of the platform;
 4. wraps ``EngineArgs.create_engine_config`` so that vLLM's LoRA token-budget refusal, which comes before step 3 and
-   advises lowering ``num_speculative_tokens``, is replaced by the Medusa fix (:func:`.settings.lora_token_budget_error`).
+   advises lowering ``num_speculative_tokens``, is replaced by the Medusa fix (:func:`.settings.lora_token_budget_error`);
+5. lets Medusa engines accept min_p / logit_bias requests, which vLLM refuses under speculation
+   (:func:`.sampling_support.allow_min_p_and_logit_bias`; they are decoded without drafts).
 
 ``MEDUSA_PLUGIN_DISABLE=1`` makes ``register()`` do nothing (vLLM then runs exactly as without the plugin).
 """
@@ -27,6 +29,7 @@ import os
 from typing import Any
 
 from . import compat
+from .sampling_support import allow_min_p_and_logit_bias
 from .settings import PROPOSER_PATH, MedusaUnsupportedError, check_supported, is_medusa, lora_token_budget_error
 
 __all__ = ["register", "check_version", "medusa_worker_cls", "cuda_enabled", "ATTENTION_BACKEND",
@@ -97,6 +100,7 @@ def register() -> None:
                            "%s, not yet verified on GPUs", ENV_EXPERIMENTAL_CUDA, CUDA_ATTENTION_BACKEND)
     _wrap_check_and_update_config(type(current_platform))
     _wrap_create_engine_config()
+    allow_min_p_and_logit_bias()
     _registered = True
 
 

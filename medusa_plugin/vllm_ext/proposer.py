@@ -7,43 +7,27 @@ Selected with::
                         "num_speculative_tokens": N}          # N = number of tree nodes
     additional_config={"medusa": {"heads": DIR, "tree": NAME, ...}}
 
-vLLM builds it in ``GPUModelRunner.__init__`` (``v1/worker/gpu_model_runner.py:603``, via
-``v1/spec_decode/custom_class_proposer.py:create_custom_proposer``) and calls ``load_model(target_model)``
-(``cpu_model_runner.py:71-73``). The stock ``propose()`` call does not pass hidden states, so tree mode needs the
-Medusa model runner (:mod:`.runner`), which calls :meth:`MedusaTreeProposer.propose_tree` instead.
+vLLM builds it in ``GPUModelRunner.__init__`` (via ``create_custom_proposer``) and calls
+``load_model(target_model)`` from the runner's ``load_model`` (contracts in :mod:`.compat`). The stock ``propose()``
+call does not pass hidden states, so tree mode needs the Medusa model runner (:mod:`.runner`), which calls
+:meth:`MedusaTreeProposer.propose_tree` instead.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from medusa_plugin.core.config import MedusaConfig, load_config
 from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.schedule import TreeSchedule
 from medusa_plugin.core.tree import MedusaTree
 
-__all__ = ["MedusaTreeProposer", "MedusaProposerError", "medusa_config_of"]
+from .settings import medusa_settings
+
+__all__ = ["MedusaTreeProposer", "MedusaProposerError"]
 
 
 class MedusaProposerError(ValueError):
     """Medusa proposer misconfigured or used outside the Medusa model runner."""
-
-
-def medusa_config_of(vllm_config) -> MedusaConfig:
-    """The Medusa settings of an engine: V2's ``settings.medusa_settings`` when present, else
-    ``additional_config["medusa"]`` parsed with ``core.config.load_config``."""
-    try:
-        from .settings import medusa_settings  # owned by the plugin/settings module
-    except ImportError:
-        medusa_settings = None
-    if medusa_settings is not None:
-        return medusa_settings(vllm_config)
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    if "medusa" not in extra:
-        raise MedusaProposerError(
-            "the Medusa proposer needs its settings: pass additional_config={'medusa': {'heads': DIR, 'tree': NAME}} "
-            "(--additional-config on the CLI)")
-    return load_config(extra["medusa"])
 
 
 class MedusaTreeProposer:
@@ -60,16 +44,10 @@ class MedusaTreeProposer:
 
     def __init__(self, vllm_config) -> None:
         self.vllm_config = vllm_config
-        self.config = medusa_config_of(vllm_config)
+        # Settings, node count, pipeline parallelism, ... were validated when the config was built
+        # (settings.check_supported, run by the plugin).
+        self.config = medusa_settings(vllm_config)
         self.tree = MedusaTree.load(self.config.tree, topk=self.config.topk)
-        spec = vllm_config.speculative_config
-        n = spec.num_speculative_tokens
-        if n != self.tree.num_nodes:
-            raise MedusaProposerError(
-                f"num_speculative_tokens={n} but the Medusa tree {self.config.tree_name!r} has "
-                f"{self.tree.num_nodes} nodes: set num_speculative_tokens={self.tree.num_nodes}")
-        if vllm_config.parallel_config.pipeline_parallel_size != 1:
-            raise MedusaProposerError("Medusa tree decoding does not support pipeline parallelism; use PP=1")
         self.schedule = TreeSchedule.resolve(self.config.tree_schedule, self.tree)
         self.heads: MedusaHeads | None = None
         self._lm_head: Tensor | None = None

@@ -13,7 +13,9 @@ Medusa is selected by the speculative config ``{"method": "custom_class", "model
 :class:`MedusaUnsupportedError` listing every unsupported setting together with its fix.
 
 Per-request features that tree verification cannot honour exactly (structured outputs, logprobs, penalties, logit
-bias, bad words, min_tokens, min_p) are not refused: such requests simply get no drafts (``runner``).
+bias, allowed token ids, bad words, min_tokens, min_p) are not refused: such requests get no drafts and are sampled
+by vLLM's own sampler (:mod:`.sampling_support`, which also lifts vLLM's API refusal of min_p / logit_bias under
+speculation for Medusa engines).
 """
 
 from __future__ import annotations
