@@ -261,7 +261,15 @@ CONTRACTS: tuple[Contract, ...] = (
                  "additional_config carries the Medusa settings to every process; speculative_config, "
                  "parallel_config, cache_config, model_config, attention_config are read",
                  _fields("additional_config", "speculative_config", "parallel_config", "cache_config", "model_config",
-                         "attention_config")),
+                         "attention_config", "scheduler_config", "lora_config")),
+        Contract("vllm.config.SchedulerConfig", "settings",
+                 "max_num_batched_tokens / max_num_seqs read (getattr of scheduler_config and lora_config, with "
+                 "defaults) for the LoRA token-budget check",
+                 _fields("max_num_batched_tokens", "max_num_seqs"), remove_when=_WHEN_REFUSAL),
+        Contract("vllm.engine.arg_utils.EngineArgs.enable_lora", "plugin, settings",
+                 "enable_lora, max_num_batched_tokens, max_num_seqs (read with getattr defaults in the LoRA "
+                 "token-budget wrap) are EngineArgs fields",
+                 lambda v: None, remove_when=_WHEN_REFUSAL),
         Contract("vllm.config.VllmConfig.use_v2_model_runner", "settings",
                  "Medusa needs the V1 model runner (the V2 runner has no custom_class support)",
                  lambda p: None if isinstance(p, property) else "is no longer a property"),
