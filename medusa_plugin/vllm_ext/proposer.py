@@ -107,6 +107,22 @@ class MedusaTreeProposer:
             "medusa_plugin vLLM plugin selects automatically when it is installed")
 
     # ------------------------------------------------------------------ tree drafting
+    def num_nodes_for(self, batch_size: int) -> int:
+        """Tree nodes (a prefix of node order) to draft per request at ``batch_size``: the schedule's choice, or
+        the whole tree without a schedule."""
+        if self.schedule is None:
+            return self.tree.num_nodes
+        return min(self.schedule.num_nodes(batch_size), self.tree.num_nodes)
+
+    def draft_topk(self, hidden: Tensor, num_heads: int) -> Tensor:
+        """``[B, H]`` hidden -> ``[B, num_heads, topk]`` token ids (only the heads the prefix needs)."""
+        return self.heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head,
+                                     vocab_size=self.vocab_size)
+
+    def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
+        """Draft tokens of the first ``num_nodes`` nodes per request (one host copy)."""
+        return self.tree.candidates_from_topk(root, top, num_nodes)[:, 1:].tolist()
+
     @torch.inference_mode()
     def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:
         """Draft a tree per request.
@@ -117,22 +133,30 @@ class MedusaTreeProposer:
             roots: ``B`` root tokens (the token just emitted, not yet in the KV cache).
             allow: optional ``B`` flags; requests with False get no drafts.
         Returns:
-            ``B`` lists: ``tree.num_nodes`` draft tokens in node order (the first ``schedule.num_nodes(B)`` with a
-            schedule), or ``[]``.
+            ``B`` lists: the first :meth:`num_nodes_for` ``(B)`` draft tokens of the tree in node order, or ``[]``.
+            Only the heads the drafted prefix reaches run (``MedusaHeads.draft_topk``).
         """
         if self.heads is None:
             raise MedusaProposerError("propose_tree called before load_model")
         b = hidden.shape[0]
-        num_nodes = self.tree.num_nodes if self.schedule is None else min(self.schedule.num_nodes(b),
-                                                                           self.tree.num_nodes)
-        idx = [i for i in range(b) if allow is None or allow[i]] if num_nodes > 0 else []
+        num_nodes = self.num_nodes_for(b)
         out: list[list[int]] = [[] for _ in range(b)]
-        if not idx:
+        if num_nodes <= 0:
             return out
-        sel = torch.tensor(idx, device=hidden.device)
-        logits = self.heads(hidden[sel], lm_head=self._lm_head)[..., : self.vocab_size]  # [b', K, V]
-        root = torch.tensor([roots[i] for i in idx], dtype=torch.int64, device=hidden.device)
-        tokens = self.tree.build_candidates(root, logits)[:, 1 : num_nodes + 1].tolist()
+        if allow is None or all(allow):
+            idx = None
+        else:
+            idx = [i for i in range(b) if allow[i]]
+            if not idx:
+                return out
+        root = torch.tensor(roots if idx is None else [roots[i] for i in idx], dtype=torch.int64,
+                            device=hidden.device)
+        if idx is not None:
+            hidden = hidden[torch.tensor(idx, device=hidden.device)]
+        top = self.draft_topk(hidden, self.tree.prefix_depth[num_nodes])
+        tokens = self.candidates_from_topk(root, top, num_nodes)
+        if idx is None:
+            return tokens
         for i, toks in zip(idx, tokens):
             out[i] = toks
         return out
