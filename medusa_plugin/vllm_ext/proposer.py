@@ -19,10 +19,16 @@ from torch import Tensor
 
 from medusa_plugin.core.config import MedusaConfig, load_config
 from medusa_plugin.core.heads import MedusaHeads
-from medusa_plugin.core.schedule import TreeSchedule
+from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
 from medusa_plugin.core.tree import MedusaTree
 
 __all__ = ["MedusaTreeProposer", "MedusaProposerError", "medusa_config_of"]
+
+
+def _log_info(msg: str) -> None:
+    from vllm.logger import init_logger
+
+    init_logger("vllm.medusa_plugin.proposer").info(msg)
 
 
 class MedusaProposerError(ValueError):
@@ -71,6 +77,16 @@ class MedusaTreeProposer:
         if vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise MedusaProposerError("Medusa tree decoding does not support pipeline parallelism; use PP=1")
         self.schedule = TreeSchedule.resolve(self.config.tree_schedule, self.tree)
+        # tree_schedule: auto without a shipped table for this device (every CPU): measured in the engine
+        # (calibrate(), called by the runner once the KV cache exists).
+        self.needs_calibration = self.config.tree_schedule == "auto" and self.schedule is None
+        # E[L](n) as observed in serving (observe(), called by the runner with each step's accepted paths).
+        prior = self.schedule.accept_lengths if self.schedule is not None else prefix_accept_lengths(self.tree)
+        self.acceptance = AcceptanceEstimator(self.tree, prior[: self.tree.num_nodes + 1]
+                                              if len(prior) >= self.tree.num_nodes + 1
+                                              else prefix_accept_lengths(self.tree))
+        self._steps_since_refresh = 0
+        self._idle_steps = 0
         self.heads: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
         self.vocab_size = vllm_config.model_config.get_vocab_size()
@@ -106,13 +122,45 @@ class MedusaTreeProposer:
             "use worker_cls='medusa_plugin.vllm_ext.worker.MedusaCPUWorker' (--worker-cls), which the "
             "medusa_plugin vLLM plugin selects automatically when it is installed")
 
+    # ------------------------------------------------------------------ schedule: measured cost, observed acceptance
+    REFRESH_EVERY = 16      # engine steps between re-derivations of the schedule from the observed acceptance
+    PROBE_EVERY = 64        # steps without speculation between single-node probes (keeps acceptance observed)
+
+    def calibrate(self, runner) -> None:
+        """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
+        (cached per model, dtype and machine; :mod:`.calibrate`). No-op otherwise. Called by the runner after the
+        KV cache is allocated."""
+        if not self.needs_calibration or self.heads is None:
+            return
+        from .calibrate import measured_schedule
+
+        self.schedule = measured_schedule(runner, self, self.acceptance.accept_lengths(), log=_log_info)
+        self.needs_calibration = False
+        _log_info(f"Medusa tree schedule (nodes per batch size): {self.schedule.ranges()}")
+
+    def observe(self, last_node, num_verified) -> None:
+        """Record one step's accepted paths (``last_node [R]``: last accepted node per tree request, ``num_verified
+        [R]``: nodes it verified); every :attr:`REFRESH_EVERY` calls the schedule is re-derived from them."""
+        self.acceptance.update(last_node, num_verified)
+        self._steps_since_refresh += 1
+        if self.schedule is not None and self._steps_since_refresh >= self.REFRESH_EVERY:
+            self._steps_since_refresh = 0
+            self.schedule = self.schedule.with_accept_lengths(self.acceptance.accept_lengths(),
+                                                              tree=self.schedule.meta.get("tree"))
+
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
         """Tree nodes (a prefix of node order) to draft per request at ``batch_size``: the schedule's choice, or
-        the whole tree without a schedule."""
+        the whole tree without a schedule. While the schedule says 0 within its table, every
+        :attr:`PROBE_EVERY`-th step drafts one node, so a rise in acceptance is noticed."""
         if self.schedule is None:
             return self.tree.num_nodes
-        return min(self.schedule.num_nodes(batch_size), self.tree.num_nodes)
+        n = min(self.schedule.num_nodes(batch_size), self.tree.num_nodes)
+        if n == 0 and 0 < batch_size <= self.schedule.max_batch_size:
+            self._idle_steps += 1
+            if self._idle_steps % self.PROBE_EVERY == 0:
+                return 1
+        return n
 
     def draft_topk(self, hidden: Tensor, num_heads: int) -> Tensor:
         """``[B, H]`` hidden -> ``[B, num_heads, topk]`` token ids (only the heads the prefix needs)."""

@@ -137,6 +137,11 @@ class MedusaRunnerMixin:
         if self._medusa is not None and not self._m_is_chain:
             self._medusa_check_attention()
 
+    def initialize_kv_cache(self, *args, **kwargs) -> None:
+        super().initialize_kv_cache(*args, **kwargs)
+        if self._medusa is not None and not kwargs.get("is_profiling", False):
+            self._medusa.calibrate(self)  # tree_schedule: auto -> step cost measured in this engine (cached)
+
     # ------------------------------------------------------------------ 1. positions + tree step
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -349,6 +354,7 @@ class MedusaRunnerMixin:
 
     def _medusa_record(self, result: AcceptanceResult, q_len: np.ndarray) -> None:
         stats = self.medusa_stats
+        self._medusa.observe(result.last_node, q_len - 1)  # online acceptance -> the batch-aware schedule
         acc = result.accept_len.cpu().numpy()
         stats.steps += int(acc.size)
         stats.accepted += int(acc.sum())
