@@ -222,8 +222,16 @@ def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int
     the measured forward time over a number of rows (:func:`interpolate_ms` of ``forward_ms``), ``c =
     step_fixed_ms`` the per-step time outside the forward (same with and without a tree), and ``draft(B, d)`` the
     time of the heads a prefix of depth ``d`` needs at batch ``B`` (``draft_ms[B][d - 1]``, interpolated in ``B``;
-    ``tree`` gives the depth of each prefix; 0 without ``draft_ms``).
+    ``tree`` gives the depth of each prefix; 0 without ``draft_ms``). The forward times are first made
+    non-decreasing in rows (``f(r) = min_{r' >= r} f(r')``: a forward over fewer rows is not slower, so a high point
+    below a lower one is warm-up or noise).
     """
+    xs = sorted(forward_ms)
+    mono, low = {}, float("inf")
+    for x in reversed(xs):
+        low = min(low, float(forward_ms[x]))
+        mono[x] = low
+    forward_ms = mono
     out = []
     for b in batch_sizes:
         base = interpolate_ms(forward_ms, b) + step_fixed_ms
