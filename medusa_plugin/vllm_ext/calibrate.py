@@ -32,7 +32,8 @@ import torch
 
 from medusa_plugin.core.schedule import TreeSchedule, measured_overhead
 
-__all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "row_grid"]
+__all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_measure", "schedule_from",
+           "predicted_ms", "row_grid"]
 
 MEASURE_VERSION = 1
 
@@ -128,20 +129,34 @@ def measure(runner, proposer, *, repeats: int = 2, max_rows: int | None = None) 
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _schedule(data: dict[str, Any], proposer, accept_lengths) -> TreeSchedule:
+def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms: float = 0.0) -> TreeSchedule:
+    """The :class:`TreeSchedule` of a measurement (``overhead[B][q] = (f(B*q) + c + draft) / (f(B) + c)``, ``c =
+    step_fixed_ms``: the engine step's time outside the forward, learnt while serving)."""
     tree = proposer.tree
     fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
     draft = {int(k): [float(x) for x in v] for k, v in data["draft_ms"].items()}
     qs = list(range(1, tree.num_nodes + 2))
-    overhead = measured_overhead(fwd, data["batch_sizes"], qs, draft, tree)
+    overhead = measured_overhead(fwd, data["batch_sizes"], qs, draft, tree, step_fixed_ms=step_fixed_ms)
     src = (f"measured in the engine on {data['machine']} ({data['model']}, {data['dtype']}, {data['time']}); "
-           f"model forward via vLLM's dummy batch + Medusa heads")
+           f"model forward via vLLM's dummy batch + Medusa heads; fixed step time {step_fixed_ms:.2f} ms")
     return TreeSchedule(data["batch_sizes"], qs, overhead, accept_lengths,
                         meta={"source": src, "gpu": data["machine"], "tree": proposer.config.tree_name})
 
 
-def measured_schedule(runner, proposer, accept_lengths, *, refresh: bool = False, log=None) -> TreeSchedule:
-    """The schedule of this engine from the cached measurement, measuring (and caching) it first if needed."""
+def predicted_ms(data: dict[str, Any], tree, batch_size: int, num_nodes: int) -> float:
+    """Forward + heads time of a step with ``num_nodes`` nodes per request at ``batch_size`` (no fixed part)."""
+    from medusa_plugin.core.schedule import interpolate_ms
+
+    fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
+    t = interpolate_ms(fwd, batch_size * (num_nodes + 1))
+    if num_nodes > 0:
+        d = tree.prefix_depth[min(num_nodes, tree.num_nodes)]
+        t += interpolate_ms({int(k): float(v[d - 1]) for k, v in data["draft_ms"].items()}, batch_size)
+    return t
+
+
+def load_or_measure(runner, proposer, *, refresh: bool = False, log=None) -> dict[str, Any]:
+    """The cached measurement of this engine (see the module docstring), measuring and caching it first if needed."""
     key = _key(runner, proposer)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "step_cost" / f"{digest}.json"
@@ -161,4 +176,9 @@ def measured_schedule(runner, proposer, accept_lengths, *, refresh: bool = False
             log(f"Medusa: measured step cost in {data['seconds']} s, cached at {path}")
     elif log:
         log(f"Medusa: step cost from {path}")
-    return _schedule(data, proposer, accept_lengths)
+    return data
+
+
+def measured_schedule(runner, proposer, accept_lengths, *, refresh: bool = False, log=None) -> TreeSchedule:
+    """:func:`schedule_from` of :func:`load_or_measure`."""
+    return schedule_from(load_or_measure(runner, proposer, refresh=refresh, log=log), proposer, accept_lengths)

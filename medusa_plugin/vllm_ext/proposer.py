@@ -14,6 +14,9 @@ Medusa model runner (:mod:`.runner`), which calls :meth:`MedusaTreeProposer.prop
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import Tensor
 
@@ -87,6 +90,11 @@ class MedusaTreeProposer:
                                               else prefix_accept_lengths(self.tree))
         self._steps_since_refresh = 0
         self._idle_steps = 0
+        # measured step cost (calibrate) and the engine-step time outside forward + heads, learnt from the time
+        # between consecutive propose_tree calls (one engine step each)
+        self._step_cost: dict | None = None
+        self._fixed_ms: list[float] = []
+        self._last_call: tuple[float, int, int] | None = None
         self.heads: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
         self.vocab_size = vllm_config.model_config.get_vocab_size()
@@ -132,9 +140,10 @@ class MedusaTreeProposer:
         KV cache is allocated."""
         if not self.needs_calibration or self.heads is None:
             return
-        from .calibrate import measured_schedule
+        from . import calibrate
 
-        self.schedule = measured_schedule(runner, self, self.acceptance.accept_lengths(), log=_log_info)
+        self._step_cost = calibrate.load_or_measure(runner, self, log=_log_info)
+        self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths())
         self.needs_calibration = False
         _log_info(f"Medusa tree schedule (nodes per batch size): {self.schedule.ranges()}")
 
@@ -145,8 +154,36 @@ class MedusaTreeProposer:
         self._steps_since_refresh += 1
         if self.schedule is not None and self._steps_since_refresh >= self.REFRESH_EVERY:
             self._steps_since_refresh = 0
-            self.schedule = self.schedule.with_accept_lengths(self.acceptance.accept_lengths(),
-                                                              tree=self.schedule.meta.get("tree"))
+            if self._step_cost is not None and self._fixed_ms:
+                from . import calibrate
+
+                self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths(),
+                                                        step_fixed_ms=self.step_fixed_ms)
+            else:
+                self.schedule = self.schedule.with_accept_lengths(self.acceptance.accept_lengths(),
+                                                                  tree=self.schedule.meta.get("tree"))
+
+    @property
+    def step_fixed_ms(self) -> float:
+        """Median engine-step time outside the model forward and the heads (ms), over the last 64 steps."""
+        if not self._fixed_ms:
+            return 0.0
+        return max(0.0, statistics.median(self._fixed_ms))
+
+    def _time_step(self, batch_size: int, num_nodes: int) -> None:
+        """Called once per engine step: the time since the previous call is one engine step of the previous
+        (batch, nodes); minus its measured forward + heads it is the fixed part of a step."""
+        now = time.perf_counter()
+        last, self._last_call = self._last_call, (now, batch_size, num_nodes)
+        if last is None or self._step_cost is None:
+            return
+        from . import calibrate
+
+        period = (now - last[0]) * 1e3
+        pred = calibrate.predicted_ms(self._step_cost, self.tree, last[1], last[2])
+        if period < 4 * pred + 50:  # not an idle gap between requests
+            self._fixed_ms.append(period - pred)
+            del self._fixed_ms[:-64]
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
@@ -188,6 +225,7 @@ class MedusaTreeProposer:
             raise MedusaProposerError("propose_tree called before load_model")
         b = hidden.shape[0]
         num_nodes = self.num_nodes_for(b)
+        self._time_step(b, num_nodes)
         out: list[list[int]] = [[] for _ in range(b)]
         if num_nodes <= 0:
             return out
