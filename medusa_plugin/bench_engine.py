@@ -43,6 +43,12 @@ class _FixedNodes:
         return self
 
 
+def _reference_topk(proposer, hidden):
+    """v0.1's draft path: all heads, full-vocabulary logits (``MedusaHeads.forward``), top-k of each."""
+    logits = proposer.heads(hidden, lm_head=proposer._lm_head)[..., : proposer.vocab_size]
+    return logits.topk(proposer.tree.topk, dim=-1).indices
+
+
 def _prompt(tokenizer_len: int, length: int = 48) -> list[int]:
     """A prompt that repeats itself (ngram always finds a match; a fixed row count per step)."""
     base = [(1000 + 37 * i) % max(tokenizer_len - 1, 2) + 1 for i in range(16)]
@@ -116,6 +122,14 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
             s = _run_profiled(llm, [prompt], steps, n + 1, 1)
             medusa[n] = s
             curve["medusa"][n + 1] = s["step_ms"]
+        # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
+        proposer.schedule = _FixedNodes(1)
+        fast = proposer.draft_topk
+        proposer.draft_topk = lambda h, d: _reference_topk(proposer, h)
+        try:
+            ref_draft = _run_profiled(llm, [prompt], steps, 2, 1)
+        finally:
+            proposer.draft_topk = fast
     finally:
         offline.shutdown(llm)
 
@@ -125,6 +139,9 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
         "plain_ms": plain["step_ms"], "chain1_ms": chain1["step_ms"],
         "chain1_ratio": round(chain1["step_ms"] / plain["step_ms"], 4),
         "ngram1_ms": ng1["step_ms"],
+        "chain1_reference_draft_ms": ref_draft["step_ms"],
+        "chain1_reference_draft_ratio": round(ref_draft["step_ms"] / plain["step_ms"], 4),
+        "reference_draft_phases": ref_draft["phases"],
         "ngram1_ratio": None if ng1["step_ms"] is None else round(ng1["step_ms"] / plain["step_ms"], 4),
         "plugin_overhead_ms": round((chain1["step_ms"] - fwd(chain1)) - (plain["step_ms"] - fwd(plain)), 4),
         "phases": chain1["phases"], "plain_phases": plain["phases"], "ngram1_phases": ng1["phases"],
@@ -143,11 +160,14 @@ def format_overhead(res: dict[str, Any]) -> str:
 
     head = (f"Engine step at batch 1 ({res['model']}, {res['dtype']}, heads {res['heads']}, tree {res['tree']}; "
             f"median of {res['steps']} decode steps per engine)")
-    cols = [("plain", res["plain_phases"]), ("medusa chain:1", res["phases"]), ("ngram k=1", res["ngram1_phases"])]
+    cols = [("plain", res["plain_phases"]), ("medusa chain:1", res["phases"]),
+            ("chain:1, v0.1 drafting", res["reference_draft_phases"]), ("ngram k=1", res["ngram1_phases"])]
     rows = [[p] + [c.get(p, 0.0) for _, c in cols] for p in PHASES]
-    rows.append(["STEP (ms)", res["plain_ms"], res["chain1_ms"], res["ngram1_ms"] or 0.0])
+    rows.append(["STEP (ms)", res["plain_ms"], res["chain1_ms"], res["chain1_reference_draft_ms"],
+                 res["ngram1_ms"] or 0.0])
     lines = [head, _table(["phase (ms)"] + [n for n, _ in cols], rows),
-             f"chain1_ratio = {res['chain1_ratio']:.3f}   ngram1_ratio = {res['ngram1_ratio']}   "
+             f"chain1_ratio = {res['chain1_ratio']:.3f} (v0.1 drafting: {res['chain1_reference_draft_ratio']:.3f})   "
+             f"ngram1_ratio = {res['ngram1_ratio']}   "
              f"plugin_overhead = {res['plugin_overhead_ms']:.2f} ms ({res['plugin_overhead_pct_of_plain']:.1f} % of "
              f"a plain step)"]
     curve = res["curve"]
