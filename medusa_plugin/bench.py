@@ -348,10 +348,11 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
     chain = chain or num_heads
     if engine == "vllm" and schedule:
         # Medusa with the batch-aware schedule next to plain and vLLM's own ngram (and vLLM's built-in Medusa)
-        modes = [("plain", None, "-"), ("tree", tree_obj, f"{tree_label}, tree_schedule {schedule}"),
-                 ("ngram", "ngram", f"vLLM ngram k={NGRAM_K}")]
+        # ngram last: vLLM 0.32 cannot build another engine in a process after an ngram engine
+        modes = [("plain", None, "-"), ("tree", tree_obj, f"{tree_label}, tree_schedule {schedule}")]
         if builtin_medusa:
             modes.append(("vllm-medusa", "vllm-medusa", f"vLLM built-in Medusa chain:{num_heads}"))
+        modes.append(("ngram", "ngram", f"vLLM ngram k={NGRAM_K}"))
     else:
         modes = [("plain", None, "-"), ("tree", tree_obj, tree_label), ("chain", f"chain:{chain}", f"chain:{chain}")]
 

@@ -69,83 +69,107 @@ def _run_profiled(llm, prompts, steps: int, rows: int, num_reqs: int) -> dict[st
     return out
 
 
+def _engine_kwargs(model: str, dtype: str, rows: Sequence[int], steps: int, max_k: int, prompt) -> dict:
+    return dict(dtype=dtype, max_num_seqs=max(rows), max_model_len=max(512, len(prompt) + steps + max_k + 16))
+
+
+def _plain_job(model, dtype, steps, rows, kw, prompt):
+    from .vllm_ext import offline
+
+    llm = offline.build_llm(model, **kw)
+    try:
+        return {r: _run_profiled(llm, [prompt] * r, steps, r, r) for r in rows}
+    finally:
+        offline.shutdown(llm)
+
+
+def _ngram_job(model, dtype, steps, k, kw, prompt):
+    from .vllm_ext import offline
+
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    llm = offline.build_llm(model, speculative_config=spec, **kw)
+    try:
+        return _run_profiled(llm, [prompt], steps, k + 1, 1)
+    finally:
+        offline.shutdown(llm)
+
+
+def _medusa_job(model, heads, tree, steps, nodes, kw, prompt):
+    from .vllm_ext import offline
+    from .vllm_ext.profiling import runner_of
+
+    llm = offline.build_llm(model, medusa={"heads": heads, "tree": tree}, **kw)
+    out = {}
+    try:
+        proposer = runner_of(llm).drafter
+        for n in nodes:
+            proposer.schedule = _FixedNodes(n)
+            out[n] = _run_profiled(llm, [prompt], steps, n + 1, 1)
+        # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
+        proposer.schedule = _FixedNodes(1)
+        fast = proposer.draft_topk
+        proposer.draft_topk = lambda h, d: _reference_topk(proposer, h)
+        try:
+            out["reference"] = _run_profiled(llm, [prompt], steps, 2, 1)
+        finally:
+            proposer.draft_topk = fast
+    finally:
+        offline.shutdown(llm)
+    return out
+
+
+def _spawn(fn, *args):
+    """Run one engine configuration in a fresh process (vLLM 0.32 cannot build an engine after an ngram engine in
+    the same process: its Triton-kernel rebinding trips over numba/llvmlite objects; a fresh process is also a fair
+    measurement)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfloat16", steps: int = 48,
              rows: Sequence[int] = (1, 2, 3, 5), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Profile plain, Medusa and ngram engine steps at batch 1 (see the module docstring). Returns the JSON dict."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from .core.tree import MedusaTree
-    from .vllm_ext import offline
-    from .vllm_ext.profiling import runner_of
 
     mtree = MedusaTree.load(tree)
     rows = sorted(set(rows) | {1, 2})
     max_k = min(max(rows) - 1, mtree.num_nodes)
     prompt = _prompt(32000)
-    kw = dict(dtype=dtype, max_num_seqs=max(rows), max_model_len=max(512, len(prompt) + steps + max_k + 16))
+    kw = _engine_kwargs(model, dtype, rows, steps, max_k, prompt)
     res: dict[str, Any] = {"benchmark": "overhead", "model": model, "heads": heads, "tree": tree, "dtype": dtype,
                            "steps": steps, "definitions": DEFINITIONS}
-    curve: dict[str, dict[int, float]] = {"plain": {}, "ngram": {}, "medusa": {}}
     t0 = time.perf_counter()
-
-    log(f"overhead: plain engine ({model}, {dtype})")
-    llm = offline.build_llm(model, **kw)
-    try:
-        for r in rows:
-            s = _run_profiled(llm, [prompt] * r, steps, r, r)
-            curve["plain"][r] = s["step_ms"]
-            if r == 1:
-                plain = s
-    finally:
-        offline.shutdown(llm)
-
+    log(f"overhead: plain engine ({model}, {dtype}), {len(rows)} batch sizes")
+    plain_runs = _spawn(_plain_job, model, dtype, steps, rows, kw, prompt)
+    log(f"overhead: Medusa engine (heads {heads}, tree {tree})")
+    nodes = sorted({1} | {r - 1 for r in rows if 1 < r <= mtree.num_nodes + 1})
+    medusa = _spawn(_medusa_job, model, heads, tree, steps, nodes, kw, prompt)
     ngram = {}
     for k in sorted({1, max_k}):
         log(f"overhead: ngram engine, {k} draft(s)")
-        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-        llm = offline.build_llm(model, speculative_config=spec, **kw)
-        try:
-            s = _run_profiled(llm, [prompt], steps, k + 1, 1)
-            ngram[k] = s
-            if s["step_ms"] is not None:
-                curve["ngram"][k + 1] = s["step_ms"]
-        finally:
-            offline.shutdown(llm)
+        ngram[k] = _spawn(_ngram_job, model, dtype, steps, k, kw, prompt)
 
-    log(f"overhead: Medusa engine (heads {heads}, tree {tree})")
-    llm = offline.build_llm(model, medusa={"heads": heads, "tree": tree}, **kw)
-    medusa = {}
-    try:
-        proposer = runner_of(llm).drafter
-        for n in sorted({1} | {r - 1 for r in rows if 1 < r <= mtree.num_nodes + 1}):
-            proposer.schedule = _FixedNodes(n)
-            s = _run_profiled(llm, [prompt], steps, n + 1, 1)
-            medusa[n] = s
-            curve["medusa"][n + 1] = s["step_ms"]
-        # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
-        proposer.schedule = _FixedNodes(1)
-        fast = proposer.draft_topk
-        proposer.draft_topk = lambda h, d: _reference_topk(proposer, h)
-        try:
-            ref_draft = _run_profiled(llm, [prompt], steps, 2, 1)
-        finally:
-            proposer.draft_topk = fast
-    finally:
-        offline.shutdown(llm)
-
-    chain1, ng1 = medusa[1], ngram[1]
+    plain, chain1, ng1, ref_draft = plain_runs[1], medusa[1], ngram[1], medusa["reference"]
+    curve = {"plain": {r: s["step_ms"] for r, s in plain_runs.items()},
+             "ngram": {k + 1: s["step_ms"] for k, s in ngram.items() if s["step_ms"] is not None},
+             "medusa": {n + 1: medusa[n]["step_ms"] for n in nodes}}
     fwd = lambda s: s["phases"].get("model_forward", 0.0) + s["phases"].get("attention", 0.0)  # noqa: E731
     res.update({
         "plain_ms": plain["step_ms"], "chain1_ms": chain1["step_ms"],
         "chain1_ratio": round(chain1["step_ms"] / plain["step_ms"], 4),
         "ngram1_ms": ng1["step_ms"],
+        "ngram1_ratio": None if ng1["step_ms"] is None else round(ng1["step_ms"] / plain["step_ms"], 4),
         "chain1_reference_draft_ms": ref_draft["step_ms"],
         "chain1_reference_draft_ratio": round(ref_draft["step_ms"] / plain["step_ms"], 4),
         "reference_draft_phases": ref_draft["phases"],
-        "ngram1_ratio": None if ng1["step_ms"] is None else round(ng1["step_ms"] / plain["step_ms"], 4),
         "plugin_overhead_ms": round((chain1["step_ms"] - fwd(chain1)) - (plain["step_ms"] - fwd(plain)), 4),
         "phases": chain1["phases"], "plain_phases": plain["phases"], "ngram1_phases": ng1["phases"],
-        "steps_measured": {"plain": plain["steps"], "chain1": chain1["steps"], "ngram1": ng1["steps"]},
+        "steps_measured": {"plain": plain["steps"], "chain1": chain1["steps"], "ngram1": ng1["steps"],
+                           "chain1_reference_draft": ref_draft["steps"]},
         "curve": {k: {str(r): v for r, v in sorted(c.items())} for k, c in curve.items()},
         "seconds": round(time.perf_counter() - t0, 1),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
