@@ -105,6 +105,15 @@ def _medusa_job(model, heads, tree, steps, nodes, kw, prompt):
         for n in nodes:
             proposer.schedule = _FixedNodes(n)
             out[n] = _run_profiled(llm, [prompt], steps, n + 1, 1)
+        # plain (no drafts: n = 0) and chain1 steps alternated on this one engine, so that a shared, noisy machine
+        # loads both alike; the ratio of their medians is the robust chain1 ratio
+        alt = {0: [], 1: []}
+        for _ in range(3):
+            for n in (0, 1):
+                proposer.schedule = _FixedNodes(n)
+                alt[n].append(_run_profiled(llm, [prompt], max(steps // 3, 4), n + 1, 1)["step_ms"])
+        out["alternating"] = {"plain_ms": statistics.median(alt[0]), "chain1_ms": statistics.median(alt[1]),
+                              "rounds": alt}
         # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
         proposer.schedule = _FixedNodes(1)
         fast = proposer.draft_topk
@@ -166,6 +175,10 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
         "chain1_reference_draft_ms": ref_draft["step_ms"],
         "chain1_reference_draft_ratio": round(ref_draft["step_ms"] / plain["step_ms"], 4),
         "reference_draft_phases": ref_draft["phases"],
+        "same_engine": {**medusa.get("alternating", {}),
+                        "chain1_ratio": round(medusa["alternating"]["chain1_ms"] / medusa["alternating"]["plain_ms"],
+                                              4) if "alternating" in medusa else None,
+                        "note": "plain (0 drafts) and chain:1 steps alternated 3x on the Medusa engine"},
         "plugin_overhead_ms": round((chain1["step_ms"] - fwd(chain1)) - (plain["step_ms"] - fwd(plain)), 4),
         "phases": chain1["phases"], "plain_phases": plain["phases"], "ngram1_phases": ng1["phases"],
         "steps_measured": {"plain": plain["steps"], "chain1": chain1["steps"], "ngram1": ng1["steps"],
