@@ -224,7 +224,7 @@ def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int
     time of the heads a prefix of depth ``d`` needs at batch ``B`` (``draft_ms[B][d - 1]``, interpolated in ``B``;
     ``tree`` gives the depth of each prefix; 0 without ``draft_ms``). The forward times are first made
     non-decreasing in rows (``f(r) = min_{r' >= r} f(r')``: a forward over fewer rows is not slower, so a high point
-    below a lower one is warm-up or noise).
+    below a lower one is warm-up or noise); the heads' times likewise in depth.
     """
     xs = sorted(forward_ms)
     mono, low = {}, float("inf")
@@ -232,6 +232,8 @@ def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int
         low = min(low, float(forward_ms[x]))
         mono[x] = low
     forward_ms = mono
+    if draft_ms:  # likewise: more heads are not cheaper
+        draft_ms = {b: [min(v[i:]) for i in range(len(v))] for b, v in draft_ms.items()}
     out = []
     for b in batch_sizes:
         base = interpolate_ms(forward_ms, b) + step_fixed_ms

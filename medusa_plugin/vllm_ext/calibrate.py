@@ -35,7 +35,7 @@ from medusa_plugin.core.schedule import TreeSchedule, measured_overhead
 __all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_measure", "schedule_from",
            "predicted_ms", "row_grid"]
 
-MEASURE_VERSION = 1
+MEASURE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -103,7 +103,7 @@ def _key(runner, proposer) -> dict[str, Any]:
             "vllm": getattr(vllm, "__version__", "?")}
 
 
-def measure(runner, proposer, *, repeats: int = 2, max_rows: int | None = None) -> dict[str, Any]:
+def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) -> dict[str, Any]:
     """Time the forward over each :func:`row_grid` count and the heads per batch size and depth; returns
     ``{"forward_ms": {rows: ms}, "batch_sizes": [...], "draft_ms": {B: [ms per depth 1..D]}, ...}``."""
     cfg = runner.vllm_config
