@@ -50,6 +50,17 @@ def _reference_topk(proposer, hidden):
     return logits.topk(proposer.tree.topk, dim=-1).indices
 
 
+def _vocab_size(model: str) -> int:
+    """``vocab_size`` of a local model directory's config.json (32000 if unreadable)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError):
+        return 32000
+
+
 def _prompt(tokenizer_len: int, length: int = 48) -> list[int]:
     """A prompt that repeats itself (ngram always finds a match; a fixed row count per step)."""
     base = [(1000 + 37 * i) % max(tokenizer_len - 1, 2) + 1 for i in range(16)]
@@ -153,7 +164,7 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
     mtree = MedusaTree.load(tree)
     rows = sorted(set(rows) | {1, 2})
     max_k = min(max(rows) - 1, mtree.num_nodes)
-    prompt = _prompt(32000)
+    prompt = _prompt(_vocab_size(model))
     kw = _engine_kwargs(model, dtype, rows, steps, max_k, prompt)
     res: dict[str, Any] = {"benchmark": "overhead", "model": model, "heads": heads, "tree": tree, "dtype": dtype,
                            "steps": steps, "definitions": DEFINITIONS}
