@@ -33,7 +33,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 STEP_COST_DEFAULTS = dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64], query_tokens=[1, 5, 16, 32, 64], context=1024,
                           repeats=20, warmup=3)
 STEP_COST_TINY = dict(batch_sizes=[1, 2, 4], query_tokens=[1, 5, 16], context=32, repeats=3, warmup=1)
-E2E_DEFAULTS = dict(concurrency=[1, 4, 16, 64], max_tokens=128, repeats=1)
+E2E_DEFAULTS = dict(concurrency=[1, 2, 4, 8, 16], max_tokens=64, repeats=1)
 E2E_TINY = dict(concurrency=[1, 4], max_tokens=16, repeats=3)
 ATTENTION_NOTE = ("transformers eager forward, SDPA attention with our 4D tree mask (past keys + tree ancestor mask) "
                   "and depth-based positions; plain decode: q = 1, no mask; no CUDA graphs")
@@ -308,12 +308,18 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
         engine: str = "auto", tree: str = "mc_sim_7b_63", chain: int | None = None, model_dir: str | None = None,
         heads_dir: str | None = None, cache_dir: str | None = None, train_steps: int = 300,
         distill_prompts: int = 48, repeats: int | None = None, device: str | None = None, seed: int = 0,
+        schedule: str | None = None, builtin_medusa: bool = False, dtype: str | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Run plain / Medusa tree / Medusa chain decoding at each concurrency; returns the JSON-ready result.
 
     engine: "vllm" (``vllm_ext.offline``), "reference" (``hf.generate`` + :func:`plain_generate`) or "auto" (vllm
     when importable). Concurrency C: C prompts submitted together, ``max_tokens`` new tokens each (eos ignored);
     each point runs ``repeats`` times (default 3 with ``tiny``, else 1) and keeps the median time.
+
+    With the vLLM engine and ``schedule`` (e.g. ``"auto"``) the modes are plain, Medusa with that ``tree_schedule``
+    and vLLM's ngram (k=4), and the result has ``ratios`` / ``ngram_ratios``: concurrency -> output tok/s of
+    Medusa / ngram over plain at that concurrency, measured in the same run. ``builtin_medusa`` adds vLLM's own
+    Medusa proposer on the same heads (``convert --to vllm``) when this vLLM can run it (else a note says why).
     """
     import torch
 
@@ -340,7 +346,15 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
     num_heads = MedusaHeads.from_pretrained(heads_dir).num_heads
     tree_obj, tree_label = _depth_capped(tree, num_heads)
     chain = chain or num_heads
-    modes = [("plain", None, "-"), ("tree", tree_obj, tree_label), ("chain", f"chain:{chain}", f"chain:{chain}")]
+    if engine == "vllm" and schedule:
+        # Medusa with the batch-aware schedule next to plain and vLLM's own ngram (and vLLM's built-in Medusa)
+        # ngram last: vLLM 0.32 cannot build another engine in a process after an ngram engine
+        modes = [("plain", None, "-"), ("tree", tree_obj, f"{tree_label}, tree_schedule {schedule}")]
+        if builtin_medusa:
+            modes.append(("vllm-medusa", "vllm-medusa", f"vLLM built-in Medusa chain:{num_heads}"))
+        modes.append(("ngram", "ngram", f"vLLM ngram k={NGRAM_K}"))
+    else:
+        modes = [("plain", None, "-"), ("tree", tree_obj, tree_label), ("chain", f"chain:{chain}", f"chain:{chain}")]
 
     from transformers import AutoTokenizer
 
@@ -349,6 +363,7 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
     log(f"e2e: {model_desc}; engine {engine}; concurrency {concurrency}; {max_tokens} tokens per request")
 
     runs: dict[str, dict[int, dict]] = {}
+    notes: dict[str, str] = {}
     if engine == "reference":
         from transformers import AutoModelForCausalLM
 
@@ -377,7 +392,9 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
                                          token_ids=outs[0].sequences,
                                          tokens_per_step=outs[0].stats.mean_accepted_tokens_per_step)
     else:
-        runs = _e2e_vllm(model_dir, str(heads_dir), modes, prompts, concurrency, max_tokens, repeats)
+        runs, notes = _e2e_vllm(model_dir, str(heads_dir), modes, prompts, concurrency, max_tokens, repeats,
+                                schedule=schedule, dtype=dtype, log=log)
+        modes = [m for m in modes if m[0] in runs]
 
     rows = []
     for mode, spec, label in modes:
@@ -393,32 +410,64 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
                 "speedup": round(base["elapsed_s"] / r["elapsed_s"], 4),
                 "matches_plain": sum(a == b for a, b in zip(r["token_ids"], base["token_ids"])) / c,
             })
+    def ratios(mode: str) -> dict[str, float]:
+        return {str(r["concurrency"]): r["speedup"] for r in rows if r["mode"] == mode}
+
     return {"benchmark": "e2e", "engine": engine, "model": model_desc, "device": _device_name(_device(device)),
-            "max_tokens": max_tokens,
+            "ratios": ratios("tree"), "ngram_ratios": ratios("ngram"), "vllm_medusa_ratios": ratios("vllm-medusa"),
+            "notes": notes, "max_tokens": max_tokens,
             "concurrency": concurrency, "repeats": repeats, "temperature": 0.0, "rows": rows,
             "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens, repeats: int) -> dict:
-    """One engine per mode (plain / tree / chain), all concurrencies on it; greedy, eos ignored."""
+NGRAM_K = 4
+
+
+def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens, repeats: int, *,
+              schedule: str | None = None, dtype: str | None = None, log: Callable[[str], None] = print
+              ) -> tuple[dict, dict]:
+    """One engine per mode (plain / Medusa / chain / ngram / vLLM's Medusa), all concurrencies on it; greedy, eos
+    ignored. Returns (runs, notes); a mode whose engine cannot start is left out with a note."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from .core.tree import MedusaTree
     from .vllm_ext import offline
 
-    def spec_nodes(spec) -> int:
-        return MedusaTree.load(spec).num_nodes
-
+    extra = {"dtype": dtype} if dtype else {}
     runs: dict[str, dict[int, dict]] = {}
+    notes: dict[str, str] = {}
     for mode, spec, _label in modes:
-        medusa = None
-        if spec is not None:
+        medusa, spec_cfg, nodes = None, None, 0
+        if spec == "ngram":
+            spec_cfg = {"method": "ngram", "num_speculative_tokens": NGRAM_K, "prompt_lookup_max": 4,
+                        "prompt_lookup_min": 2}
+            nodes = NGRAM_K
+        elif spec == "vllm-medusa":
+            from .vllm_ext.convert import to_vllm_medusa
+
+            vdir = Path(tempfile.mkdtemp(prefix="medusa_vllm_"))
+            num_heads = to_vllm_medusa(heads_dir, vdir, base_model=str(model_dir))
+            spec_cfg = {"method": "medusa", "model": str(vdir), "num_speculative_tokens": num_heads}
+            nodes = num_heads
+        elif spec is not None:
             choices = [list(p) for p in spec.choices] if not isinstance(spec, str) else spec
             medusa = {"heads": heads_dir, "tree": choices}
+            if schedule and mode == "tree":
+                medusa["tree_schedule"] = schedule
+            nodes = MedusaTree.load(choices).num_nodes
         # room for the prompt, the output and a full tree of drafts (vLLM drops drafts that would not fit)
-        max_len = max(len(p) for p in prompts) + max_tokens + (0 if spec is None else spec_nodes(spec)) + 8
-        llm = offline.build_llm(str(model_dir), medusa=medusa, max_num_seqs=max(concurrency),
-                                max_model_len=max(512, max_len))
+        max_len = max(len(p) for p in prompts) + max_tokens + nodes + 8
+        kwargs = dict(max_num_seqs=max(concurrency), max_model_len=max(512, max_len), **extra)
+        if spec_cfg is not None:
+            kwargs["speculative_config"] = spec_cfg
+        try:
+            llm = offline.build_llm(str(model_dir), medusa=medusa, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+            if spec != "vllm-medusa":
+                raise
+            notes[mode] = f"cannot run on this vLLM: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            log(f"e2e: {mode}: {notes[mode]}")
+            continue
         try:
             offline.run(llm, prompts[:1], 2, ignore_eos=True)  # warm-up
             runs[mode] = {}
@@ -427,9 +476,10 @@ def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens
                 tps = statistics.mean(o.metrics.get("mean_tokens_per_step", 1.0) for o in outs) if spec else 1.0
                 runs[mode][c] = dict(elapsed_s=statistics.median(o.elapsed_s for o in outs),
                                      token_ids=outs[0].token_ids, tokens_per_step=tps)
+                log(f"e2e: {mode} c={c}: {statistics.median(o.elapsed_s for o in outs):.2f} s")
         finally:
             offline.shutdown(llm)
-    return runs
+    return runs, notes
 
 
 def format_e2e(result: dict) -> str:
@@ -461,7 +511,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--json", default="benchmarks/results/step_cost.json", help="where to write the results")
     p.add_argument("--schedule-out", help="also write a tree schedule YAML (TreeSchedule.from_yaml) here")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                   help="vllm: measure inside the engine what `tree_schedule: auto` measures at start-up (needs "
+                        "--model and --heads; refreshes its cache)")
+    p.add_argument("--model", help="--engine vllm: model directory")
+    p.add_argument("--heads", help="--engine vllm: Medusa heads")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="--engine vllm: largest batch size (default 16)")
     p.set_defaults(_bench=_run_step_cost)
+
+    p = sub.add_parser("overhead", help="one engine step at batch 1 split into phases: plain, Medusa, ngram",
+                       description="Profile one vLLM engine step at batch 1 (plain, Medusa with one draft node, "
+                                   "vLLM ngram with one draft) split into phases, and step cost vs rows per step")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--heads", required=True, help="Medusa heads")
+    p.add_argument("--tree", default="chain:4", help="Medusa tree whose prefixes are timed (default chain:4)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=48, help="decode steps per configuration (default 48)")
+    p.add_argument("--rows", type=_ints, default=[1, 2, 3, 5], help="rows per step for the curve (default 1,2,3,5)")
+    p.add_argument("--json", default="benchmarks/results/overhead.json", help="where to write the results")
+    p.add_argument("--png", help="plot of step cost vs rows (default: next to --json; needs matplotlib)")
+    p.set_defaults(_bench=_run_overhead)
 
     p = sub.add_parser("e2e", help="tokens/step, TPOT, tokens/s with and without Medusa",
                        description=e2e.__doc__.splitlines()[0])
@@ -481,11 +550,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-prompts", type=int, default=48, help="self-distillation prompts of the tiny model")
     p.add_argument("--repeats", type=int, help="runs per point, median time (default 1; 3 with --tiny)")
     p.add_argument("--device", help="reference engine: cuda | cpu (default: cuda if available)")
+    p.add_argument("--schedule", default=None,
+                   help="vllm engine: Medusa with this tree_schedule (e.g. auto) next to plain and vLLM's ngram; "
+                        "writes ratios / ngram_ratios (default: auto with --engine vllm, else off; 'none' = off)")
+    p.add_argument("--builtin-medusa", action="store_true",
+                   help="also run vLLM's built-in Medusa proposer on the same heads (convert --to vllm)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="vllm engine dtype (default float32 on CPU)")
     p.add_argument("--json", default="benchmarks/results/e2e.json", help="where to write the results")
     p.set_defaults(_bench=_run_e2e)
 
 
+def _run_overhead(args: argparse.Namespace) -> int:
+    from .bench_engine import format_overhead, overhead, plot_overhead
+
+    res = overhead(model=args.model, heads=args.heads, tree=args.tree, dtype=args.dtype, steps=args.steps,
+                   rows=args.rows, log=_log)
+    print(format_overhead(res))
+    path = _write_json(args.json, res)
+    png = plot_overhead(res, args.png or str(path.with_suffix(".png")))
+    print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
+    return 0
+
+
 def _run_step_cost(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        if not (args.model and args.heads):
+            raise BenchError("--engine vllm needs --model and --heads")
+        from .bench_engine import engine_step_cost
+
+        res = engine_step_cost(model=args.model, heads=args.heads, tree=args.tree, dtype=args.dtype or "bfloat16",
+                               max_num_seqs=args.max_num_seqs, log=_log)
+        print(res["describe"])
+        if args.schedule_out:
+            from .core.schedule import TreeSchedule
+            TreeSchedule.from_dict(res["schedule"]).to_yaml(args.schedule_out)
+        print(f"wrote {_write_json(args.json, res)}" + (f" and {args.schedule_out}" if args.schedule_out else ""))
+        return 0
     res = step_cost(tiny=args.tiny, batch_sizes=args.batch_sizes, query_tokens=args.query_tokens,
                     context=args.context, repeats=args.repeats, warmup=args.warmup, tree=args.tree,
                     device=args.device, dtype=args.dtype, num_heads=args.num_heads, log=_log)
@@ -504,7 +604,10 @@ def _run_e2e(args: argparse.Namespace) -> int:
     res = e2e(tiny=args.tiny, concurrency=args.concurrency, max_tokens=args.max_tokens, engine=args.engine,
               tree=args.tree, chain=args.chain, model_dir=args.model_dir, heads_dir=args.heads_dir,
               cache_dir=args.cache_dir, train_steps=args.train_steps, distill_prompts=args.distill_prompts,
-              repeats=args.repeats, device=args.device, log=_log)
+              repeats=args.repeats, device=args.device, log=_log,
+              schedule=None if args.schedule == "none" else (args.schedule or ("auto" if args.engine == "vllm"
+                                                                               else None)),
+              builtin_medusa=args.builtin_medusa, dtype=args.dtype)
     print(format_e2e(res))
     print(f"wrote {_write_json(args.json, res)}")
     return 0

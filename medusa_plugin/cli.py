@@ -119,6 +119,10 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
     p.add_argument("--revision", default=None, help="hub revision of SRC (branch, tag or commit)")
     p.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: keep the checkpoint's)")
+    p.add_argument("--to", default="canonical", choices=["canonical", "vllm"],
+                   help="canonical (default) or vllm: the format of vLLM's built-in Medusa proposer "
+                        "(speculative_config method 'medusa', a chain of each head's top-1)")
+    p.add_argument("--base-model", help="--to vllm with v2 heads: the base model directory (its lm_head is written)")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -126,6 +130,13 @@ def _run_convert(args: argparse.Namespace) -> int:
     from medusa_plugin.core.heads import MedusaHeads
 
     kwargs = {k: v for k, v in (("revision", args.revision), ("dtype", args.dtype)) if v is not None}
+    if args.to == "vllm":
+        from medusa_plugin.vllm_ext.convert import to_vllm_medusa
+
+        k = to_vllm_medusa(args.src, args.out_dir, base_model=args.base_model, dtype=args.dtype)
+        print(f"converted {args.src} -> {args.out_dir} (vLLM Medusa format, {k} heads); use speculative_config "
+              f"{{\"method\": \"medusa\", \"model\": \"{args.out_dir}\", \"num_speculative_tokens\": {k}}}")
+        return 0
     convert(args.src, args.out_dir, **kwargs)
     heads = MedusaHeads.from_pretrained(args.out_dir)
     print(f"converted {args.src} -> {args.out_dir}")

@@ -81,3 +81,44 @@ def test_e2e_needs_both_model_and_heads(tmp_path, capsys):
     rc = cli_main(["bench", "e2e", "--engine", "reference", "--model-dir", str(tmp_path), "--json",
                    str(tmp_path / "x.json")])
     assert rc == 1 and "--heads-dir" in capsys.readouterr().err
+
+
+def test_convert_to_vllm_round_trips_through_the_old_vllm_layout(tmp_path, capsys):
+    """`convert --to vllm` writes what vLLM's MedusaModel loads (its key names and config fields); our loader reads
+    that layout back to the same logits, truncated vocab included."""
+    import json
+
+    import torch
+
+    from medusa_plugin.core.heads import MedusaHeads
+
+    g = torch.Generator().manual_seed(0)
+    heads = MedusaHeads(64, 3, 1, 200, own_lm_head=True, token_map=torch.arange(0, 200, 2))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    heads.save_pretrained(tmp_path / "src")
+    assert cli_main(["convert", str(tmp_path / "src"), str(tmp_path / "vllm"), "--to", "vllm"]) == 0
+    assert "num_speculative_tokens\": 3" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert cfg["architectures"] == ["MedusaModel"] and cfg["num_heads"] == 3 and cfg["truncated_vocab_size"] == 100
+    back = MedusaHeads.from_pretrained(tmp_path / "vllm")
+    assert back.source_format == "vllm"
+    h = torch.randn(2, 64, generator=g)
+    assert torch.equal(back(h), heads(h))
+
+
+def test_convert_to_vllm_v2_heads_need_the_base_model(tmp_path, capsys):
+    import torch
+
+    from medusa_plugin.core.heads import MedusaHeads
+
+    MedusaHeads(64, 2, 1, 200, own_lm_head=False).save_pretrained(tmp_path / "v2")
+    assert cli_main(["convert", str(tmp_path / "v2"), str(tmp_path / "out"), "--to", "vllm"]) == 1
+    assert "--base-model" in capsys.readouterr().err
+    from safetensors.torch import save_file
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"model.embed_tokens.weight": torch.randn(200, 64)}, str(base / "model.safetensors"))
+    assert cli_main(["convert", str(tmp_path / "v2"), str(tmp_path / "out"), "--to", "vllm",
+                     "--base-model", str(base)]) == 0

@@ -242,3 +242,116 @@ def test_resolve_config_setting(tmp_path):
     _random_schedule(1).to_yaml(path)
     from_file = TreeSchedule.resolve(path, MedusaTree.chain(2))  # re-derived for the configured tree
     assert len(from_file.accept_lengths) == 3 and from_file.overhead == _random_schedule(1).overhead
+
+
+# ------------------------------------------------------------------------------------------------ online acceptance
+def _simulate_paths(tree, cond, steps, num_verified, g):
+    """Accepted paths of a tree whose node i is accepted with probability cond[i] once its parent is (a verified
+    prefix [1, num_verified]); returns last nodes [steps]."""
+    last = torch.zeros(steps, dtype=torch.int64)
+    for s in range(steps):
+        node = 0
+        while True:
+            kids = [c for c in tree.children[node] if c <= num_verified]
+            nxt = 0
+            for c in kids:  # at most one child is the target's token: try them in rank order
+                if torch.rand((), generator=g) < cond[c]:
+                    nxt = c
+                    break
+            if nxt == 0:
+                break
+            node = nxt
+        last[s] = node
+    return last
+
+
+def test_estimator_recovers_expected_accept_lengths_of_every_prefix():
+    from medusa_plugin.core.schedule import AcceptanceEstimator
+
+    tree = MedusaTree.from_choices([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    g = torch.Generator().manual_seed(0)
+    cond = torch.tensor([1.0, 0.6, 0.5, 0.7, 0.4, 0.3, 0.5])
+    # exact marginals: p_i = P(path passes i); siblings tried in rank order
+    p = torch.zeros(tree.num_nodes + 1)
+    p[0] = 1.0
+    for i in range(1, tree.num_nodes + 1):
+        par = int(tree.parent[i])
+        earlier = [c for c in tree.children[par] if c < i]
+        p[i] = p[par] * cond[i] * torch.prod(torch.tensor([1 - float(cond[c]) for c in earlier] or [1.0]))
+    exact = torch.cumsum(p, 0)
+    est = AcceptanceEstimator(tree, [1.0] * (tree.num_nodes + 1), prior_weight=0.0, decay=1.0)
+    last = _simulate_paths(tree, cond, 4000, tree.num_nodes, g)
+    est.update(last, torch.full((4000,), tree.num_nodes))
+    got = torch.tensor(est.accept_lengths())
+    assert torch.allclose(got, exact, atol=0.05), (got, exact)
+    assert est.observed == 4000
+
+
+def test_estimator_keeps_the_prior_for_unverified_nodes_and_forgets_old_traffic():
+    from medusa_plugin.core.schedule import AcceptanceEstimator
+
+    tree = MedusaTree.load("chain:3")
+    prior = [1.0, 1.5, 1.75, 1.875]
+    est = AcceptanceEstimator(tree, prior, prior_weight=2.0, decay=0.9)
+    # only node 1 verified, always accepted
+    est.update(torch.ones(50, dtype=torch.int64), torch.ones(50, dtype=torch.int64))
+    el = est.accept_lengths()
+    assert el[1] > 1.95  # observed: ~1
+    assert el[2] - el[1] == pytest.approx(0.25) and el[3] - el[2] == pytest.approx(0.125)  # prior untouched
+    # then node 1 always rejected: with decay 0.9 the old hits fade quickly
+    est.update(torch.zeros(50, dtype=torch.int64), torch.ones(50, dtype=torch.int64))
+    assert est.accept_lengths()[1] < 1.1
+
+
+def test_schedule_follows_observed_acceptance():
+    """A measured-cost schedule with good acceptance speculates at batch 1; after the heads turn useless it stops."""
+    from medusa_plugin.core.schedule import AcceptanceEstimator, measured_overhead
+
+    tree = MedusaTree.load("chain:4")
+    fwd = {1: 10.0, 4: 11.0, 16: 14.0, 64: 40.0, 256: 160.0}
+    qs = list(range(1, 6))
+    sched = TreeSchedule([1, 2, 4, 8, 16], qs, measured_overhead(fwd, [1, 2, 4, 8, 16], qs), [1.0, 1.8, 2.4, 2.8, 3.0])
+    assert sched.num_nodes(1) > 0
+    est = AcceptanceEstimator(tree, sched.accept_lengths, prior_weight=1.0, decay=1.0)
+    est.update(torch.zeros(200, dtype=torch.int64), torch.full((200,), 4))
+    assert sched.with_accept_lengths(est.accept_lengths()).num_nodes(1) == 0
+
+
+# ------------------------------------------------------------------------------------------------ measured tables
+def test_interpolate_ms_linear_between_and_along_the_last_segment():
+    from medusa_plugin.core.schedule import interpolate_ms
+
+    pts = {1: 10.0, 3: 12.0, 7: 20.0}
+    assert interpolate_ms(pts, 2) == pytest.approx(11.0)
+    assert interpolate_ms(pts, 0.5) == 10.0
+    assert interpolate_ms(pts, 11) == pytest.approx(28.0)
+
+
+def test_measured_table_schedule_is_the_brute_force_argmax():
+    from medusa_plugin.core.schedule import interpolate_ms, measured_overhead
+
+    tree = MedusaTree.load("mc_sim_7b_63")
+    fwd = {1: 20.0, 2: 20.5, 4: 21.0, 8: 23.0, 16: 27.0, 32: 36.0, 64: 60.0, 128: 110.0, 256: 215.0}
+    draft = {1: [0.5, 0.7, 0.9, 1.1], 16: [2.0, 3.0, 4.0, 5.0]}
+    bs, qs = [1, 2, 4, 8, 16], list(range(1, tree.num_nodes + 2))
+    el = prefix_accept_lengths(tree)
+    sched = TreeSchedule(bs, qs, measured_overhead(fwd, bs, qs, draft, tree), el)
+    for b in bs:
+        def cost(n):
+            if n == 0:
+                return 1.0
+            d = tree.prefix_depth[n]
+            dr = interpolate_ms({k: v[d - 1] for k, v in draft.items()}, b)
+            return (interpolate_ms(fwd, b * (n + 1)) + dr) / interpolate_ms(fwd, b)
+        speeds = [el[n] / cost(n) for n in range(tree.num_nodes + 1)]
+        best = max(range(len(speeds)), key=lambda n: (speeds[n], -n))
+        assert sched.num_nodes(b) == best
+        assert speeds[best] >= 1.0
+
+
+def test_measured_overhead_ignores_a_slow_outlier_below_faster_bigger_forwards():
+    from medusa_plugin.core.schedule import measured_overhead
+
+    clean = measured_overhead({1: 10.0, 2: 10.5, 4: 11.0}, [1, 2], [1, 2])
+    noisy = measured_overhead({1: 30.0, 2: 10.5, 4: 11.0}, [1, 2], [1, 2])  # first (cold) forward was slow
+    assert noisy[1] == clean[1] and noisy[0][1] == pytest.approx(1.0)

@@ -118,6 +118,59 @@ class MedusaHeads(nn.Module):
             logits = full.index_copy_(-1, self.token_map, logits)
         return logits
 
+    def draft_topk(self, hidden: torch.Tensor, topk: int, num_heads: int | None = None,
+                   lm_head: nn.Module | torch.Tensor | None = None, vocab_size: int | None = None) -> torch.Tensor:
+        """Top-``topk`` token ids of the first ``num_heads`` heads: the draft path of a decode step.
+
+        Same ids as ``forward(hidden, lm_head)[..., :num_heads, :vocab_size].topk(topk).indices`` (the reference
+        path), computed with less work: only the heads a tree prefix needs run (a prefix of depth d needs heads
+        ``0..d-1``); a shared projection (v2 heads' base ``lm_head``, or one shared own ``lm_head``) is one GEMM over
+        all ``num_heads * B`` rows, so its weight is read once; with a truncated vocabulary (``token_map``) the top-k
+        runs on the ``V'`` projected logits and only the winners are mapped to vocabulary ids (the ``[.., V]``
+        ``-inf``-filled logits are never built).
+
+        Args:
+            hidden: ``[B, H]`` float, the base model's last hidden state (after the final norm).
+            topk: ranks per head (the tree's ``topk``), ``1 <= topk <= V'``.
+            num_heads: heads to run, ``1 .. self.num_heads`` (default all).
+            lm_head: the base lm_head (module or weight ``[V, H]``), required for v2 heads.
+            vocab_size: keep only ids ``< vocab_size`` (e.g. an lm_head padded beyond the tokenizer); v2 / untruncated
+                heads only.
+        Returns:
+            ``[B, num_heads, topk]`` int64 vocabulary ids, best first (ties as ``torch.topk``).
+        Raises:
+            MedusaHeadsError: wrong hidden size, ``num_heads`` / ``topk`` out of range, v2 heads without ``lm_head``.
+        """
+        k = self.num_heads if num_heads is None else int(num_heads)
+        if not 1 <= k <= self.num_heads:
+            raise MedusaHeadsError(f"num_heads={num_heads} is outside 1..{self.num_heads} (the heads loaded)")
+        if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
+            raise MedusaHeadsError(f"hidden must be [B, {self.hidden_size}] (the base model's last hidden state), "
+                                   f"got shape {tuple(hidden.shape)}")
+        x = hidden.to(self.dtype)
+        hs = torch.stack([blk(x) for blk in self.blocks[:k]])                     # [k, B, H]
+        if self.own_lm_head and not self.shared_lm_head:
+            logits = torch.stack([F.linear(hs[i], self.lm_heads[i].weight) for i in range(k)])  # [k, B, V']
+        else:
+            if self.own_lm_head:
+                proj: nn.Module | torch.Tensor = self.lm_heads[0].weight
+            elif lm_head is None:
+                raise MedusaHeadsError("these Medusa heads have no vocab projection of their own (v2 / TGI format): "
+                                       "pass the base model's lm_head (module or weight [V, H]) as lm_head")
+            else:
+                proj = lm_head
+            if isinstance(proj, torch.Tensor) and vocab_size is not None and self.token_map is None:
+                proj = proj[:vocab_size]
+            logits = _apply_lm_head(proj, hs.reshape(-1, self.hidden_size)).view(k, hs.shape[1], -1)
+        if vocab_size is not None and self.token_map is None and logits.shape[-1] > vocab_size:
+            logits = logits[..., :vocab_size]
+        if not 1 <= topk <= logits.shape[-1]:
+            raise MedusaHeadsError(f"topk={topk} is outside 1..{logits.shape[-1]} (the draft vocabulary)")
+        ids = logits.topk(topk, dim=-1).indices                                   # [k, B, topk]
+        if self.token_map is not None:
+            ids = self.token_map[ids]
+        return ids.transpose(0, 1)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def init_from_lm_head(cls, lm_head_weight: torch.Tensor, num_heads: int, num_layers: int = 1,

@@ -43,6 +43,7 @@ import torch
 import yaml
 
 __all__ = ["TreeSchedule", "TreeScheduleError", "RooflineParams", "GPU_SPECS", "prefix_accept_lengths",
+           "AcceptanceEstimator", "interpolate_ms", "measured_overhead",
            "VICUNA_7B_TOPK_ACCURACY", "default_accuracy", "normalise_gpu_name"]
 
 SCHEDULE_VERSION = 1
@@ -110,6 +111,144 @@ def prefix_accept_lengths(tree, accuracy: Sequence[Sequence[float]] | None = Non
         for k, r in enumerate(path):
             p *= acc[k][r] if k < len(acc) and r < len(acc[k]) else 0.0
         out.append(out[-1] + p)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ observed acceptance
+class AcceptanceEstimator:
+    """Online estimate of E[L](n) for every prefix of a tree from the paths accepted in serving.
+
+    Node ``i``'s acceptance ``p_i`` (the probability that the accepted path passes through node ``i`` when ``i`` is
+    verified) does not depend on which other nodes are verified with it: it needs only its ancestors, which every
+    prefix of node order contains. So ``E[L](n) = 1 + sum_{i <= n} p_i`` for every prefix ``n``, from per-node counts::
+
+        p_i = (hits_i + w * prior_i) / (tried_i + w)
+
+    ``tried_i`` counts request-steps that verified node ``i``, ``hits_i`` those whose accepted path went through it;
+    both decay by ``decay`` per request-step (a window of about ``1 / (1 - decay)`` request-steps), so the estimate
+    follows the traffic. ``prior_i`` (weight ``w`` pseudo-observations) is what is assumed before a node is seen:
+    the differences of ``prior_accept_lengths`` (e.g. :func:`prefix_accept_lengths` of published accuracies).
+
+    Args:
+        tree: a ``MedusaTree``.
+        prior_accept_lengths: E[L](n), n = 0..N, before any observation (default: :func:`prefix_accept_lengths` with
+            the Vicuna-7B head accuracies).
+        prior_weight: ``w`` >= 0.
+        decay: per request-step forgetting factor in (0, 1].
+    Raises:
+        TreeScheduleError: a prior of the wrong length, ``w < 0`` or ``decay`` outside (0, 1].
+    """
+
+    def __init__(self, tree, prior_accept_lengths: Sequence[float] | None = None, *, prior_weight: float = 4.0,
+                 decay: float = 0.998):
+        if prior_accept_lengths is None:
+            prior_accept_lengths = prefix_accept_lengths(tree)
+        n1 = tree.num_nodes + 1
+        if len(prior_accept_lengths) != n1:
+            raise TreeScheduleError(f"prior_accept_lengths has {len(prior_accept_lengths)} values; the tree has "
+                                    f"{tree.num_nodes} nodes, so give E[L](n) for n = 0..{tree.num_nodes}")
+        if prior_weight < 0 or not 0.0 < decay <= 1.0:
+            raise TreeScheduleError(f"prior_weight must be >= 0 and decay in (0, 1], got {prior_weight}, {decay}")
+        el = torch.tensor([float(x) for x in prior_accept_lengths], dtype=torch.float64)
+        self.prior = torch.cat([torch.ones(1, dtype=torch.float64), (el[1:] - el[:-1]).clamp(0.0, 1.0)])
+        self.prior_weight, self.decay = float(prior_weight), float(decay)
+        self.node_paths = tree.node_paths.cpu()
+        self.tried = torch.zeros(n1, dtype=torch.float64)
+        self.hits = torch.zeros(n1, dtype=torch.float64)
+        self.observed = 0  # request-steps seen
+
+    def update(self, last_node, num_verified) -> None:
+        """Record request-steps: ``last_node [R]`` int (the accepted path's last node, 0 = nothing accepted) and
+        ``num_verified [R]`` int (draft nodes verified, i.e. the prefix ``[1, num_verified]``; query length - 1)."""
+        last = torch.as_tensor(last_node, dtype=torch.int64).cpu().reshape(-1)
+        nv = torch.as_tensor(num_verified, dtype=torch.int64).cpu().reshape(-1)
+        r = last.numel()
+        if r == 0:
+            return
+        n1 = self.tried.numel()
+        if self.decay < 1.0:
+            f = self.decay ** r
+            self.tried.mul_(f)
+            self.hits.mul_(f)
+        # tried: node i verified iff i <= num_verified -> a histogram of num_verified, accumulated from the top
+        tried = torch.bincount(nv.clamp(0, n1 - 1), minlength=n1).flip(0).cumsum(0).flip(0).to(torch.float64)
+        self.tried += tried
+        path = self.node_paths[last].reshape(-1)
+        self.hits += torch.bincount(path[path >= 0], minlength=n1).to(torch.float64)
+        self.observed += r
+
+    def node_acceptance(self) -> torch.Tensor:
+        """``[N+1]`` float64 estimated ``p_i`` (``p_0 = 1``, the root is always kept)."""
+        w = self.prior_weight
+        p = (self.hits + w * self.prior) / (self.tried + w).clamp_min(1e-12)
+        p[0] = 1.0
+        return p.clamp_(0.0, 1.0)
+
+    def accept_lengths(self) -> list[float]:
+        """E[L](n) for n = 0..N (non-decreasing, [0] = 1)."""
+        p = self.node_acceptance()
+        p[0] = 1.0
+        return p.cumsum(0).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ measured tables
+def interpolate_ms(points: Mapping[int, float], rows: float) -> float:
+    """Piecewise-linear time at ``rows`` from measured ``{rows: ms}`` (>= 1 point); beyond the largest measured row
+    count, extended along the last segment (a step grows at least linearly once compute-bound), never below the
+    last point; below the smallest, its value."""
+    xs = sorted(points)
+    if not xs:
+        raise TreeScheduleError("no measured points to interpolate")
+    if rows <= xs[0]:
+        return float(points[xs[0]])
+    if rows >= xs[-1]:
+        if len(xs) == 1:
+            return float(points[xs[-1]]) * rows / xs[-1]
+        x0, x1 = xs[-2], xs[-1]
+        slope = max((points[x1] - points[x0]) / (x1 - x0), 0.0)
+        return float(points[x1] + slope * (rows - x1))
+    j = bisect.bisect_left(xs, rows)
+    x0, x1 = xs[j - 1], xs[j]
+    w = (rows - x0) / (x1 - x0)
+    return float(points[x0] + w * (points[x1] - points[x0]))
+
+
+def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int], query_tokens: Sequence[int],
+                      draft_ms: Mapping[int, Sequence[float]] | None = None, tree=None,
+                      step_fixed_ms: float = 0.0) -> list[list[float]]:
+    """The ``overhead`` table of a :class:`TreeSchedule` from measured step times.
+
+    ``overhead[B][q] = (f(B * q) + c + draft(B, depth(q - 1))) / (f(B) + c)``, ``overhead[B][1] = 1``, with ``f``
+    the measured forward time over a number of rows (:func:`interpolate_ms` of ``forward_ms``), ``c =
+    step_fixed_ms`` the per-step time outside the forward (same with and without a tree), and ``draft(B, d)`` the
+    time of the heads a prefix of depth ``d`` needs at batch ``B`` (``draft_ms[B][d - 1]``, interpolated in ``B``;
+    ``tree`` gives the depth of each prefix; 0 without ``draft_ms``). The forward times are first made
+    non-decreasing in rows (``f(r) = min_{r' >= r} f(r')``: a forward over fewer rows is not slower, so a high point
+    below a lower one is warm-up or noise); the heads' times likewise in depth.
+    """
+    xs = sorted(forward_ms)
+    mono, low = {}, float("inf")
+    for x in reversed(xs):
+        low = min(low, float(forward_ms[x]))
+        mono[x] = low
+    forward_ms = mono
+    if draft_ms:  # likewise: more heads are not cheaper
+        draft_ms = {b: [min(v[i:]) for i in range(len(v))] for b, v in draft_ms.items()}
+    out = []
+    for b in batch_sizes:
+        base = interpolate_ms(forward_ms, b) + step_fixed_ms
+        row = []
+        for q in query_tokens:
+            if q == 1:
+                row.append(1.0)
+                continue
+            t = interpolate_ms(forward_ms, b * q) + step_fixed_ms
+            if draft_ms:
+                depth = tree.prefix_depth[min(q - 1, tree.num_nodes)] if tree is not None else 1
+                per_b = {bb: v[min(depth, len(v)) - 1] for bb, v in draft_ms.items()}
+                t += interpolate_ms(per_b, b)
+            row.append(round(max(t / base, 1e-6), 5))
+        out.append(row)
     return out
 
 

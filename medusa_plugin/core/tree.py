@@ -145,6 +145,8 @@ class MedusaTree:
         child_index[self.parent[1:], self.rank[1:]] = torch.arange(1, n + 1)
         self.child_index = child_index
         self.is_leaf = torch.tensor([not c for c in children], dtype=torch.bool)
+        # prefix_depth[n]: depth of the prefix [0, n] of node order (nodes are sorted by depth): heads it needs.
+        self.prefix_depth = [0] + [len(p) for p in paths]
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -267,6 +269,33 @@ class MedusaTree:
         top = head_logits[:, : self.max_depth].topk(self.topk, dim=-1).indices  # [B, D, topk]
         flat = torch.cat([root_tokens.to(torch.int64).unsqueeze(1), top.reshape(b, -1)], dim=1)
         return flat[:, self.tree_indices.to(flat.device)]
+
+    def candidates_from_topk(self, root_tokens: Tensor, top_ids: Tensor, num_nodes: int | None = None) -> Tensor:
+        """Draft tokens of the first ``num_nodes`` nodes from each head's top-k ids (the fast draft path).
+
+        Args:
+            root_tokens: [B] int64, the last emitted token of each request.
+            top_ids: [B, K, topk] int64 token ids, best first (``MedusaHeads.draft_topk``); ``K >=
+                prefix_depth[num_nodes]`` (the heads the prefix needs), extra heads are ignored.
+            num_nodes: n in 0..N (default N).
+        Returns:
+            [B, n+1] int64: column 0 = root, column i = ``top_ids[:, depth[i]-1, rank[i]]`` — the first n+1 columns of
+            ``build_candidates(root_tokens, logits)`` when ``top_ids`` are the top-k of those logits.
+        Raises:
+            MedusaTreeError: bad shapes, too few heads or ranks for the prefix, n out of range.
+        """
+        n = self.num_nodes if num_nodes is None else int(num_nodes)
+        if not 0 <= n <= self.num_nodes:
+            raise MedusaTreeError(f"num_nodes={num_nodes} is outside 0..{self.num_nodes}")
+        if top_ids.dim() != 3 or top_ids.shape[2] != self.topk or root_tokens.shape != top_ids.shape[:1]:
+            raise MedusaTreeError(f"top_ids must be [B, K, topk={self.topk}] with root_tokens [B], got "
+                                  f"{tuple(top_ids.shape)} and {tuple(root_tokens.shape)}")
+        if top_ids.shape[1] < self.prefix_depth[n]:
+            raise MedusaTreeError(f"the first {n} nodes reach depth {self.prefix_depth[n]} but top_ids has "
+                                  f"{top_ids.shape[1]} heads: run at least {self.prefix_depth[n]} heads")
+        b = top_ids.shape[0]
+        flat = torch.cat([root_tokens.to(torch.int64).unsqueeze(1), top_ids.reshape(b, -1).to(torch.int64)], dim=1)
+        return flat[:, self.tree_indices[: n + 1].to(flat.device)]
 
     # ---------------------------------------------------------------- text
     def describe(self) -> str:

@@ -14,16 +14,25 @@ call does not pass hidden states, so tree mode needs the Medusa model runner (:m
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import Tensor
 
 from medusa_plugin.core.heads import MedusaHeads
-from medusa_plugin.core.schedule import TreeSchedule
+from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
 from medusa_plugin.core.tree import MedusaTree
 
 from .settings import medusa_settings
 
 __all__ = ["MedusaTreeProposer", "MedusaProposerError"]
+
+
+def _log_info(msg: str) -> None:
+    from vllm.logger import init_logger
+
+    init_logger("vllm.medusa_plugin.proposer").info(msg)
 
 
 class MedusaProposerError(ValueError):
@@ -49,6 +58,21 @@ class MedusaTreeProposer:
         self.config = medusa_settings(vllm_config)
         self.tree = MedusaTree.load(self.config.tree, topk=self.config.topk)
         self.schedule = TreeSchedule.resolve(self.config.tree_schedule, self.tree)
+        # tree_schedule: auto without a shipped table for this device (every CPU): measured in the engine
+        # (calibrate(), called by the runner once the KV cache exists).
+        self.needs_calibration = self.config.tree_schedule == "auto" and self.schedule is None
+        # E[L](n) as observed in serving (observe(), called by the runner with each step's accepted paths).
+        prior = self.schedule.accept_lengths if self.schedule is not None else prefix_accept_lengths(self.tree)
+        self.acceptance = AcceptanceEstimator(self.tree, prior[: self.tree.num_nodes + 1]
+                                              if len(prior) >= self.tree.num_nodes + 1
+                                              else prefix_accept_lengths(self.tree))
+        self._steps_since_refresh = 0
+        self._idle_steps = 0
+        # measured step cost (calibrate) and the engine-step time outside forward + heads, learnt from the time
+        # between consecutive propose_tree calls (one engine step each)
+        self._step_cost: dict | None = None
+        self._fixed_ms: list[float] = []
+        self._last_call: tuple[float, int, int] | None = None
         self.heads: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
         self.vocab_size = vllm_config.model_config.get_vocab_size()
@@ -84,7 +108,84 @@ class MedusaTreeProposer:
             "use worker_cls='medusa_plugin.vllm_ext.worker.MedusaCPUWorker' (--worker-cls), which the "
             "medusa_plugin vLLM plugin selects automatically when it is installed")
 
+    # ------------------------------------------------------------------ schedule: measured cost, observed acceptance
+    REFRESH_EVERY = 16      # engine steps between re-derivations of the schedule from the observed acceptance
+    PROBE_EVERY = 64        # steps without speculation between single-node probes (keeps acceptance observed)
+
+    def calibrate(self, runner) -> None:
+        """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
+        (cached per model, dtype and machine; :mod:`.calibrate`). No-op otherwise. Called by the runner after the
+        KV cache is allocated."""
+        if not self.needs_calibration or self.heads is None:
+            return
+        from . import calibrate
+
+        self._step_cost = calibrate.load_or_measure(runner, self, log=_log_info)
+        self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths())
+        self.needs_calibration = False
+        _log_info(f"Medusa tree schedule (nodes per batch size): {self.schedule.ranges()}")
+
+    def observe(self, last_node, num_verified) -> None:
+        """Record one step's accepted paths (``last_node [R]``: last accepted node per tree request, ``num_verified
+        [R]``: nodes it verified); every :attr:`REFRESH_EVERY` calls the schedule is re-derived from them."""
+        self.acceptance.update(last_node, num_verified)
+        self._steps_since_refresh += 1
+        if self.schedule is not None and self._steps_since_refresh >= self.REFRESH_EVERY:
+            self._steps_since_refresh = 0
+            if self._step_cost is not None and self._fixed_ms:
+                from . import calibrate
+
+                self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths(),
+                                                        step_fixed_ms=self.step_fixed_ms)
+            else:
+                self.schedule = self.schedule.with_accept_lengths(self.acceptance.accept_lengths(),
+                                                                  tree=self.schedule.meta.get("tree"))
+
+    @property
+    def step_fixed_ms(self) -> float:
+        """Median engine-step time outside the model forward and the heads (ms), over the last 64 steps."""
+        if not self._fixed_ms:
+            return 0.0
+        return max(0.0, statistics.median(self._fixed_ms))
+
+    def _time_step(self, batch_size: int, num_nodes: int) -> None:
+        """Called once per engine step: the time since the previous call is one engine step of the previous
+        (batch, nodes); minus its measured forward + heads it is the fixed part of a step."""
+        now = time.perf_counter()
+        last, self._last_call = self._last_call, (now, batch_size, num_nodes)
+        if last is None or self._step_cost is None:
+            return
+        from . import calibrate
+
+        period = (now - last[0]) * 1e3
+        pred = calibrate.predicted_ms(self._step_cost, self.tree, last[1], last[2])
+        if period < 4 * pred + 50:  # not an idle gap between requests
+            self._fixed_ms.append(period - pred)
+            del self._fixed_ms[:-64]
+
     # ------------------------------------------------------------------ tree drafting
+    def num_nodes_for(self, batch_size: int) -> int:
+        """Tree nodes (a prefix of node order) to draft per request at ``batch_size``: the schedule's choice, or
+        the whole tree without a schedule. While the schedule says 0 within its table, every
+        :attr:`PROBE_EVERY`-th step drafts one node, so a rise in acceptance is noticed."""
+        if self.schedule is None:
+            return self.tree.num_nodes
+        n = min(self.schedule.num_nodes(batch_size), self.tree.num_nodes)
+        if n == 0 and 0 < batch_size <= self.schedule.max_batch_size:
+            self._idle_steps += 1
+            if self._idle_steps % self.PROBE_EVERY == 0:
+                return 1
+        return n
+
+    def draft_topk(self, hidden: Tensor, num_heads: int) -> Tensor:
+        """``[B, H]`` hidden -> ``[B, num_heads, topk]`` token ids (only the heads the prefix needs)."""
+        return self.heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head,
+                                     vocab_size=self.vocab_size)
+
+    def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
+        """Draft tokens of the first ``num_nodes`` nodes per request (one host copy)."""
+        return self.tree.candidates_from_topk(root, top, num_nodes)[:, 1:].tolist()
+
     @torch.inference_mode()
     def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:
         """Draft a tree per request.
@@ -95,22 +196,31 @@ class MedusaTreeProposer:
             roots: ``B`` root tokens (the token just emitted, not yet in the KV cache).
             allow: optional ``B`` flags; requests with False get no drafts.
         Returns:
-            ``B`` lists: ``tree.num_nodes`` draft tokens in node order (the first ``schedule.num_nodes(B)`` with a
-            schedule), or ``[]``.
+            ``B`` lists: the first :meth:`num_nodes_for` ``(B)`` draft tokens of the tree in node order, or ``[]``.
+            Only the heads the drafted prefix reaches run (``MedusaHeads.draft_topk``).
         """
         if self.heads is None:
             raise MedusaProposerError("propose_tree called before load_model")
         b = hidden.shape[0]
-        num_nodes = self.tree.num_nodes if self.schedule is None else min(self.schedule.num_nodes(b),
-                                                                           self.tree.num_nodes)
-        idx = [i for i in range(b) if allow is None or allow[i]] if num_nodes > 0 else []
+        num_nodes = self.num_nodes_for(b)
+        self._time_step(b, num_nodes)
         out: list[list[int]] = [[] for _ in range(b)]
-        if not idx:
+        if num_nodes <= 0:
             return out
-        sel = torch.tensor(idx, device=hidden.device)
-        logits = self.heads(hidden[sel], lm_head=self._lm_head)[..., : self.vocab_size]  # [b', K, V]
-        root = torch.tensor([roots[i] for i in idx], dtype=torch.int64, device=hidden.device)
-        tokens = self.tree.build_candidates(root, logits)[:, 1 : num_nodes + 1].tolist()
+        if allow is None or all(allow):
+            idx = None
+        else:
+            idx = [i for i in range(b) if allow[i]]
+            if not idx:
+                return out
+        root = torch.tensor(roots if idx is None else [roots[i] for i in idx], dtype=torch.int64,
+                            device=hidden.device)
+        if idx is not None:
+            hidden = hidden[torch.tensor(idx, device=hidden.device)]
+        top = self.draft_topk(hidden, self.tree.prefix_depth[num_nodes])
+        tokens = self.candidates_from_topk(root, top, num_nodes)
+        if idx is None:
+            return tokens
         for i, toks in zip(idx, tokens):
             out[i] = toks
         return out

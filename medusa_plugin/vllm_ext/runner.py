@@ -108,6 +108,11 @@ class MedusaRunnerMixin:
         if self._medusa is not None and not self._m_is_chain:
             self._medusa_check_attention()
 
+    def initialize_kv_cache(self, *args, **kwargs) -> None:
+        super().initialize_kv_cache(*args, **kwargs)
+        if self._medusa is not None and not kwargs.get("is_profiling", False):
+            self._medusa.calibrate(self)  # tree_schedule: auto -> step cost measured in this engine (cached)
+
     def _medusa_check_attention(self) -> None:
         """Tree rows need the Medusa attention impl in every decoder layer; stock attention would be silently wrong."""
         for name, layer in self.compilation_config.static_forward_context.items():
@@ -241,6 +246,7 @@ class MedusaRunnerMixin:
 
     def _medusa_record(self, step: tree_step.TreeStep, result: AcceptanceResult) -> None:
         stats = self.medusa_stats
+        self._medusa.observe(result.last_node, step.num_valid - 1)  # online acceptance -> the batch-aware schedule
         acc = result.accept_len.cpu().numpy()
         stats.steps += int(acc.size)
         stats.accepted += int(acc.sum())

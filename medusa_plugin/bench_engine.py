@@ -1,0 +1,278 @@
+"""Engine-level benchmarks inside vLLM: ``medusa-plugin bench overhead`` and ``bench step-cost --engine vllm``.
+
+``overhead``: the cost of one engine step at batch 1, split into phases (:mod:`medusa_plugin.vllm_ext.profiling`),
+for plain decoding, a Medusa step with one draft node (``chain1``, the first node of ``--tree``) and a step of
+vLLM's own ngram proposer with one draft, all in the same run; plus step cost against rows per step for plain
+(``r`` requests), ngram (``k`` drafts) and Medusa (tree prefixes of ``k`` nodes). Each configuration is its own
+in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) decoding ``--steps`` tokens; the step time is the median
+over the steps with the wanted row count (the first, prefill, step excluded).
+
+JSON keys: ``plain_ms``, ``chain1_ms``, ``chain1_ratio`` (= chain1_ms / plain_ms), ``ngram1_ms``,
+``plugin_overhead_ms``, ``phases`` (phase -> ms of the chain1 step), ``plain_phases``, ``ngram1_phases``, ``curve``
+(``{"plain"|"ngram"|"medusa": {rows: ms}}``), ``definitions``.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+__all__ = ["overhead", "format_overhead", "plot_overhead", "engine_step_cost"]
+
+DEFINITIONS = {
+    "step": "wall time of one EngineCore step (schedule + model runner + output update), median over steps",
+    "model_forward": "the target model's forward + compute_logits over the step's rows, without attention",
+    "attention": "vLLM's CPU attention kernel (all layers)",
+    "plugin_overhead_ms": "sum of the chain1 step's phases other than model_forward and attention, minus the same "
+                          "for the plain step (medians per phase; robust to noise in the forward): what the plugin "
+                          "adds beyond the model's own work on the extra row",
+    "chain1_ratio": "chain1_ms / plain_ms: a Medusa step verifying one draft node against a plain decode step",
+}
+
+
+class _FixedNodes:
+    """A stand-in schedule that drafts exactly ``n`` nodes at every batch size (benchmarks only)."""
+
+    def __init__(self, n: int):
+        self.n, self.max_batch_size, self.meta = n, 1 << 30, {}
+
+    def num_nodes(self, batch_size: int) -> int:
+        return self.n
+
+    def with_accept_lengths(self, *_a, **_k) -> "_FixedNodes":
+        return self
+
+
+def _reference_topk(proposer, hidden):
+    """v0.1's draft path: all heads, full-vocabulary logits (``MedusaHeads.forward``), top-k of each."""
+    logits = proposer.heads(hidden, lm_head=proposer._lm_head)[..., : proposer.vocab_size]
+    return logits.topk(proposer.tree.topk, dim=-1).indices
+
+
+def _vocab_size(model: str) -> int:
+    """``vocab_size`` of a local model directory's config.json (32000 if unreadable)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError):
+        return 32000
+
+
+def _prompt(tokenizer_len: int, length: int = 48) -> list[int]:
+    """A prompt that repeats itself (ngram always finds a match; a fixed row count per step)."""
+    base = [(1000 + 37 * i) % max(tokenizer_len - 1, 2) + 1 for i in range(16)]
+    return (base * (length // len(base) + 1))[:length]
+
+
+def _run_profiled(llm, prompts, steps: int, rows: int, num_reqs: int) -> dict[str, Any]:
+    from .vllm_ext import offline
+    from .vllm_ext.profiling import StepProfiler
+
+    offline.run(llm, prompts[:1], 4, ignore_eos=True)  # warm-up
+    with StepProfiler(llm) as prof:
+        offline.run(llm, prompts, steps, ignore_eos=True)
+    sel = prof.select(rows, num_reqs)
+    out = StepProfiler.summary(sel)
+    out["rows"] = rows
+    out["all_rows"] = sorted({r.rows for r in prof.records})
+    return out
+
+
+def _engine_kwargs(model: str, dtype: str, rows: Sequence[int], steps: int, max_k: int, prompt) -> dict:
+    return dict(dtype=dtype, max_num_seqs=max(rows), max_model_len=max(512, len(prompt) + steps + max_k + 16))
+
+
+def _plain_job(model, dtype, steps, rows, kw, prompt):
+    from .vllm_ext import offline
+
+    llm = offline.build_llm(model, **kw)
+    try:
+        return {r: _run_profiled(llm, [prompt] * r, steps, r, r) for r in rows}
+    finally:
+        offline.shutdown(llm)
+
+
+def _ngram_job(model, dtype, steps, k, kw, prompt):
+    from .vllm_ext import offline
+
+    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    llm = offline.build_llm(model, speculative_config=spec, **kw)
+    try:
+        return _run_profiled(llm, [prompt], steps, k + 1, 1)
+    finally:
+        offline.shutdown(llm)
+
+
+def _medusa_job(model, heads, tree, steps, nodes, kw, prompt):
+    from .vllm_ext import offline
+    from .vllm_ext.profiling import runner_of
+
+    llm = offline.build_llm(model, medusa={"heads": heads, "tree": tree}, **kw)
+    out = {}
+    try:
+        proposer = runner_of(llm).drafter
+        for n in nodes:
+            proposer.schedule = _FixedNodes(n)
+            out[n] = _run_profiled(llm, [prompt], steps, n + 1, 1)
+        # plain (no drafts: n = 0) and chain1 steps alternated on this one engine, so that a shared, noisy machine
+        # loads both alike; the ratio of their medians is the robust chain1 ratio
+        alt = {0: [], 1: []}
+        for _ in range(3):
+            for n in (0, 1):
+                proposer.schedule = _FixedNodes(n)
+                alt[n].append(_run_profiled(llm, [prompt], max(steps // 3, 4), n + 1, 1)["step_ms"])
+        out["alternating"] = {"plain_ms": statistics.median(alt[0]), "chain1_ms": statistics.median(alt[1]),
+                              "rounds": alt}
+        # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
+        proposer.schedule = _FixedNodes(1)
+        fast = proposer.draft_topk
+        proposer.draft_topk = lambda h, d: _reference_topk(proposer, h)
+        try:
+            out["reference"] = _run_profiled(llm, [prompt], steps, 2, 1)
+        finally:
+            proposer.draft_topk = fast
+    finally:
+        offline.shutdown(llm)
+    return out
+
+
+def _non_forward(summary: dict) -> float:
+    """Sum of a step summary's phase medians other than the model's own forward and attention (ms)."""
+    return sum(v for k, v in summary["phases"].items() if k not in ("model_forward", "attention"))
+
+
+def _spawn(fn, *args):
+    """Run one engine configuration in a fresh process (vLLM 0.32 cannot build an engine after an ngram engine in
+    the same process: its Triton-kernel rebinding trips over numba/llvmlite objects; a fresh process is also a fair
+    measurement)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfloat16", steps: int = 48,
+             rows: Sequence[int] = (1, 2, 3, 5), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Profile plain, Medusa and ngram engine steps at batch 1 (see the module docstring). Returns the JSON dict."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from .core.tree import MedusaTree
+
+    mtree = MedusaTree.load(tree)
+    rows = sorted(set(rows) | {1, 2})
+    max_k = min(max(rows) - 1, mtree.num_nodes)
+    prompt = _prompt(_vocab_size(model))
+    kw = _engine_kwargs(model, dtype, rows, steps, max_k, prompt)
+    res: dict[str, Any] = {"benchmark": "overhead", "model": model, "heads": heads, "tree": tree, "dtype": dtype,
+                           "steps": steps, "definitions": DEFINITIONS}
+    t0 = time.perf_counter()
+    log(f"overhead: plain engine ({model}, {dtype}), {len(rows)} batch sizes")
+    plain_runs = _spawn(_plain_job, model, dtype, steps, rows, kw, prompt)
+    log(f"overhead: Medusa engine (heads {heads}, tree {tree})")
+    nodes = sorted({1} | {r - 1 for r in rows if 1 < r <= mtree.num_nodes + 1})
+    medusa = _spawn(_medusa_job, model, heads, tree, steps, nodes, kw, prompt)
+    ngram = {}
+    for k in sorted({1, max_k}):
+        log(f"overhead: ngram engine, {k} draft(s)")
+        ngram[k] = _spawn(_ngram_job, model, dtype, steps, k, kw, prompt)
+
+    plain, chain1, ng1, ref_draft = plain_runs[1], medusa[1], ngram[1], medusa["reference"]
+    curve = {"plain": {r: s["step_ms"] for r, s in plain_runs.items()},
+             "ngram": {k + 1: s["step_ms"] for k, s in ngram.items() if s["step_ms"] is not None},
+             "medusa": {n + 1: medusa[n]["step_ms"] for n in nodes}}
+    res.update({
+        "plain_ms": plain["step_ms"], "chain1_ms": chain1["step_ms"],
+        "chain1_ratio": round(chain1["step_ms"] / plain["step_ms"], 4),
+        "ngram1_ms": ng1["step_ms"],
+        "ngram1_ratio": None if ng1["step_ms"] is None else round(ng1["step_ms"] / plain["step_ms"], 4),
+        "chain1_reference_draft_ms": ref_draft["step_ms"],
+        "chain1_reference_draft_ratio": round(ref_draft["step_ms"] / plain["step_ms"], 4),
+        "reference_draft_phases": ref_draft["phases"],
+        "same_engine": {**medusa.get("alternating", {}),
+                        "chain1_ratio": round(medusa["alternating"]["chain1_ms"] / medusa["alternating"]["plain_ms"],
+                                              4) if "alternating" in medusa else None,
+                        "note": "plain (0 drafts) and chain:1 steps alternated 3x on the Medusa engine"},
+        "plugin_overhead_ms": round(_non_forward(chain1) - _non_forward(plain), 4),
+        "reference_draft_overhead_ms": round(_non_forward(ref_draft) - _non_forward(plain), 4),
+        "phases": chain1["phases"], "plain_phases": plain["phases"], "ngram1_phases": ng1["phases"],
+        "steps_measured": {"plain": plain["steps"], "chain1": chain1["steps"], "ngram1": ng1["steps"],
+                           "chain1_reference_draft": ref_draft["steps"]},
+        "curve": {k: {str(r): v for r, v in sorted(c.items())} for k, c in curve.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    res["plugin_overhead_pct_of_plain"] = round(100 * res["plugin_overhead_ms"] / res["plain_ms"], 2)
+    return res
+
+
+def format_overhead(res: dict[str, Any]) -> str:
+    from .bench import _table
+    from .vllm_ext.profiling import PHASES
+
+    head = (f"Engine step at batch 1 ({res['model']}, {res['dtype']}, heads {res['heads']}, tree {res['tree']}; "
+            f"median of {res['steps']} decode steps per engine)")
+    cols = [("plain", res["plain_phases"]), ("medusa chain:1", res["phases"]),
+            ("chain:1, v0.1 drafting", res["reference_draft_phases"]), ("ngram k=1", res["ngram1_phases"])]
+    rows = [[p] + [c.get(p, 0.0) for _, c in cols] for p in PHASES]
+    rows.append(["STEP (ms)", res["plain_ms"], res["chain1_ms"], res["chain1_reference_draft_ms"],
+                 res["ngram1_ms"] or 0.0])
+    lines = [head, _table(["phase (ms)"] + [n for n, _ in cols], rows),
+             f"chain1_ratio = {res['chain1_ratio']:.3f} (v0.1 drafting: {res['chain1_reference_draft_ratio']:.3f})   "
+             f"ngram1_ratio = {res['ngram1_ratio']}   "
+             f"plugin_overhead = {res['plugin_overhead_ms']:.2f} ms ({res['plugin_overhead_pct_of_plain']:.1f} % of "
+             f"a plain step)"]
+    curve = res["curve"]
+    all_rows = sorted({int(r) for c in curve.values() for r in c})
+    lines.append(_table(["rows/step"] + list(curve),
+                        [[r] + [curve[k].get(str(r), "-") for k in curve] for r in all_rows]))
+    return "\n".join(lines)
+
+
+def plot_overhead(res: dict[str, Any], path: str) -> str | None:
+    """Step cost against rows per step (PNG); None if matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"plain": "plain (r requests x 1 row)", "ngram": "vLLM ngram (1 request, k drafts)",
+              "medusa": "Medusa (1 request, k nodes)"}
+    for key, pts in res["curve"].items():
+        if pts:
+            xs = sorted(int(r) for r in pts)
+            ax.plot(xs, [pts[str(x)] for x in xs], marker="o", label=labels.get(key, key))
+    ax.set_xlabel("rows per step (query tokens)")
+    ax.set_ylabel("engine step (ms, median)")
+    ax.set_title(f"Step cost, {os.path.basename(res['model'].rstrip('/'))} {res['dtype']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def engine_step_cost(*, model: str, heads: str, tree: str, dtype: str = "bfloat16", max_num_seqs: int = 16,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The step-cost table ``tree_schedule: auto`` measures at engine start, measured now (refreshing the cache)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from .vllm_ext import calibrate, offline
+    from .vllm_ext.profiling import runner_of
+
+    llm = offline.build_llm(model, medusa={"heads": heads, "tree": tree}, dtype=dtype, max_num_seqs=max_num_seqs)
+    try:
+        runner = runner_of(llm)
+        proposer = runner.drafter
+        sched = calibrate.measured_schedule(runner, proposer, proposer.acceptance.accept_lengths(), refresh=True,
+                                            log=log)
+        data = sched.to_dict()
+    finally:
+        offline.shutdown(llm)
+    return {"benchmark": "step_cost", "engine": "vllm", "model": model, "heads": heads, "tree": tree,
+            "dtype": dtype, "schedule": data, "num_nodes": sched.table(), "describe": sched.describe()}

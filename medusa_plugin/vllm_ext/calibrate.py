@@ -1,0 +1,184 @@
+"""``tree_schedule: auto`` where no shipped table fits (every CPU, any GPU but H100/H200): measure the step cost
+inside the engine once per model, dtype and machine, cache it, and build the :class:`TreeSchedule` from it.
+
+Measured at engine start (after the KV cache exists, before the first request), in a few seconds:
+
+* the target model's forward over ``r`` rows, for the row counts a step can have (``1 .. max_num_seqs * (N+1)``,
+  capped by ``max_num_batched_tokens``; a log-spaced grid, linear in between) — vLLM's own dummy batch
+  (``GPUModelRunner._dummy_run(num_tokens)``), best of ``repeats``;
+* the Medusa heads (``MedusaTreeProposer.draft_topk``) for each batch size and number of heads.
+
+``overhead[B][q] = (f(B*q) + draft(B, depth)) / f(B)`` (:func:`~medusa_plugin.core.schedule.measured_overhead`).
+The cache file is ``<cache>/step_cost/<key>.json`` with ``<cache>`` = ``$MEDUSA_PLUGIN_CACHE`` or
+``$XDG_CACHE_HOME|~/.cache/medusa_plugin``; the key hashes the model path, dtype, heads, tree, max_num_seqs, CPU
+model / GPU name, thread count, and the torch / vLLM versions. ``medusa-plugin bench step-cost --engine vllm``
+writes the same table on demand.
+
+vLLM internals used: ``GPUModelRunner._dummy_run(num_tokens)`` (``v1/worker/gpu_model_runner.py:5508``),
+``runner.vllm_config`` / ``scheduler_config.max_num_seqs`` / ``max_num_batched_tokens``, ``model_config.model`` /
+``.dtype``, ``vllm.__version__``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medusa_plugin.core.schedule import TreeSchedule, measured_overhead
+
+__all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_measure", "schedule_from",
+           "predicted_ms", "row_grid"]
+
+MEASURE_VERSION = 2
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MEDUSA_PLUGIN_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medusa_plugin"
+
+
+def machine_id(device: torch.device) -> str:
+    """CPU model and thread count, or the GPU name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def row_grid(max_rows: int) -> list[int]:
+    """Row counts measured: 1..8, then about x1.5 apart, then ``max_rows``."""
+    rows, r = [], 1
+    while r < max_rows:
+        rows.append(r)
+        r = r + 1 if r < 8 else int(r * 1.5)
+    rows.append(max_rows)
+    return rows
+
+
+def _batch_grid(max_seqs: int) -> list[int]:
+    out, b = [], 1
+    while b < max_seqs:
+        out.append(b)
+        b *= 2
+    out.append(max_seqs)
+    return out
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _key(runner, proposer) -> dict[str, Any]:
+    import vllm
+
+    cfg = runner.vllm_config
+    return {"version": MEASURE_VERSION, "model": str(cfg.model_config.model),
+            "dtype": str(cfg.model_config.dtype).removeprefix("torch."), "heads": str(proposer.config.heads),
+            "tree": proposer.config.tree_name, "max_num_seqs": int(cfg.scheduler_config.max_num_seqs),
+            "max_num_batched_tokens": int(cfg.scheduler_config.max_num_batched_tokens),
+            "machine": machine_id(runner.device), "torch": torch.__version__,
+            "vllm": getattr(vllm, "__version__", "?")}
+
+
+def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) -> dict[str, Any]:
+    """Time the forward over each :func:`row_grid` count and the heads per batch size and depth; returns
+    ``{"forward_ms": {rows: ms}, "batch_sizes": [...], "draft_ms": {B: [ms per depth 1..D]}, ...}``."""
+    cfg = runner.vllm_config
+    n1 = proposer.tree.num_nodes + 1
+    max_seqs = int(cfg.scheduler_config.max_num_seqs)
+    cap = int(cfg.scheduler_config.max_num_batched_tokens)
+    max_rows = min(max_rows or max_seqs * n1, cap)
+    t0 = time.perf_counter()
+    forward_ms = {r: round(_best_ms(lambda r=r: runner._dummy_run(r), repeats), 4) for r in row_grid(max_rows)}
+    batch_sizes = _batch_grid(max_seqs)
+    heads = proposer.heads
+    ref = next(heads.parameters(), None)
+    dev = ref.device if ref is not None else runner.device
+    draft_ms = {}
+    with torch.inference_mode():
+        for b in batch_sizes:
+            h = torch.randn(b, heads.hidden_size, device=dev, dtype=heads.dtype)
+            draft_ms[b] = [round(_best_ms(lambda h=h, d=d: proposer.draft_topk(h, d), repeats), 4)
+                           for d in range(1, proposer.tree.max_depth + 1)]
+    return {**_key(runner, proposer), "forward_ms": forward_ms, "batch_sizes": batch_sizes, "draft_ms": draft_ms,
+            "repeats": repeats, "timing": "best of repeats after one warm-up",
+            "seconds": round(time.perf_counter() - t0, 2),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms: float = 0.0) -> TreeSchedule:
+    """The :class:`TreeSchedule` of a measurement (``overhead[B][q] = (f(B*q) + c + draft) / (f(B) + c)``, ``c =
+    step_fixed_ms``: the engine step's time outside the forward, learnt while serving)."""
+    tree = proposer.tree
+    fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
+    draft = {int(k): [float(x) for x in v] for k, v in data["draft_ms"].items()}
+    qs = list(range(1, tree.num_nodes + 2))
+    overhead = measured_overhead(fwd, data["batch_sizes"], qs, draft, tree, step_fixed_ms=step_fixed_ms)
+    src = (f"measured in the engine on {data['machine']} ({data['model']}, {data['dtype']}, {data['time']}); "
+           f"model forward via vLLM's dummy batch + Medusa heads; fixed step time {step_fixed_ms:.2f} ms")
+    return TreeSchedule(data["batch_sizes"], qs, overhead, accept_lengths,
+                        meta={"source": src, "gpu": data["machine"], "tree": proposer.config.tree_name})
+
+
+def predicted_ms(data: dict[str, Any], tree, batch_size: int, num_nodes: int) -> float:
+    """Forward + heads time of a step with ``num_nodes`` nodes per request at ``batch_size`` (no fixed part)."""
+    from medusa_plugin.core.schedule import interpolate_ms
+
+    fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
+    t = interpolate_ms(fwd, batch_size * (num_nodes + 1))
+    if num_nodes > 0:
+        d = tree.prefix_depth[min(num_nodes, tree.num_nodes)]
+        t += interpolate_ms({int(k): float(v[d - 1]) for k, v in data["draft_ms"].items()}, batch_size)
+    return t
+
+
+def load_or_measure(runner, proposer, *, refresh: bool = False, log=None) -> dict[str, Any]:
+    """The cached measurement of this engine (see the module docstring), measuring and caching it first if needed."""
+    key = _key(runner, proposer)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "step_cost" / f"{digest}.json"
+    data = None
+    if path.is_file() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+    if data is None:
+        data = measure(runner, proposer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(path)
+        if log:
+            log(f"Medusa: measured step cost in {data['seconds']} s, cached at {path}")
+    elif log:
+        log(f"Medusa: step cost from {path}")
+    return data
+
+
+def measured_schedule(runner, proposer, accept_lengths, *, refresh: bool = False, log=None) -> TreeSchedule:
+    """:func:`schedule_from` of :func:`load_or_measure`."""
+    return schedule_from(load_or_measure(runner, proposer, refresh=refresh, log=log), proposer, accept_lengths)

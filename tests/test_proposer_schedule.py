@@ -1,0 +1,59 @@
+"""The proposer's schedule loop without an engine: observed acceptance re-derives the tree size, a stopped schedule
+probes one node now and then, and the step's fixed time is learnt from the time between drafting calls."""
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from medusa_plugin.core.schedule import TreeSchedule, measured_overhead  # noqa: E402
+from medusa_plugin.vllm_ext import calibrate  # noqa: E402
+from medusa_plugin.vllm_ext.proposer import MedusaTreeProposer  # noqa: E402
+
+STEP_COST = {"forward_ms": {"1": 10.0, "5": 11.0, "20": 14.0, "80": 40.0}, "batch_sizes": [1, 2, 4],
+             "draft_ms": {"1": [0.1, 0.2, 0.3, 0.4], "2": [0.1, 0.2, 0.3, 0.4], "4": [0.2, 0.3, 0.4, 0.5]},
+             "machine": "test", "model": "m", "dtype": "float32", "time": "t"}
+
+
+def _proposer():
+    cfg = SimpleNamespace(
+        additional_config={"medusa": {"heads": "unused", "tree": "chain:4", "tree_schedule": "auto"}},
+        speculative_config=SimpleNamespace(num_speculative_tokens=4),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        model_config=SimpleNamespace(get_vocab_size=lambda: 100))
+    p = MedusaTreeProposer(cfg)
+    assert p.needs_calibration and p.schedule is None  # CPU: measured in the engine, not shipped
+    p._step_cost = STEP_COST
+    p.schedule = calibrate.schedule_from(STEP_COST, p, [1.0, 1.6, 2.0, 2.2, 2.3])
+    return p
+
+
+def test_schedule_follows_observed_acceptance_then_probes():
+    import torch
+
+    p = _proposer()
+    assert p.num_nodes_for(1) > 0
+    for _ in range(p.REFRESH_EVERY * 4):  # heads that are never right
+        p.observe(torch.zeros(1, dtype=torch.int64), torch.tensor([4]))
+    assert p.schedule.num_nodes(1) == 0
+    got = [p.num_nodes_for(1) for _ in range(p.PROBE_EVERY)]
+    assert got[:-1] == [0] * (p.PROBE_EVERY - 1) and got[-1] == 1  # one single-node probe
+
+
+def test_fixed_step_time_is_learnt_and_lowers_the_overhead(monkeypatch):
+    import torch
+
+    p = _proposer()
+    clock = iter(range(0, 10_000, 30))  # one engine step every 30 ms
+    monkeypatch.setattr("medusa_plugin.vllm_ext.proposer.time.perf_counter", lambda: next(clock) / 1e3)
+    before = p.schedule.cost(1, 4)
+    for _ in range(p.REFRESH_EVERY):
+        p._time_step(1, 4)
+        p.observe(torch.tensor([4]), torch.tensor([4]))
+    expected = 30.0 - calibrate.predicted_ms(STEP_COST, p.tree, 1, 4)
+    assert p.step_fixed_ms == pytest.approx(expected)
+    assert p.schedule.cost(1, 4) < before  # the fixed part is paid by plain steps too
+    fwd = {int(k): v for k, v in STEP_COST["forward_ms"].items()}
+    draft = {int(k): v for k, v in STEP_COST["draft_ms"].items()}
+    assert p.schedule.overhead == measured_overhead(fwd, [1, 2, 4], list(range(1, 6)), draft, p.tree,
+                                                    step_fixed_ms=expected)
