@@ -20,6 +20,7 @@ import time
 import torch
 from torch import Tensor
 
+from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
 from medusa_plugin.core.tree import MedusaTree
@@ -86,11 +87,11 @@ class MedusaTreeProposer:
         self.heads = MedusaHeads.from_pretrained(
             self.config.heads, base_hidden_size=mc.get_hidden_size(), base_vocab_size=self.vocab_size,
             dtype=dtype, device=ref.device, revision=self.config.heads_revision).eval()
-        if self.heads.num_heads < self.tree.max_depth:
-            raise MedusaProposerError(
-                f"the tree {self.config.tree_name!r} is {self.tree.max_depth} deep but the heads at "
-                f"{self.config.heads!r} have only {self.heads.num_heads}: choose a tree of depth <= "
-                f"{self.heads.num_heads}")
+        try:  # the same check and message as `medusa-plugin validate --check-files`
+            check_tree_depth(self.tree, self.heads.num_heads, tree_name=self.config.tree_name,
+                             heads=self.config.heads)
+        except MedusaConfigError as e:
+            raise MedusaProposerError(str(e)) from None
         if not self.heads.own_lm_head:
             lm_head = getattr(target_model, "lm_head", None)
             weight = getattr(lm_head, "weight", None)
