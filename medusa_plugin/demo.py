@@ -114,7 +114,8 @@ def build(root: Path, recipe: dict) -> dict:
 
     from medusa_plugin.core.tree_fit import expected_accept_length, fit_tree
     from medusa_plugin.hf.fit_tree import measure_head_accuracy
-    from medusa_plugin.hf.train import self_distill, train_heads
+    from medusa_plugin.hf.distill import self_distill
+    from medusa_plugin.hf.trainer import train_heads
     from medusa_plugin.testing.tiny import build_tiny_model, load_tiny_model, stdlib_texts, tiny_prompts
 
     t_start = time.perf_counter()
