@@ -118,19 +118,20 @@ def run(args: argparse.Namespace) -> int:
     prompts = [chat_prompt_ids(tok, r) for r in requests]
 
     methods = R.demo_methods(str(heads_dir), tree)
-    _say(f"[2/4] bf16: {len(methods)} methods x {len(prompts)} held-out prompts x <= {args.max_new_tokens} tokens, "
-         f"one request at a time and 8 at once (one engine per method)")
-    results: dict[str, list] = {}
-    for m in tqdm(methods, desc="bf16 runs", unit="method", dynamic_ncols=True):
-        results[m.name] = R.run_method(model_dir, m, prompts, args.max_new_tokens, dtype="bfloat16")
     identical = None
-    if args.fp32_prompts:
-        _say(f"[3/4] fp32 identity: plain vs Medusa tree, {args.fp32_prompts} prompts x {args.fp32_tokens} tokens, "
+    if args.fp32_prompts:  # before the ngram engine: see demo_runs.run_order
+        _say(f"[2/4] fp32 identity: plain vs Medusa tree, {args.fp32_prompts} prompts x {args.fp32_tokens} tokens, "
              "8 at once")
         p32 = prompts[:args.fp32_prompts]
         fp32 = [R.run_method(model_dir, m, p32, args.fp32_tokens, dtype="float32", concurrencies=(8,))[0]
                 for m in tqdm([methods[0], methods[-1]], desc="fp32 runs", unit="method", dynamic_ncols=True)]
         identical = fp32[0].token_ids == fp32[1].token_ids
+    _say(f"[3/4] bf16: {len(methods)} methods x {len(prompts)} held-out prompts x <= {args.max_new_tokens} tokens, "
+         f"one request at a time and 8 at once (one engine per method)")
+    results: dict[str, list] = {}
+    for m in tqdm(R.run_order(methods), desc="bf16 runs", unit="method", dynamic_ncols=True):
+        results[m.name] = R.run_method(model_dir, m, prompts, args.max_new_tokens, dtype="bfloat16")
+    results = {m.name: results[m.name] for m in methods}  # report in display order
     _say("[4/4] report")
 
     plain1, plain8 = results["plain"]
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def format_report(out: dict, request: str, answer: str) -> str:
     top1 = out.get("head_top1_held_out")
     lines = ["", f"model:  {out['model']} (bf16), vLLM engine on CPU",
-             f"heads:  {out['heads_dir']}" + (f"; held-out top-1 per head " + " ".join(f"{a:.2f}" for a in top1)
+             f"heads:  {out['heads_dir']}" + ("; held-out top-1 per head " + " ".join(f"{a:.2f}" for a in top1)
                                               if top1 else ""),
              f"tree:   fitted, {len(out['tree'])} nodes, depth {max(map(len, out['tree']))}",
              f"run:    {out['num_prompts']} held-out chat prompts x <= {out['max_new_tokens']} new tokens, greedy", "",

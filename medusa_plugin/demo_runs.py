@@ -70,6 +70,13 @@ def demo_methods(heads_dir: str, tree: Sequence[Sequence[int]], *, chain_length:
     ]
 
 
+def run_order(methods: Sequence[Method]) -> list[Method]:
+    """The order to start the engines in: vLLM's ngram proposer last. Its engine imports numba, after which vLLM
+    0.32's start-up scan of ``sys.modules`` (``triton_utils.dispatcher._rebind_kernels``) fails on an llvmlite
+    object, so no engine can start in that process afterwards."""
+    return sorted(methods, key=lambda m: m.engine_kwargs.get("speculative_config", {}).get("method") == "ngram")
+
+
 def run_method(model_dir: str, method: Method, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                dtype: str, concurrencies: Sequence[int] = (1, 8)) -> list[RunResult]:
     """One engine for ``method``; for each concurrency c, all prompts in waves of c requests at once (c = 1: one

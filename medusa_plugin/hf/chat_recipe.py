@@ -46,6 +46,7 @@ class ChatRecipe:
     batch_size: int = 512            # cached rows per step
     lr: float = 1e-3
     kl_weight: float = 0.5
+    train_projection: bool = False   # False: one frozen shared projection (small file); True: one trained per head
     tree_budget: int = 16
     heads_dtype: str = "bfloat16"
     gen_engine: str = "auto"
@@ -69,6 +70,13 @@ class RecipeReport:
     accuracy: list = field(default_factory=list)  # [K][10] marginal per rank, held-out
     tree: list = field(default_factory=list)
     expected_tokens_per_step: float = 0.0
+
+
+def interleave(a: list, b: list) -> list:
+    """a[0], b[0], a[1], b[1], ... then the rest of the longer list (model-written and templated requests mixed,
+    so any prefix of the request list holds both kinds)."""
+    out = [x for pair in zip(a, b) for x in pair]
+    return out + a[len(b):] + b[len(a):]
 
 
 def _say(msg: str) -> None:
@@ -136,7 +144,7 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
                                         engine=recipe.gen_engine, seed=recipe.seed, progress=progress)
         templated = C.templated_requests()
         random.Random(recipe.seed).shuffle(templated)
-        requests = C.dedupe(written + templated)
+        requests = C.dedupe(interleave(written, templated))
         report.timings_s["requests"] = time.perf_counter() - t0
         req_path.write_text(json.dumps(requests, indent=0))
         _say(f"  requests: {len(written)} written by the model + {len(templated)} templated -> {len(requests)} unique")
@@ -178,7 +186,7 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
     # 5. heads
     res = train_on_states(train_cache, lm_w, token_map, num_heads=recipe.num_heads, num_layers=recipe.num_layers,
                           steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, kl_weight=recipe.kl_weight,
-                          seed=recipe.seed, progress=progress)
+                          train_projection=recipe.train_projection, seed=recipe.seed, progress=progress)
     report.timings_s["training"] = res.seconds
     heads = res.heads
 

@@ -36,13 +36,19 @@ class StateTrainingResult:
     seconds: float = 0.0
 
 
-def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads: int, num_layers: int = 1):
+def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads: int, num_layers: int = 1,
+                        train_projection: bool = False):
     """Upstream-initialised heads with a draft vocabulary: ResBlocks zero, projection [T, H] = lm_head rows of
-    ``token_map``; fp32. ``lm_head_weight`` [V, H]."""
+    ``token_map``; fp32. ``lm_head_weight`` [V, H].
+
+    ``train_projection=False``: one projection shared by all heads and frozen (the target's own rows, as Medusa v2
+    heads reuse the base lm_head); the file then holds it once (T x H) instead of once per head.
+    ``True``: each head gets its own trainable copy (Medusa-1)."""
     from medusa_plugin.core.heads import MedusaHeads
 
     V, H = lm_head_weight.shape
-    heads = MedusaHeads(H, num_heads, num_layers, V, own_lm_head=True, token_map=token_map, dtype=torch.float32)
+    heads = MedusaHeads(H, num_heads, num_layers, V, own_lm_head=True, shared_lm_head=not train_projection,
+                        token_map=token_map, dtype=torch.float32)
     with torch.no_grad():
         for seq in heads.blocks:
             for blk in seq:
@@ -51,6 +57,8 @@ def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads:
         rows = lm_head_weight.detach().float()[token_map]
         for head in heads.lm_heads:
             head.weight.copy_(rows)
+    if not train_projection:
+        heads.lm_heads.requires_grad_(False)
     return heads
 
 
@@ -68,7 +76,8 @@ def _lr(step: int, warmup: int, total: int) -> float:
 def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: Tensor, *, num_heads: int = 4,
                     num_layers: int = 1, steps: int = 1000, batch_size: int = 512, lr: float = 1e-3,
                     kl_weight: float = 0.5, loss_decay: float = 0.8, warmup_ratio: float = 0.05,
-                    weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> StateTrainingResult:
+                    weight_decay: float = 0.0, train_projection: bool = False, seed: int = 0,
+                    progress: bool = True) -> StateTrainingResult:
     """Train ``num_heads`` heads on ``cache`` (see the module docstring for the loss).
 
     Args:
@@ -76,6 +85,7 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
         token_map: int64 [T] draft vocabulary (full ids, e.g. :func:`draft_vocab.frequent_token_map`).
         steps: optimiser updates; each samples ``batch_size`` rows uniformly among rows where head 0 has a target.
         kl_weight: in [0, 1]; 0 = hard targets only, 1 = soft targets only.
+        train_projection: see :func:`new_truncated_heads` (default: shared frozen projection, only ResBlocks train).
     Returns:
         :class:`StateTrainingResult`. Raises :class:`TrainError` on bad arguments.
     """
@@ -88,7 +98,8 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
     if steps < 1 or batch_size < 1:
         raise TrainError(f"steps={steps}, batch_size={batch_size}: both must be >= 1")
     V = lm_head_weight.shape[0]
-    heads = new_truncated_heads(lm_head_weight, token_map, num_heads=num_heads, num_layers=num_layers)
+    heads = new_truncated_heads(lm_head_weight, token_map, num_heads=num_heads, num_layers=num_layers,
+                                train_projection=train_projection)
     heads.train()
     base_rows = lm_head_weight.detach().float()[token_map]  # [T, H], frozen
     inv = inverse_map(token_map, V)
@@ -98,7 +109,8 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
         raise TrainError("no cached row has a target for head 0: answers need at least 2 tokens")
     valid = torch.stack([cache.valid_rows(k) for k in range(num_heads)])  # [K, M]
     M = len(cache)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = math.ceil(warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, warmup, steps))
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +143,7 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
                             if hard_ok.any() else float("nan"))
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         entry = {"step": step + 1, "loss": total.item(), "acc": accs}

@@ -83,6 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="draft vocabulary: the N most frequent answer tokens (0 = full vocabulary)")
     chat.add_argument("--kl-weight", type=float, default=ChatRecipe.kl_weight,
                       help="weight of the KL to the target's distribution (1 - it: hard targets)")
+    chat.add_argument("--train-projection", action="store_true",
+                      help="train one vocab projection per head (default: one frozen shared projection = the "
+                           "target's lm_head rows; a smaller file and less overfitting on small data)")
     chat.add_argument("--tree-budget", type=int, default=ChatRecipe.tree_budget, help="nodes of the fitted tree")
     chat.add_argument("--gen-engine", choices=["auto", "vllm", "transformers"], default="auto",
                       help="generation for self-distillation (auto: vLLM when installed)")
@@ -116,7 +119,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     recipe = ChatRecipe(num_prompts=args.num_prompts, eval_prompts=args.eval_prompts, answer_tokens=args.answer_tokens,
                         vocab_size=args.vocab_size, num_heads=args.num_heads, num_layers=args.num_layers,
                         steps=args.steps or ChatRecipe.steps, batch_size=args.batch_size or ChatRecipe.batch_size,
-                        lr=args.lr, kl_weight=args.kl_weight, tree_budget=args.tree_budget, gen_engine=args.gen_engine,
+                        lr=args.lr, kl_weight=args.kl_weight, train_projection=args.train_projection,
+                        tree_budget=args.tree_budget, gen_engine=args.gen_engine,
                         seed=args.seed)
     model = resolve_model(args.model)
     print(f"chat recipe: {recipe.num_prompts} prompts, answers <= {recipe.answer_tokens} tokens, draft vocabulary "
