@@ -36,7 +36,7 @@ class ChatRecipe:
     """Settings of :func:`run_chat_recipe`. Sizes are counts of prompts / tokens / optimiser steps."""
 
     num_prompts: int = 2000          # training prompts (model-written first, then templated)
-    written_per_topic: int = 2       # model-written requests per training topic
+    written_per_topic: int = 2       # model-written requests per training topic (0: templated requests only)
     eval_prompts: int = 48           # held-out prompts (held-out topics) for accuracy and tree fitting
     answer_tokens: int = 160         # max new tokens per distilled answer
     vocab_size: int = 4096           # draft vocabulary (0 = the full vocabulary)
@@ -53,6 +53,8 @@ class ChatRecipe:
     seed: int = 0
 
     def check(self) -> None:
+        if self.written_per_topic < 0:
+            raise TrainError(f"--written-per-topic must be >= 0, got {self.written_per_topic}")
         for name in ("num_prompts", "eval_prompts", "answer_tokens", "num_heads", "num_layers", "steps",
                      "batch_size", "tree_budget"):
             if getattr(self, name) < 1:
@@ -93,24 +95,33 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def distilled_chats(model_dir, tokenizer, requests: list[str], path: Path, *, answer_tokens: int, engine: str,
-                    progress: bool = True) -> tuple[list[dict], float]:
-    """``{"request", "prompt_ids", "answer_ids"}`` per request, the model's greedy answers; cached at ``path``.
-    Returns (rows, seconds spent generating, 0 when cached)."""
+def distilled_chats(model_dir, tokenizer, request_sets: dict[str, list[str]], work: Path, *, answer_tokens: int,
+                    engine: str, progress: bool = True) -> tuple[dict[str, list[dict]], float]:
+    """Greedy answers of the model to each named request list, ``{"request", "prompt_ids", "answer_ids"}`` per
+    request, cached in ``work/<name>.jsonl``. Lists without a valid cache are generated together (one engine, one
+    continuous batch). Returns ({name: rows}, seconds spent generating, 0 when all were cached)."""
     from .batch_generate import generate
     from .chat_prompts import chat_prompt_ids
 
-    if path.is_file():
-        rows = _read_jsonl(path)
-        if [r["request"] for r in rows] == list(requests):
-            return rows, 0.0
-    prompts = [chat_prompt_ids(tokenizer, r) for r in requests]
+    out: dict[str, list[dict]] = {}
+    for name, requests in request_sets.items():
+        path = work / f"{name}.jsonl"
+        if path.is_file():
+            rows = _read_jsonl(path)
+            if [r["request"] for r in rows] == list(requests):
+                out[name] = rows
+    todo = [(name, r) for name, reqs in request_sets.items() if name not in out for r in reqs]
+    if not todo:
+        return out, 0.0
+    prompts = [chat_prompt_ids(tokenizer, r) for _, r in todo]
     gen = generate(model_dir, prompts, answer_tokens, engine=engine, progress=progress, desc="self-distillation")
-    _say(f"  self-distillation: {gen.num_tokens} tokens in {gen.seconds:.0f} s ({gen.tokens_per_s:.0f} tok/s, "
+    _say(f"  self-distillation: {gen.num_tokens} tokens in {gen.seconds:.0f} s ({gen.tokens_per_s:.1f} tok/s, "
          f"{gen.engine})")
-    rows = [{"request": r, "prompt_ids": p, "answer_ids": c} for r, p, c in zip(requests, prompts, gen.continuations)]
-    _write_jsonl(path, rows)
-    return rows, gen.seconds
+    for (name, r), p, c in zip(todo, prompts, gen.continuations):
+        out.setdefault(name, []).append({"request": r, "prompt_ids": p, "answer_ids": c})
+    for name in {n for n, _ in todo}:
+        _write_jsonl(work / f"{name}.jsonl", out[name])
+    return out, gen.seconds
 
 
 def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, recipe: ChatRecipe, *,
@@ -140,8 +151,9 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
         requests = json.loads(req_path.read_text())
     else:
         t0 = time.perf_counter()
-        written = C.synthesize_requests(model_dir, tokenizer, per_topic=recipe.written_per_topic,
-                                        engine=recipe.gen_engine, seed=recipe.seed, progress=progress)
+        written = (C.synthesize_requests(model_dir, tokenizer, per_topic=recipe.written_per_topic,
+                                         engine=recipe.gen_engine, seed=recipe.seed, progress=progress)
+                   if recipe.written_per_topic else [])
         templated = C.templated_requests()
         random.Random(recipe.seed).shuffle(templated)
         requests = C.dedupe(interleave(written, templated))
@@ -152,12 +164,11 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
     random.Random(recipe.seed + 1).shuffle(requests)
     held_out = C.held_out_requests(recipe.eval_prompts, seed=recipe.seed + 1)
 
-    # 2. self-distillation (training and held-out prompts in one engine run would mix them: keep two files)
-    train_rows, s1 = distilled_chats(model_dir, tokenizer, requests, work / "train.jsonl",
-                                     answer_tokens=recipe.answer_tokens, engine=recipe.gen_engine, progress=progress)
-    eval_rows, s2 = distilled_chats(model_dir, tokenizer, held_out, work / "eval.jsonl",
-                                    answer_tokens=recipe.answer_tokens, engine=recipe.gen_engine, progress=progress)
-    report.timings_s["self_distillation"] = s1 + s2
+    # 2. self-distillation of the training and the held-out prompts, in one engine run
+    chats, report.timings_s["self_distillation"] = distilled_chats(
+        model_dir, tokenizer, {"train": requests, "eval": held_out}, work, answer_tokens=recipe.answer_tokens,
+        engine=recipe.gen_engine, progress=progress)
+    train_rows, eval_rows = chats["train"], chats["eval"]
     answers = [r["answer_ids"] for r in train_rows]
     report.data.update(train_prompts=len(train_rows), train_answer_tokens=sum(map(len, answers)),
                        eval_prompts=len(eval_rows), eval_answer_tokens=sum(len(r["answer_ids"]) for r in eval_rows))

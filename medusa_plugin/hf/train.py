@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     chat = p.add_argument_group("--recipe chat")
     chat.add_argument("--num-prompts", type=int, default=ChatRecipe.num_prompts, help="training prompts")
+    chat.add_argument("--written-per-topic", type=int, default=ChatRecipe.written_per_topic,
+                      help="user requests the model writes per training topic (0: templated requests only)")
     chat.add_argument("--eval-prompts", type=int, default=ChatRecipe.eval_prompts,
                       help="held-out prompts (held-out topics) for accuracy and the fitted tree")
     chat.add_argument("--answer-tokens", type=int, default=ChatRecipe.answer_tokens,
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_chat(args: argparse.Namespace) -> int:
     if args.data:
         raise TrainError("--recipe chat synthesizes its own prompts: drop --data (or use --recipe data)")
-    recipe = ChatRecipe(num_prompts=args.num_prompts, eval_prompts=args.eval_prompts, answer_tokens=args.answer_tokens,
+    recipe = ChatRecipe(num_prompts=args.num_prompts, written_per_topic=args.written_per_topic, eval_prompts=args.eval_prompts, answer_tokens=args.answer_tokens,
                         vocab_size=args.vocab_size, num_heads=args.num_heads, num_layers=args.num_layers,
                         steps=args.steps or ChatRecipe.steps, batch_size=args.batch_size or ChatRecipe.batch_size,
                         lr=args.lr, kl_weight=args.kl_weight, train_projection=args.train_projection,
