@@ -20,8 +20,9 @@ from importlib import resources
 from pathlib import Path
 
 SHIPPED_HEADS = "smollm2-135m-instruct"
-# The command that trained the shipped heads (README "medusa-plugin train"); --retrain runs the same recipe.
-RETRAIN_ARGS = dict(num_prompts=2000, steps=1500)
+# The settings of the command that trained the shipped heads (README "medusa-plugin train"); --retrain reruns it.
+RETRAIN_ARGS = dict(num_prompts=64, written_per_topic=0, eval_prompts=16, answer_tokens=128, vocab_size=4096,
+                    steps=300, batch_size=256)
 
 
 class DemoError(ValueError):
