@@ -1,44 +1,60 @@
-"""``medusa-plugin demo`` end to end (quick recipe, reference engine) and its cache location."""
+"""``medusa-plugin demo`` end to end through the vLLM engine, at a tiny size: a toy chat model and heads that
+``train --recipe chat`` trained (the same path as ``demo --retrain``)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import json
 
-from medusa_plugin import demo
+import pytest
+
 from medusa_plugin.cli import main
 
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
-def test_demo_quick_reference(tmp_path, capsys):
-    args = ["demo", "--quick", "--engine", "reference", "--cache-dir", str(tmp_path)]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "engine: reference decoder (transformers)" in out
-    assert re.search(r"identical output:\s+yes", out), out
-    tps = float(re.search(r"tokens per step:\s+([\d.]+)", out).group(1))
-    assert 1.0 <= tps <= 5.0  # 4 heads: at most 4 drafts + 1 bonus
-    builds = [p for p in tmp_path.iterdir() if (p / "build.json").is_file()]
-    assert len(builds) == 1 and (builds[0] / "heads").is_dir() and (builds[0] / "tree.json").is_file()
-
-    # second run: reuses the build, honours --tree
-    assert main(args + ["--tree", "chain:2", "--num-prompts", "1", "--max-new-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "using the cached demo build" in out and "building" not in out
-    assert "2 nodes, depth 2" in out and re.search(r"identical output:\s+yes", out)
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
 
-def test_cache_root_honours_xdg_and_flag(tmp_path, monkeypatch):
-    recipe = demo.RECIPES["quick"]
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    root = demo.cache_root(None, recipe)
-    assert root.parent == tmp_path / "xdg" / "medusa_plugin" / "demo"
-    assert demo.cache_root(str(tmp_path / "mine"), recipe).parent == tmp_path / "mine"
-    # a different recipe builds elsewhere; generation-only settings do not change the build
-    assert demo.cache_root(None, demo.RECIPES["full"]) != root
-    assert demo.cache_root(None, {**recipe, "max_new_tokens": 7}) == root
+@pytest.fixture(scope="module")
+def toy_chat(tmp_path_factory):
+    from medusa_plugin.testing.tiny import build_tiny_model, load_tiny_model
+
+    root = tmp_path_factory.mktemp("demo")
+    d = build_tiny_model(root / "model", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                         intermediate_size=256, tokenizer_vocab_size=300)
+    _, tok = load_tiny_model(d)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(d)
+    heads = root / "heads"
+    assert main(["train", "--recipe", "chat", "--model", str(d), "--out", str(heads), "--num-prompts", "16",
+                 "--eval-prompts", "4", "--answer-tokens", "16", "--vocab-size", "128", "--steps", "20",
+                 "--num-heads", "2", "--tree-budget", "4", "--gen-engine", "transformers", "--no-progress"]) == 0
+    return d, heads
 
 
-def test_demo_bad_arguments(tmp_path, capsys):
-    assert main(["demo", "--quick", "--engine", "reference", "--cache-dir", str(tmp_path),
-                 "--tree", "no_such_tree"]) == 1
-    assert "no_such_tree" in capsys.readouterr().err
+def test_demo_reports_every_method_and_fp32_identity(toy_chat, tmp_path, capsys):
+    model_dir, heads = toy_chat
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--model", str(model_dir), "--heads", str(heads), "--num-prompts", "2",
+                 "--max-new-tokens", "12", "--fp32-prompts", "2", "--fp32-tokens", "12", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    for key in ("model", "model_dir", "heads_dir", "tree", "identical_fp32", "speedup_bs1", "speedup_conc8",
+                "ngram_speedup_bs1", "tokens_per_step_bs1", "rows"):
+        assert key in res, key
+    assert res["identical_fp32"] is True and "identical" in text
+    assert res["tree"] == json.loads((heads / "tree.json").read_text())
+    methods = {(r["method"], r["concurrency"]) for r in res["rows"]}
+    assert len(methods) == 8 and {c for _, c in methods} == {1, 8}
+    plain = [r for r in res["rows"] if r["method"] == "plain"]
+    assert all(r["tokens_per_step"] == 1.0 and r["acceptance_per_depth"] == [] for r in plain)
+    medusa = [r for r in res["rows"] if r["method"].startswith("Medusa")]
+    assert all(1.0 <= r["tokens_per_step"] <= 3.0 for r in medusa)  # 2 heads: at most 2 drafts + 1 bonus
+    assert "not batch-invariant" in text
+
+
+def test_demo_bad_arguments(toy_chat, capsys):
+    model_dir, _ = toy_chat
+    assert main(["demo", "--model", str(model_dir), "--heads", str(model_dir)]) == 1
+    assert "tree.json" in capsys.readouterr().err

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from medusa_plugin.core.tree_fit import TreeFitError, accuracy_from_topk, expected_accept_length, fit_tree
-from medusa_plugin.hf.train import (DTYPES, TrainError, distill_prompts, last_hidden_state, lm_head_of, load_model,
-                                    load_samples, read_jsonl, resolve_device, self_distill)
+from medusa_plugin.hf.base_model import DTYPES, last_hidden_state, lm_head_of, load_model, resolve_device
+from medusa_plugin.hf.distill import self_distill
+from medusa_plugin.hf.errors import TrainError
+from medusa_plugin.hf.samples import distill_prompts, load_samples, read_jsonl
 
 TABLE_BUDGETS = (8, 16, 32, 64)
 

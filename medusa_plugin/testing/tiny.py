@@ -196,7 +196,8 @@ def build_tiny_medusa(out_dir: str | Path, *, arch: str = "llama", num_heads: in
     import os
     import shutil
 
-    from ..hf.train import self_distill, train_heads
+    from ..hf.distill import self_distill
+    from ..hf.trainer import train_heads
 
     key = dict(kind="tiny_medusa", recipe=_MEDUSA_RECIPE, arch=arch, num_heads=num_heads, steps=steps,
                num_prompts=num_prompts, distill_tokens=distill_tokens, seed=seed,
