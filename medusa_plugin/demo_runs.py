@@ -87,7 +87,9 @@ def run_method(model_dir: str, method: Method, prompts: Sequence[Sequence[int]],
 
     from medusa_plugin.vllm_ext import offline
 
-    llm = offline.build_llm(model_dir, dtype=dtype, max_model_len=1024, **method.engine_kwargs)
+    # max_num_seqs = the largest wave: also bounds what tree_schedule: auto measures at engine start.
+    llm = offline.build_llm(model_dir, dtype=dtype, max_model_len=1024, max_num_seqs=max(concurrencies),
+                            **method.engine_kwargs)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     results = []
     try:
