@@ -265,18 +265,14 @@ def test_plain_configs_are_untouched(tiny_model):
     assert cfg.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
 
 
-@pytest.mark.xfail(strict=False, reason="regressed at the last merge (warning not captured); under investigation")
-def test_medusa_settings_without_the_proposer_warn(tiny_model):
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    plugin.logger.addHandler(handler)
-    try:
-        cfg = _engine_config(tiny_model, speculative_config=None)
-    finally:
-        plugin.logger.removeHandler(handler)
+def test_medusa_settings_without_the_proposer_warn(tiny_model, capfd):
+    # Checked on the printed output: vLLM re-runs logging.config.dictConfig while it builds the engine config, which
+    # drops any handler a test attaches to a "vllm.*" logger beforehand.
+    cfg = _engine_config(tiny_model, speculative_config=None)
     assert cfg.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
-    assert any("Medusa is off" in r.getMessage() and PROPOSER_PATH in r.getMessage() for r in records)
+    out = capfd.readouterr()
+    printed = out.out + out.err
+    assert "Medusa is off" in printed and PROPOSER_PATH in printed
 
 
 def test_user_worker_cls_is_refused_with_the_line_to_use(tiny_model):
