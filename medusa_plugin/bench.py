@@ -304,6 +304,22 @@ def _tiny_model(args_cache: str | None, train_steps: int, distill_prompts: int) 
                                   f"(testing.tiny.build_tiny_medusa, {train_steps} steps, {distill_prompts} prompts)")
 
 
+def bench_prompts(tokenizer, n: int, *, seed: int = 0) -> tuple[list[list[int]], str]:
+    """``n`` prompts (token id lists) for a speed benchmark and a one-line description of them.
+
+    A chat model (its tokenizer has a chat template) gets held-out chat requests (topics no training step of the
+    chat recipe saw, :func:`hf.chat_prompts.held_out_requests`) in its template, as users send them; any other
+    model gets short snippets of the Python standard library (:func:`testing.tiny.tiny_prompts`)."""
+    if getattr(tokenizer, "chat_template", None):
+        from .hf.chat_prompts import chat_prompt_ids, held_out_requests
+
+        return ([chat_prompt_ids(tokenizer, r) for r in held_out_requests(n, seed=seed)],
+                "held-out chat requests (hf.chat_prompts.held_out_requests) in the chat template")
+    from .testing.tiny import tiny_prompts
+
+    return tiny_prompts(tokenizer, n, seed=seed), "4-12 token snippets of Python stdlib source"
+
+
 def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tokens: int | None = None,
         engine: str = "auto", tree: str = "mc_sim_7b_63", chain: int | None = None, model_dir: str | None = None,
         heads_dir: str | None = None, cache_dir: str | None = None, train_steps: int = 300,
@@ -358,9 +374,9 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
 
     from transformers import AutoTokenizer
 
-    from .testing.tiny import tiny_prompts
-    prompts = tiny_prompts(AutoTokenizer.from_pretrained(model_dir), max(concurrency), seed=seed)
-    log(f"e2e: {model_desc}; engine {engine}; concurrency {concurrency}; {max_tokens} tokens per request")
+    prompts, prompt_desc = bench_prompts(AutoTokenizer.from_pretrained(model_dir), max(concurrency), seed=seed)
+    log(f"e2e: {model_desc}; engine {engine}; concurrency {concurrency}; {max_tokens} tokens per request; "
+        f"prompts: {prompt_desc}")
 
     runs: dict[str, dict[int, dict]] = {}
     notes: dict[str, str] = {}
@@ -415,7 +431,7 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
 
     return {"benchmark": "e2e", "engine": engine, "model": model_desc, "device": _device_name(_device(device)),
             "ratios": ratios("tree"), "ngram_ratios": ratios("ngram"), "vllm_medusa_ratios": ratios("vllm-medusa"),
-            "notes": notes, "max_tokens": max_tokens,
+            "notes": notes, "max_tokens": max_tokens, "prompts": prompt_desc,
             "concurrency": concurrency, "repeats": repeats, "temperature": 0.0, "rows": rows,
             "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

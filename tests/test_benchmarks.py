@@ -122,3 +122,18 @@ def test_convert_to_vllm_v2_heads_need_the_base_model(tmp_path, capsys):
     save_file({"model.embed_tokens.weight": torch.randn(200, 64)}, str(base / "model.safetensors"))
     assert cli_main(["convert", str(tmp_path / "v2"), str(tmp_path / "out"), "--to", "vllm",
                      "--base-model", str(base)]) == 0
+
+
+def test_bench_prompts_are_chat_requests_for_a_chat_model(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from medusa_plugin.bench import bench_prompts
+    from medusa_plugin.hf.chat_prompts import chat_prompt_ids, held_out_requests
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain, desc = bench_prompts(tok, 3)
+    assert len(plain) == 3 and "stdlib" in desc
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    chat, desc = bench_prompts(tok, 3)
+    assert "chat" in desc
+    assert chat == [chat_prompt_ids(tok, r) for r in held_out_requests(3)]
