@@ -1,5 +1,6 @@
 """core.tree_batch: the step's flat tensors <-> per-tree-request [R, N+1] tensors, against per-request loops."""
 
+import pytest
 import torch
 
 from medusa_plugin.core.tree_batch import gather_tree_inputs, node_rows, output_rows, sample_rows
@@ -32,6 +33,32 @@ def test_gather_tree_inputs_matches_per_request_loop():
             assert torch.equal(tree_logits[j, i], logits[src])
             want = int(drafts[int(draft_start[b]) + i - 1]) if 1 <= i < q else 0
             assert tokens[j, i].item() == want
+
+
+def test_greedy_acceptance_from_flat_argmax_equals_acceptance_from_tree_logits():
+    # the engine's greedy path: argmax over the step's flat rows, then ids in tree shape (no [R, N+1, V] copy)
+    from medusa_plugin.core.acceptance import AcceptanceError, greedy_accept, greedy_accept_targets
+    from medusa_plugin.core.tree import MedusaTree
+
+    tree = MedusaTree.from_choices([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    n = tree.num_nodes
+    g = torch.Generator().manual_seed(3)
+    num_draft = torch.tensor([n, 0, 2, n, 1])
+    logit_start = torch.cumsum(num_draft + 1, 0) - (num_draft + 1)
+    draft_start = torch.cumsum(num_draft, 0) - num_draft
+    logits = torch.randn(int((num_draft + 1).sum()), 7, generator=g)
+    drafts = logits.argmax(-1)[torch.randint(0, logits.shape[0], (int(num_draft.sum()),), generator=g)]
+    rows = torch.nonzero(num_draft > 0).flatten()
+    where = (logit_start[rows], draft_start[rows], num_draft[rows] + 1, n)
+    tokens, tree_logits = gather_tree_inputs(logits, drafts, *where)
+    ids_tokens, target = gather_tree_inputs(logits.argmax(-1), drafts, *where)
+    assert torch.equal(ids_tokens, tokens)
+    want = greedy_accept(tree, tokens, tree_logits, num_valid=where[2])
+    got = greedy_accept_targets(tree, ids_tokens, target, num_valid=where[2])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(AcceptanceError, match=r"must both be \[B, 7\]"):
+        greedy_accept_targets(tree, tokens, target[:, :3])
 
 
 def test_node_rows_repeat_the_last_valid_row():

@@ -144,8 +144,30 @@ def greedy_accept(tree: MedusaTree, tree_tokens: Tensor, logits: Tensor, *, num_
     argmax(logits[b, last_node]).
     """
     _check(tree, tree_tokens, logits)
+    return greedy_accept_targets(tree, tree_tokens, logits.argmax(-1), num_valid=num_valid)
+
+
+def greedy_accept_targets(tree: MedusaTree, tree_tokens: Tensor, target: Tensor, *, num_valid=None
+                          ) -> AcceptanceResult:
+    """:func:`greedy_accept` from the target's argmax per node instead of its logits.
+
+    The engine takes the argmax over its flat ``[T, V]`` logits first and gathers only the ``[B, N+1]`` ids,
+    rather than copying ``[B, N+1, V]`` logits into tree shape (at V = 49152 that copy and the argmax over absent
+    nodes were most of a greedy acceptance step).
+
+    Args:
+        tree_tokens: ``[B, N+1]`` int64 draft token of each node (column 0 unused).
+        target: ``[B, N+1]`` int64, argmax of the target's logits at each node.
+        num_valid: ``[B]`` int64 valid nodes per row (drafts + 1), default all N+1.
+    Raises:
+        AcceptanceError: shapes that do not match the tree.
+    """
+    n1 = tree.num_nodes + 1
+    if tree_tokens.dim() != 2 or tree_tokens.shape[1] != n1 or target.shape != tree_tokens.shape:
+        raise AcceptanceError(f"tree_tokens and target must both be [B, {n1}] for a tree of {tree.num_nodes} "
+                              f"nodes, got {tuple(tree_tokens.shape)} and {tuple(target.shape)}")
     b = tree_tokens.shape[0]
-    target = logits.argmax(-1)  # [B, N+1]
+    target = target.to(torch.int64)
     parent = tree.parent.to(tree_tokens.device).clamp(min=0)
     ok = tree_tokens == target[:, parent]
     ok[:, 0] = True

@@ -36,7 +36,8 @@ def gather_tree_inputs(logits: Tensor, draft_token_ids: Tensor, logit_start: Ten
     """The acceptance inputs of the tree requests, from the step's flat logits and drafts.
 
     Args:
-        logits: ``[T, V]``, ``1 + drafts`` rows per request of the step, request-major.
+        logits: ``[T, V]``, ``1 + drafts`` rows per request of the step, request-major; or ``[T]`` (one value per
+            row, e.g. the argmax ids): the result is then ``[R, N+1]``.
         draft_token_ids: ``[T_d]`` int, every request's drafts end to end.
         logit_start: ``[R]`` int64, first logit row of each tree request.
         draft_start: ``[R]`` int64, offset of each tree request's first draft in ``draft_token_ids``.

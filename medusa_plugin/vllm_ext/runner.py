@@ -35,7 +35,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
-from medusa_plugin.core.acceptance import AcceptanceResult, accept_batch
+from medusa_plugin.core.acceptance import AcceptanceResult, accept_batch, greedy_accept_targets
 from medusa_plugin.core.kv_compaction import compact_paged_kv_many, compaction_slots
 from medusa_plugin.core.tree_batch import gather_tree_inputs, node_rows, output_rows, sample_rows
 
@@ -184,10 +184,13 @@ class MedusaRunnerMixin:
     def _medusa_accept(self, logits, draft_token_ids, step: tree_step.TreeStep) -> AcceptanceResult:
         """``core.acceptance.accept_batch`` over the tree requests, each with its own parameters and generator."""
         dev, rows, batch = logits.device, step.rows, self.input_batch
-        tokens, tree_logits = gather_tree_inputs(
-            logits, draft_token_ids, torch.from_numpy(step.logit_start[rows]).to(dev),
-            torch.from_numpy(step.draft_start).to(dev), torch.from_numpy(step.num_valid).to(dev),
-            self._m_tree.num_nodes)
+        where = (torch.from_numpy(step.logit_start[rows]).to(dev), torch.from_numpy(step.draft_start).to(dev),
+                 torch.from_numpy(step.num_valid).to(dev), self._m_tree.num_nodes)
+        temperature = batch.temperature_cpu[rows]
+        if not temperature.any():  # all greedy: argmax over the flat rows, no [R, N+1, V] copy
+            tokens, target = gather_tree_inputs(logits.argmax(-1), draft_token_ids, *where)
+            return greedy_accept_targets(self._m_tree, tokens, target, num_valid=where[2])
+        tokens, tree_logits = gather_tree_inputs(logits, draft_token_ids, *where)
         generators = None
         seeded = batch.sampling_metadata.generators  # {batch row: generator}, seeded requests only
         if seeded:
@@ -196,7 +199,7 @@ class MedusaRunnerMixin:
             generators = {int(index[r]): g for r, g in seeded.items() if index[r] >= 0}
         acc = self._medusa.config.acceptance
         return accept_batch(
-            self._m_tree, tokens, tree_logits, temperature=torch.from_numpy(batch.temperature_cpu[rows]),
+            self._m_tree, tokens, tree_logits, temperature=torch.from_numpy(temperature),
             sampled_rule=acc.rule_for(1.0), top_k=torch.from_numpy(batch.top_k_cpu[rows].astype(np.int64)),
             top_p=torch.from_numpy(batch.top_p_cpu[rows]), generators=generators,
             num_valid=torch.from_numpy(step.num_valid).to(dev), posterior_threshold=acc.posterior_threshold,
