@@ -15,9 +15,9 @@ STEP_COST = {"forward_ms": {"1": 10.0, "5": 11.0, "20": 14.0, "80": 40.0}, "batc
              "machine": "test", "model": "m", "dtype": "float32", "time": "t"}
 
 
-def _proposer():
+def _proposer(heads: str = "unused"):
     cfg = SimpleNamespace(
-        additional_config={"medusa": {"heads": "unused", "tree": "chain:4", "tree_schedule": "auto"}},
+        additional_config={"medusa": {"heads": heads, "tree": "chain:4", "tree_schedule": "auto"}},
         speculative_config=SimpleNamespace(num_speculative_tokens=4),
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
         model_config=SimpleNamespace(get_vocab_size=lambda: 100))
@@ -26,6 +26,22 @@ def _proposer():
     p._step_cost = STEP_COST
     p.schedule = calibrate.schedule_from(STEP_COST, p, [1.0, 1.6, 2.0, 2.2, 2.3])
     return p
+
+
+def test_prior_acceptance_is_the_heads_recorded_accuracy(tmp_path):
+    import json
+
+    from medusa_plugin.core.schedule import prefix_accept_lengths
+
+    acc = [[0.3, 0.1], [0.2, 0.05], [0.1, 0.0], [0.05, 0.0]]
+    (tmp_path / "recipe.json").write_text(json.dumps({"accuracy": acc}))
+    got = MedusaTreeProposer(_proposer(str(tmp_path)).vllm_config).acceptance.accept_lengths()
+    assert got == pytest.approx(prefix_accept_lengths("chain:4", acc))  # 1, 1.3, 1.36, 1.366, 1.3663
+    default = prefix_accept_lengths("chain:4")
+    (tmp_path / "recipe.json").write_text('{"accuracy": [[1.5]]}')  # not probabilities: ignored, not fatal
+    assert MedusaTreeProposer(_proposer(str(tmp_path)).vllm_config).acceptance.accept_lengths() == \
+        pytest.approx(default)
+    assert _proposer().acceptance.accept_lengths() == pytest.approx(default)  # no such directory
 
 
 def test_schedule_follows_observed_acceptance_then_probes():

@@ -24,7 +24,11 @@ import torch
 
 from .heads import MedusaHeadsError
 
-__all__ = ["Source", "open_source", "one_line", "read_json", "torch_load", "TensorFile", "WEIGHT_FILES"]
+__all__ = ["Source", "open_source", "one_line", "read_json", "torch_load", "TensorFile", "WEIGHT_FILES", "RECIPE_FILE",
+           "recorded_accuracy"]
+
+# Written next to the heads by ``medusa-plugin train --recipe chat`` (settings, data sizes, held-out accuracy).
+RECIPE_FILE = "recipe.json"
 
 # Weight files looked for in a directory or hub repo, in priority order.
 WEIGHT_FILES = (
@@ -100,6 +104,20 @@ def _hub_source(repo: str, revision: str | None) -> Source:
 
 
 # ---------------------------------------------------------------------- reading one file
+def recorded_accuracy(heads: str | os.PathLike) -> list[list[float]] | None:
+    """The held-out marginal accuracy ``[K][R]`` (``acc[k][r]``: rank ``r`` of head ``k`` is the target's token)
+    that ``train --recipe chat`` recorded in ``<heads>/recipe.json``, or None: not a local directory, no such file,
+    or no valid ``accuracy`` table in it (a prior only, so a bad file is ignored rather than fatal)."""
+    path = Path(heads) / RECIPE_FILE
+    try:
+        acc = json.loads(path.read_text()).get("accuracy") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = (isinstance(acc, list) and acc and all(isinstance(row, list) and row for row in acc)
+          and all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for row in acc for a in row))
+    return [[float(a) for a in row] for row in acc] if ok else None
+
+
 def read_json(path: Path) -> dict:
     """A JSON object (config.json, an .index.json); MedusaHeadsError if unreadable, not JSON or not an object."""
     try:

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from medusa_plugin.core.head_files import RECIPE_FILE as REPORT_FILE
+
 from .errors import TrainError
 
 TREE_FILE = "tree.json"
-REPORT_FILE = "recipe.json"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.heads import MedusaHeads
+from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
 from medusa_plugin.core.tree import MedusaTree
 
@@ -63,7 +64,9 @@ class MedusaTreeProposer:
         # (calibrate(), called by the runner once the KV cache exists).
         self.needs_calibration = self.config.tree_schedule == "auto" and self.schedule is None
         # E[L](n) as observed in serving (observe(), called by the runner with each step's accepted paths).
-        prior = self.schedule.accept_lengths if self.schedule is not None else prefix_accept_lengths(self.tree)
+        # Before any observation: the heads' own held-out accuracy when their training recorded it, else Vicuna-7B's.
+        prior = (self.schedule.accept_lengths if self.schedule is not None
+                 else prefix_accept_lengths(self.tree, recorded_accuracy(self.config.heads)))
         self.acceptance = AcceptanceEstimator(self.tree, prior[: self.tree.num_nodes + 1]
                                               if len(prior) >= self.tree.num_nodes + 1
                                               else prefix_accept_lengths(self.tree))
