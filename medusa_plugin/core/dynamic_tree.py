@@ -36,7 +36,7 @@ from .ngram_branches import ngram_continuations
 from .tree import MedusaTree
 
 __all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "select_nodes", "build_dynamic_tree",
-           "lattice_size", "observe_step"]
+           "lattice_size", "observe_step", "draw_dynamic_tree"]
 
 
 class DynamicTreeError(ValueError):
@@ -200,7 +200,7 @@ class DynamicTreeSpec:
     Attributes:
         budget: nodes per tree (``N``, the draft tokens per request and step).
         topk: ranks per head the lattice uses.
-        num_heads: heads used (the lattice depth).
+        num_heads: heads used (the lattice depth); None: every head the checkpoint has.
         ngram_branches: ``M``, n-gram continuations merged in (0: pure dynamic tree).
         ngram_min_n, ngram_max_n, ngram_length: the prompt-lookup rule (vLLM's ``prompt_lookup_min`` / ``max`` and
             ``num_speculative_tokens``).
@@ -210,7 +210,7 @@ class DynamicTreeSpec:
 
     budget: int
     topk: int = 10
-    num_heads: int = 4
+    num_heads: int | None = None
     ngram_branches: int = 0
     ngram_min_n: int = 2
     ngram_max_n: int = 4
@@ -219,14 +219,26 @@ class DynamicTreeSpec:
     def __post_init__(self) -> None:
         for name in ("budget", "topk", "num_heads"):
             v = getattr(self, name)
+            if name == "num_heads" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DynamicTreeError(f"dynamic tree {name} must be an integer >= 1, got {v!r}")
-        if self.budget > lattice_size(self.num_heads, self.topk):
-            raise DynamicTreeError(
-                f"dynamic tree budget {self.budget} exceeds the {lattice_size(self.num_heads, self.topk)} nodes of "
-                f"{self.num_heads} heads x top-{self.topk}: lower the budget or raise topk")
+        if self.num_heads is not None:
+            self.check_heads(self.num_heads)
         ngram_continuations([], self.ngram_branches, min_n=self.ngram_min_n, max_n=self.ngram_max_n,
                             length=self.ngram_length)  # parameter checks
+
+    def check_heads(self, num_heads: int) -> None:
+        """Raise DynamicTreeError if ``num_heads`` heads x top-``topk`` ranks hold fewer nodes than the budget."""
+        if self.budget > lattice_size(num_heads, self.topk):
+            raise DynamicTreeError(
+                f"dynamic tree budget {self.budget} exceeds the {lattice_size(num_heads, self.topk)} nodes of "
+                f"{num_heads} heads x top-{self.topk}: lower the budget or raise topk")
+
+    def max_depth(self, num_heads: int) -> int:
+        """Deepest node a tree can have with ``num_heads`` heads (n-gram branches may go deeper than the heads)."""
+        k = self.num_heads or num_heads
+        return max(k, self.ngram_length if self.ngram_branches else 0)
 
     @property
     def slots(self) -> int:
@@ -240,7 +252,7 @@ class DynamicTreeSpec:
         Args:
             root_tokens: ``[B]`` int64, each request's last emitted token.
             head_logits: ``[B, K, V]`` float Medusa head logits (``-inf`` outside a draft vocabulary); ``K >=
-                num_heads``, extra heads are ignored.
+                num_heads``, extra heads are ignored (all K are used when ``num_heads`` is None).
             contexts: per request, its tokens so far (prompt + output, ending with the root); required when
                 ``ngram_branches > 0``.
             calibration: see :func:`build_dynamic_tree`.
@@ -249,14 +261,16 @@ class DynamicTreeSpec:
         Raises:
             DynamicTreeError: too few heads or ranks, missing contexts.
         """
-        if head_logits.dim() != 3 or head_logits.shape[1] < self.num_heads:
-            raise DynamicTreeError(f"head_logits must be [B, K >= {self.num_heads}, V], got "
+        if head_logits.dim() != 3 or head_logits.shape[1] < (self.num_heads or 1):
+            raise DynamicTreeError(f"head_logits must be [B, K >= {self.num_heads or 1}, V], got "
                                    f"{tuple(head_logits.shape)}")
+        k = self.num_heads or head_logits.shape[1]
+        self.check_heads(k)
         if head_logits.shape[2] < self.topk:
             raise DynamicTreeError(f"topk={self.topk} exceeds the vocabulary ({head_logits.shape[2]})")
         if self.ngram_branches and contexts is None:
             raise DynamicTreeError("n-gram branches need each request's tokens (contexts)")
-        probs = head_logits[:, : self.num_heads].float().softmax(-1)
+        probs = head_logits[:, :k].float().softmax(-1)
         top = probs.topk(self.topk, dim=-1)
         values, ids = top.values.cpu(), top.indices.cpu()
         roots = root_tokens.tolist()
@@ -270,7 +284,10 @@ class DynamicTreeSpec:
         return out
 
     def describe(self) -> str:
-        text = f"dynamic: {self.budget} nodes per request and step, top-{self.topk} of {self.num_heads} heads"
+        """One line for ``medusa-plugin validate``."""
+        heads = "every head" if self.num_heads is None else f"{self.num_heads} heads"
+        text = (f"dynamic: the {self.budget} nodes of highest path probability per request and step, over the "
+                f"top-{self.topk} of {heads}")
         if self.ngram_branches:
             text += (f", + up to {self.ngram_branches} n-gram branch(es) of {self.ngram_length} tokens "
                      f"(n = {self.ngram_min_n}..{self.ngram_max_n})")
@@ -299,3 +316,32 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         acc.append(on[seen])
         ngram.append(t.ngram_position[seen])
     calibration.observe(torch.cat(heads), torch.cat(probs), torch.cat(acc), ngram_position=torch.cat(ngram))
+
+
+def draw_dynamic_tree(dt: DynamicTree, decode=None) -> str:
+    """An ASCII drawing of one dynamic tree: per node its token (``decode(id) -> str`` if given), path score and
+    source (``head k rank r``, ``n-gram``, or both when a branch shares a Medusa node).
+
+    Returns a multi-line string; the first line sums up the tree (nodes, depth, expected tokens per step).
+    """
+    t = dt.tree
+    show = (lambda i: repr(decode(i))) if decode is not None else str
+    lines = [f"dynamic tree: {t.num_nodes} nodes, depth {t.max_depth}, nodes per depth {t.nodes_per_depth}, "
+             f"expected tokens/step {float(dt.score.sum()):.2f} (sum of path scores)",
+             f"root: token {show(int(dt.tokens[0]))}"]
+
+    def walk(node: int, prefix: str) -> None:
+        kids = t.children[node]
+        for j, c in enumerate(kids):
+            last = j == len(kids) - 1
+            src = []
+            if int(dt.head[c]) >= 0:
+                src.append(f"head {int(dt.head[c])} rank {t.choices[c - 1][-1]}, p={float(dt.head_prob[c]):.3f}")
+            if int(dt.ngram_position[c]) >= 0:
+                src.append("n-gram")
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{show(int(dt.tokens[c]))}  "
+                         f"score {float(dt.score[c]):.3f}  ({'; '.join(src)})")
+            walk(c, prefix + ("    " if last else "│   "))
+
+    walk(0, "")
+    return "\n".join(lines)

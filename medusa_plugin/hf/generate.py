@@ -148,10 +148,11 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
     dev = next(model.parameters()).device
     spec = tree if isinstance(tree, DynamicTreeSpec) else None
     if spec is not None:
-        if heads.num_heads < spec.num_heads:
+        if heads.num_heads < (spec.num_heads or 1):
             raise MedusaGenerateError(f"the dynamic tree uses {spec.num_heads} heads but there are only "
                                       f"{heads.num_heads}: set num_heads <= {heads.num_heads}")
-        max_depth = max(spec.num_heads, spec.ngram_length if spec.ngram_branches else 0)
+        spec.check_heads(spec.num_heads or heads.num_heads)
+        max_depth = spec.max_depth(heads.num_heads)
     else:
         tree = MedusaTree.load(tree).to(dev)
         if heads.num_heads < tree.max_depth:
