@@ -213,16 +213,17 @@ def test_ngram_errors():
 
 
 # ------------------------------------------------------------------------------------------------ calibration
-@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
-def test_calibration_recovers_the_exponent(power):
+@pytest.mark.parametrize("scale,power", [(1.0, 0.5), (1.0, 1.0), (1.0, 2.0), (0.5, 1.0)])
+def test_calibration_recovers_scale_and_exponent(scale, power):
     g = torch.Generator().manual_seed(0)
     cal = AcceptanceCalibration(2, decay=1.0)
-    q = torch.rand(20000, generator=g) * 0.98 + 0.01
-    acc = torch.rand(20000, generator=g) < q ** power
-    head = torch.randint(0, 2, (20000,), generator=g)
+    q = torch.rand(40000, generator=g) * 0.98 + 0.01
+    acc = torch.rand(40000, generator=g) < scale * q ** power
+    head = torch.randint(0, 2, (40000,), generator=g)
     cal.observe(head, q, acc)
     a = cal.refit()
     assert a.tolist() == pytest.approx([power, power], rel=0.15)
+    assert cal.scale.tolist() == pytest.approx([scale, scale], rel=0.15)
     out = cal.head_acceptance(torch.tensor([[0.9, 0.5], [0.4, 0.1]]))
     assert out[0, 0] > out[0, 1] and out[1, 0] > out[1, 1]
 
