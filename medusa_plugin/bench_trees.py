@@ -130,7 +130,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         "dynamic_uncalibrated_tokens_per_step": {}, "hybrid_tokens_per_step": {},
         "ngram_tokens_per_step": simulate_ngram_tokens_per_step(prompts, ref),
         "tok_s": {"plain": tokens / plain_s}, "identical": {}, "calibration": {},
-        "load_average": os.getloadavg()[0],
+        "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
     }
     log(f"plain: {tokens / plain_s:.1f} tok/s; vLLM ngram (k=4, simulated) {result['ngram_tokens_per_step']:.3f} "
         f"tokens/step")

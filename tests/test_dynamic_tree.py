@@ -24,10 +24,11 @@ from medusa_plugin.hf.generate import baseline_generate, medusa_generate
 from medusa_plugin.testing import tiny_prompts
 
 
-def _key(path, factors):
+def _key(path, factors, off_factors=None):
     score = 1.0
     for d, r in enumerate(path):
-        score = score * factors[d][r]
+        on_top = all(x == 0 for x in path[:d])
+        score = score * (factors if on_top or off_factors is None else off_factors)[d][r]
     return (-score, len(path), path)
 
 
@@ -42,16 +43,18 @@ def _random_lattice(rng: random.Random, k: int, topk: int, ties: bool):
 
 
 # ------------------------------------------------------------------------------------------------ selection
+@pytest.mark.parametrize("off", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_select_nodes_equals_sorted_lattice(seed, ties):
+def test_select_nodes_equals_sorted_lattice(seed, ties, off):
     rng = random.Random(seed)
     k, topk = 3, 3
     factors, tokens = _random_lattice(rng, k, topk, ties)
+    off_factors = [[f * rng.choice([0.5, 1.0]) for f in row] for row in factors] if off else None
     every = [p for d in range(1, k + 1) for p in itertools.product(range(topk), repeat=d)]
-    ranked = sorted(every, key=lambda p: _key(p, factors))
+    ranked = sorted(every, key=lambda p: _key(p, factors, off_factors))
     for budget in range(1, lattice_size(k, topk) + 1):
-        got = select_nodes(factors, tokens, budget)
+        got = select_nodes(factors, tokens, budget, off_factors=off_factors)
         assert [n["slots"] for n in got] == ranked[:budget]
         # ancestor-closed, and MedusaTree accepts it (it refuses a path without its parent)
         chosen = {n["slots"] for n in got}
@@ -59,6 +62,7 @@ def test_select_nodes_equals_sorted_lattice(seed, ties):
         MedusaTree.from_choices(list(chosen), topk=topk)
         for n in got:
             assert n["tokens"] == tuple(tokens[d][r] for d, r in enumerate(n["slots"]))
+            assert n["off"] == any(r != 0 for r in n["slots"][:-1])
 
 
 def test_select_nodes_errors():
@@ -222,8 +226,13 @@ def test_calibration_recovers_scale_and_exponent(scale, power):
     head = torch.randint(0, 2, (40000,), generator=g)
     cal.observe(head, q, acc)
     a = cal.refit()
-    assert a.tolist() == pytest.approx([power, power], rel=0.15)
-    assert cal.scale.tolist() == pytest.approx([scale, scale], rel=0.15)
+    assert a.tolist() == pytest.approx([power, power, 1.0, 1.0], rel=0.15)  # nothing observed off the top path
+    assert cal.scale.tolist() == pytest.approx([scale, scale, 1.0, 1.0], rel=0.15)
+    cal.observe(torch.ones(40000, dtype=torch.int64), q, torch.rand(40000, generator=g) < 0.2 * q,
+                off_path=torch.ones(40000, dtype=torch.bool))
+    cal.refit()
+    assert cal.scale[3].item() == pytest.approx(0.2, rel=0.15) and cal.exponent[3].item() == pytest.approx(1, rel=0.15)
+    assert cal.scale[1].item() == pytest.approx(scale, rel=0.15)  # the top-path fit is unchanged
     out = cal.head_acceptance(torch.tensor([[0.9, 0.5], [0.4, 0.1]]))
     assert out[0, 0] > out[0, 1] and out[1, 0] > out[1, 1]
 
@@ -234,7 +243,7 @@ def test_calibration_ngram_rates_and_min_observations():
                 ngram_position=torch.tensor([0, 0, 1, 1]))
     rates = cal.ngram_acceptance()
     assert rates[0] == pytest.approx((2 + 1.0) / 4) and rates[1] == pytest.approx((1 + 1.0) / 4)
-    assert cal.refit().tolist() == [1.0]  # no head observations: stays at the prior
+    assert cal.refit().tolist() == [1.0, 1.0]  # no head observations: stays at the prior
     with pytest.raises(CalibrationError):
         AcceptanceCalibration(0)
 

@@ -53,6 +53,8 @@ class DynamicTree:
         head: ``[N+1]`` int64, the head that drafted the node (``depth - 1``), -1 for the root and n-gram-only nodes.
         head_prob: ``[N+1]`` float64, that head's (uncalibrated) probability of the token, 0 where ``head < 0``.
         ngram_position: ``[N+1]`` int64, ``depth - 1`` if the node lies on an n-gram continuation, else -1.
+        off_path: ``[N+1]`` bool, the node's parent is off the top path (the root and rank 0 of every head above it
+            are the top path), so its head factor came from the off-path calibration.
         score: ``[N+1]`` float64 path score (``score[0] = 1``); ``score.sum()`` is the expected tokens per step under
             the model's independence assumption.
     """
@@ -63,6 +65,7 @@ class DynamicTree:
     head_prob: Tensor
     ngram_position: Tensor
     score: Tensor
+    off_path: Tensor
 
     @property
     def num_nodes(self) -> int:
@@ -75,7 +78,8 @@ def lattice_size(num_heads: int, topk: int) -> int:
 
 
 def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], budget: int, *,
-                 continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = ()) -> list[dict]:
+                 continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
+                 off_factors: Sequence[Sequence[float]] | None = None) -> list[dict]:
     """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches).
 
     Args:
@@ -84,10 +88,12 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         budget: ``N >= 1`` nodes to select (fewer only if the candidates run out).
         continuations: n-gram continuations (token lists) under the root.
         ngram_factors: acceptance of an n-gram node at depth ``d+1`` is ``ngram_factors[min(d, len - 1)]``.
+        off_factors: ``[K][topk]`` the head factors for children of nodes off the top path (default ``factors``);
+            the top path is the root and the chain of rank-0 Medusa nodes under it.
     Returns:
         ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
-        child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``prob`` (raw factor of the
-        head, i.e. ``factors[head][rank]``), ``ngram`` (-1 or depth - 1).
+        child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth - 1),
+        ``off`` (the parent is off the top path).
     Raises:
         DynamicTreeError: ``budget < 1`` or a factor outside [0, 1].
     """
@@ -95,7 +101,8 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         raise DynamicTreeError(f"budget must be >= 1, got {budget}")
     k_heads = len(factors)
     topk = len(factors[0]) if k_heads else 0
-    for row in factors:
+    off_factors = factors if off_factors is None else off_factors
+    for row in list(factors) + list(off_factors):
         if any(not 0.0 <= f <= 1.0 for f in row):
             raise DynamicTreeError("head acceptance factors must lie in [0, 1] (probabilities)")
     if continuations and not ngram_factors:
@@ -103,15 +110,16 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
     if any(not 0.0 <= g <= 1.0 for g in ngram_factors):
         raise DynamicTreeError("n-gram acceptance factors must lie in [0, 1]")
     conts = [list(c) for c in continuations]
-    # heap entries: (-score, depth, slots, tokens, head, prob, ngram, conts_on_path)
+    # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path)
     heap: list = []
 
-    def push_children(score: float, slots: tuple, toks: tuple, on: tuple) -> None:
+    def push_children(score: float, slots: tuple, toks: tuple, on: tuple, top: bool) -> None:
         d = len(slots)
-        kids: dict[int, list] = {}  # token -> [factor, slot, head, prob, ngram, conts]
+        kids: dict[int, list] = {}  # token -> [factor, slot, head, ngram, conts]
+        table = factors if top else off_factors
         if d < k_heads:
             for r in range(topk):
-                kids[tokens[d][r]] = [factors[d][r], r, d, factors[d][r], -1, ()]
+                kids[tokens[d][r]] = [table[d][r], r, d, -1, ()]
         for j in on:
             c = conts[j]
             if d >= len(c):
@@ -119,21 +127,22 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
             g = ngram_factors[min(d, len(ngram_factors) - 1)]
             kid = kids.get(c[d])
             if kid is None:
-                kids[c[d]] = [g, topk + j, -1, 0.0, d, (j,)]
+                kids[c[d]] = [g, topk + j, -1, d, (j,)]
             else:
-                if kid[4] < 0:
+                if kid[3] < 0:
                     kid[0] = max(kid[0], g)
-                    kid[4] = d
-                kid[5] = kid[5] + (j,)
-        for tok, (f, slot, head, prob, ng, c_on) in kids.items():
-            heapq.heappush(heap, (-(score * f), d + 1, slots + (slot,), toks + (tok,), head, prob, ng, c_on))
+                    kid[3] = d
+                kid[4] = kid[4] + (j,)
+        for tok, (f, slot, head, ng, c_on) in kids.items():
+            heapq.heappush(heap, (-(score * f), d + 1, slots + (slot,), toks + (tok,), head, ng, not top,
+                                  top and slot == 0, c_on))
 
-    push_children(1.0, (), (), tuple(range(len(conts))))
+    push_children(1.0, (), (), tuple(range(len(conts))), True)
     out: list[dict] = []
     while heap and len(out) < budget:
-        neg, _, slots, toks, head, prob, ng, on = heapq.heappop(heap)
-        out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "prob": prob, "ngram": ng})
-        push_children(-neg, slots, toks, on)
+        neg, _, slots, toks, head, ng, off, top, on = heapq.heappop(heap)
+        out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off})
+        push_children(-neg, slots, toks, on, top)
     return out
 
 
@@ -165,13 +174,15 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
     if len(continuations) > m:
         raise DynamicTreeError(f"{len(continuations)} continuations but only {m} branch slots")
     if calibration is not None:
-        factors = calibration.head_acceptance(top_probs.unsqueeze(0)).squeeze(0)
+        factors = calibration.head_acceptance(top_probs).tolist()
+        off_factors = calibration.head_acceptance(top_probs, off_path=True).tolist()
         ngram_factors = calibration.ngram_acceptance()
     else:
-        factors, ngram_factors = top_probs.to(torch.float64).clamp(0.0, 1.0), [0.5]
+        factors, ngram_factors = top_probs.to(torch.float64).clamp(0.0, 1.0).tolist(), [0.5]
+        off_factors = None
     probs = top_probs.to(torch.float64).tolist()
-    nodes = select_nodes(factors.tolist(), top_ids.tolist(), budget, continuations=continuations,
-                         ngram_factors=ngram_factors)
+    nodes = select_nodes(factors, top_ids.tolist(), budget, continuations=continuations,
+                         ngram_factors=ngram_factors, off_factors=off_factors)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
     n1 = tree.num_nodes + 1
@@ -180,6 +191,7 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
     head_prob = [0.0] * n1
     ngram = [-1] * n1
     score = [1.0] * n1
+    off = [False] * n1
     for i, path in enumerate(tree.choices, start=1):
         node = index[path]
         tokens[i] = node["tokens"][-1]
@@ -188,9 +200,10 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
             head_prob[i] = probs[node["head"]][path[-1]]
         ngram[i] = node["ngram"]
         score[i] = node["score"]
+        off[i] = node["off"]
     return DynamicTree(tree, torch.tensor(tokens, dtype=torch.int64), torch.tensor(head, dtype=torch.int64),
                        torch.tensor(head_prob, dtype=torch.float64), torch.tensor(ngram, dtype=torch.int64),
-                       torch.tensor(score, dtype=torch.float64))
+                       torch.tensor(score, dtype=torch.float64), torch.tensor(off, dtype=torch.bool))
 
 
 @dataclass(frozen=True)
@@ -303,7 +316,7 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         path_nodes: ``[B, W]`` int64 accepted node indices per request, root first, -1 padded
             (``AcceptanceResult.path_nodes``).
     """
-    heads, probs, acc, ngram = [], [], [], []
+    heads, probs, acc, ngram, off = [], [], [], [], []
     rows = path_nodes.cpu().tolist()
     for t, row in zip(trees, rows):
         on = torch.zeros(t.tree.num_nodes + 1, dtype=torch.bool)
@@ -315,7 +328,9 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         probs.append(t.head_prob[seen])
         acc.append(on[seen])
         ngram.append(t.ngram_position[seen])
-    calibration.observe(torch.cat(heads), torch.cat(probs), torch.cat(acc), ngram_position=torch.cat(ngram))
+        off.append(t.off_path[seen])
+    calibration.observe(torch.cat(heads), torch.cat(probs), torch.cat(acc), off_path=torch.cat(off),
+                        ngram_position=torch.cat(ngram))
 
 
 def draw_dynamic_tree(dt: DynamicTree, decode=None) -> str:
