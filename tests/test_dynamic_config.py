@@ -38,6 +38,7 @@ def test_dynamic_config_defaults_and_round_trip():
     ({"tree": "dynamic", "ngram_branches": 9}, "'ngram_branches' must be an integer in 0..8"),
     ({"tree": "dynamic", "ngram_branches": -1}, "'ngram_branches' must be an integer in 0..8"),
     ({"tree": "dynamic", "nodes": 8}, "did you mean 'budget'?"),
+    ({"tree": "dynamic", "tree_schedule": "auto"}, "'tree_schedule' applies to static trees"),
 ])
 def test_dynamic_config_errors(data, fragment):
     with pytest.raises(MedusaConfigError, match=fragment.replace("(", r"\(").replace("?", r"\?")) as e:
@@ -75,12 +76,12 @@ def test_tree_draws_a_sampled_dynamic_tree(capsys):
     assert rc == 1 and "'budget' must be an integer >= 1" in err
 
 
-def test_engine_refuses_dynamic_trees():
+def test_engine_node_count_of_a_dynamic_tree_is_its_budget():
     pytest.importorskip("vllm")
-    from medusa_plugin.vllm_ext.settings import MedusaSettingsError, medusa_tree
+    from medusa_plugin.vllm_ext.settings import num_tree_nodes
 
-    with pytest.raises(MedusaSettingsError, match="not served by the vLLM engine yet"):
-        medusa_tree(load_config({"heads": "a/b", "tree": "dynamic"}))
+    assert num_tree_nodes({"heads": "a/b", "tree": "dynamic", "budget": 8, "ngram_branches": 1}) == 8
+    assert num_tree_nodes({"heads": "a/b", "tree": "dynamic"}) == 16
 
 
 def test_simulated_ngram_tokens_per_step():

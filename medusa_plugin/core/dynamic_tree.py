@@ -254,6 +254,11 @@ class DynamicTreeSpec:
         return max(k, self.ngram_length if self.ngram_branches else 0)
 
     @property
+    def num_nodes(self) -> int:
+        """Nodes per tree (the budget): vLLM's ``num_speculative_tokens``."""
+        return self.budget
+
+    @property
     def slots(self) -> int:
         """Child slots per node: ``topk + ngram_branches``."""
         return self.topk + self.ngram_branches

@@ -98,12 +98,9 @@ def medusa_settings(vllm_config: Any) -> MedusaConfig:
 
 
 def medusa_tree(cfg: MedusaConfig):
-    """The ``core.tree.MedusaTree`` of validated settings (MedusaSettingsError on a bad tree)."""
+    """The ``core.tree.MedusaTree`` of validated settings, or for ``tree: dynamic`` its
+    ``core.dynamic_tree.DynamicTreeSpec`` (both have ``num_nodes``); MedusaSettingsError on a bad tree."""
     from medusa_plugin.core.config import validate
-    if cfg.is_dynamic:
-        raise MedusaSettingsError(
-            "'tree: dynamic' is not served by the vLLM engine yet (per-request trees run in the reference decoder: "
-            "medusa-plugin bench trees); use a static tree here, e.g. the heads' fitted tree.json")
     try:
         return validate(cfg)
     except MedusaConfigError as e:
