@@ -311,3 +311,23 @@ def test_dynamic_eos_and_sampling_top1(trained):
     top1 = medusa_generate(model, heads, spec, prompts, max_new_tokens=MAX_NEW, rule="sampling", temperature=1.0,
                            top_k=1, generator=torch.Generator().manual_seed(0))
     assert top1.sequences == ref
+
+
+def test_accept_batch_each_equals_accept_batch_on_one_shared_tree():
+    """Per-row parameters and seeded generators are split by row exactly as accept_batch groups them."""
+    from medusa_plugin.core.acceptance import accept_batch
+    from medusa_plugin.core.tree_list import accept_batch_each
+
+    tree = MedusaTree.from_name("mc_sim_7b_63")
+    g = torch.Generator().manual_seed(1)
+    r = 4
+    tokens = torch.randint(0, 6, (r, tree.num_nodes + 1), generator=g)
+    logits = torch.randn(r, tree.num_nodes + 1, 6, generator=g) * 3
+    kw = dict(temperature=torch.tensor([0.0, 0.7, 1.0, 0.0]), top_k=torch.tensor([0, 3, 0, 0]),
+              top_p=torch.tensor([1.0, 1.0, 0.9, 1.0]), num_valid=torch.tensor([64, 20, 64, 5]))
+    want = accept_batch(tree, tokens, logits, **kw, generators={1: torch.Generator().manual_seed(5),
+                                                               2: torch.Generator().manual_seed(6)})
+    got = accept_batch_each([tree] * r, tokens, logits, **kw, generators={1: torch.Generator().manual_seed(5),
+                                                                          2: torch.Generator().manual_seed(6)})
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
