@@ -13,6 +13,10 @@ greedy (engine-independent: tokens per step depend only on the trees and the tar
 Every run decodes all prompts at once (batched reference decoder); ``tok_s`` is output tokens per wall second of those
 runs (float32 transformers on this machine, with the reference decoder's Python overheads; not an engine
 measurement). ``identical`` counts prompts whose tokens equal plain batched greedy decoding.
+
+``--engine vllm`` adds ``engine``: the same methods through the vLLM engine (one in-process engine per method,
+``demo_runs.run_method``; float32, greedy, one request at a time and 8 at once), next to plain decoding and vLLM's
+ngram (k=4): tok/s, tokens per step and identity with plain decoding, per concurrency.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["add_trees_arguments", "run_trees", "bench_trees", "simulate_ngram_tokens_per_step"]
+__all__ = ["add_trees_arguments", "run_trees", "bench_trees", "simulate_ngram_tokens_per_step", "engine_runs"]
 
 
 def simulate_ngram_tokens_per_step(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], *, k: int = 4,
@@ -95,9 +99,43 @@ def _setup(model: str, heads: str | None, num_prompts: int, cache_dir: str | Non
     return m, tok, h, prompts, None, acc, label, heads
 
 
+def engine_runs(model_dir: str, heads_dir: str, prompts, static_trees: dict, budgets: Sequence[int],
+                ngram_branches: int, max_new_tokens: int, *, concurrencies=(1, 8), log=print) -> dict:
+    """tok/s, tokens per step and identity with plain decoding of every method through the vLLM engine.
+
+    Returns ``{method: {str(concurrency): {"tok_s", "tokens_per_step", "identical"}}}``.
+    """
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the report readable
+    from . import demo_runs as R
+    from .vllm_ext.offline import medusa_engine_kwargs
+
+    methods = [R.Method("plain"), R.Method("vLLM ngram (k=4)", {"speculative_config": dict(R.NGRAM_CONFIG)})]
+    for n in budgets:
+        methods.append(R.Method(f"static_{n}", medusa_engine_kwargs(
+            {"heads": heads_dir, "tree": [list(p) for p in static_trees[n]]}), True))
+        methods.append(R.Method(f"dynamic_{n}", medusa_engine_kwargs(
+            {"heads": heads_dir, "tree": "dynamic", "budget": n}), True))
+        if ngram_branches:
+            methods.append(R.Method(f"hybrid_{n}", medusa_engine_kwargs(
+                {"heads": heads_dir, "tree": "dynamic", "budget": n, "ngram_branches": ngram_branches}), True))
+    out: dict = {}
+    plain: dict = {}
+    for method in R.run_order(methods):
+        for res in R.run_method(model_dir, method, prompts, max_new_tokens, dtype="float32",
+                                concurrencies=concurrencies):
+            if method.name == "plain":
+                plain[res.concurrency] = res.token_ids
+            out.setdefault(method.name, {})[str(res.concurrency)] = {
+                "tok_s": res.tok_s, "tokens_per_step": res.tokens_per_step,
+                "identical": R.agreement(res.token_ids, plain.get(res.concurrency, []))}
+            log(f"engine {method.name:>18} x{res.concurrency}: {res.tok_s:.1f} tok/s, "
+                f"{res.tokens_per_step:.2f} tokens/step")
+    return out
+
+
 def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Sequence[int] = (8, 16),
                 num_prompts: int = 8, max_new_tokens: int = 64, ngram_branches: int = 2, topk: int = 10,
-                cache_dir: str | None = None, log=print) -> dict:
+                cache_dir: str | None = None, engine: str = "reference", log=print) -> dict:
     """Run the benchmark (see the module docstring); returns the JSON-ready result."""
     import torch
 
@@ -150,8 +188,9 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         log(f"{name:>22} {budget:>3}: {tps:.3f} tokens/step, {result['tok_s'][f'{name}_{budget}']:.1f} tok/s, "
             f"identical {same}/{len(prompts)}{extra}")
 
+    static_trees = {}
     for n in budgets:
-        paths = fit_tree(acc, n, max_depth=h.num_heads, max_children=topk)
+        paths = static_trees[n] = fit_tree(acc, n, max_depth=h.num_heads, max_children=topk)
         result["static_expected_tokens_per_step"][str(n)] = expected_accept_length(paths, acc)
         run("static", n, [list(p) for p in paths])
         run("dynamic_uncalibrated", n, DynamicTreeSpec(budget=n, topk=topk))
@@ -164,6 +203,11 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     if ngram_branches:
         result["hybrid_over_static"] = {b: result["hybrid_tokens_per_step"][b] / result["static_tokens_per_step"][b]
                                         for b in result["static_tokens_per_step"]}
+    if engine == "vllm":
+        model_dir = m.name_or_path if hasattr(m, "name_or_path") else str(m.config._name_or_path)
+        result["engine_runs"] = engine_runs(str(model_dir), heads_dir, prompts, static_trees, budgets,
+                                            ngram_branches, max_new_tokens, log=log)
+        result["engine_load_average"] = os.getloadavg()[0]
     return result
 
 
@@ -186,6 +230,8 @@ def add_trees_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=8, help="held-out prompts (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
     p.add_argument("--ngram-branches", type=int, default=2, help="n-gram branches of the hybrid rows (default 2)")
+    p.add_argument("--engine", default="reference", choices=["reference", "vllm"],
+                   help="vllm: also run every method through the vLLM engine (tok/s at 1 and 8 requests at once)")
     p.add_argument("--cache-dir", help="--model tiny: where the toy model is built/cached (the tests' cache is "
                                        ".pytest_cache/d/medusa_tiny/medusa)")
     p.add_argument("--json", default="benchmarks/results/trees.json", help="where to write the results")
@@ -198,7 +244,7 @@ def run_trees(args: argparse.Namespace) -> int:
         raise BenchError("--num-prompts must be >= 1, --max-new-tokens >= 2 and --ngram-branches >= 0")
     res = bench_trees(model=args.model, heads=args.heads, budgets=args.budgets, num_prompts=args.num_prompts,
                       max_new_tokens=args.max_new_tokens, ngram_branches=args.ngram_branches,
-                      cache_dir=args.cache_dir, log=_log)
+                      cache_dir=args.cache_dir, engine=args.engine, log=_log)
     path = _write_json(args.json, res)
     print(f"wrote {path}")
     for b in map(str, args.budgets):
