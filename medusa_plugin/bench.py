@@ -575,6 +575,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="benchmarks/results/e2e.json", help="where to write the results")
     p.set_defaults(_bench=_run_e2e)
 
+    from .bench_trees import add_trees_arguments, run_trees
+
+    p = sub.add_parser("trees", help="tokens/step of the fitted static tree vs dynamic vs dynamic + n-gram trees",
+                       description="tokens per step of the fitted static tree, dynamic trees and dynamic + n-gram "
+                                   "trees at equal node budgets on held-out prompts (reference decoder, float32)")
+    add_trees_arguments(p)
+    p.set_defaults(_bench=run_trees)
+
 
 def _run_overhead(args: argparse.Namespace) -> int:
     from .bench_engine import format_overhead, overhead, plot_overhead

@@ -67,11 +67,20 @@ def _run_validate(args: argparse.Namespace) -> int:
         kind += ": " + _heads_summary(heads)
     elif args.check_files:
         kind += ", not fetched"
+    if cfg.is_dynamic:
+        tree_line = (f"  tree:           {tree.describe()}\n"
+                     f"                  (EAGLE-2-style: each request's tree is rebuilt every step from the heads' own "
+                     f"probabilities, calibrated online from the accepted paths)")
+        if cfg.ngram_branches:
+            tree_line += (f"\n  ngram_branches: {cfg.ngram_branches}: prompt-lookup continuations of the request's "
+                          f"own tokens (vLLM's ngram rule) compete for the same budget; a shared prefix is one node")
+    else:
+        tree_line = (f"  tree:           {cfg.tree_name}: {tree.num_nodes} nodes (+ root), depth {tree.max_depth}, "
+                     f"{tree.num_leaves} leaves, nodes per depth {tree.nodes_per_depth}, topk {cfg.topk}")
     lines = [
         f"medusa config OK: {args.config}",
         f"  heads:          {cfg.heads} ({kind}{rev})",
-        f"  tree:           {cfg.tree_name}: {tree.num_nodes} nodes (+ root), depth {tree.max_depth}, "
-        f"{tree.num_leaves} leaves, nodes per depth {tree.nodes_per_depth}, topk {cfg.topk}",
+        tree_line,
         f"  acceptance:     {cfg.acceptance.describe()}",
         f"  max_batch_size: {cfg.max_batch_size if cfg.max_batch_size is not None else 'none (always speculate)'}",
         f"  tree_schedule:  {cfg.tree_schedule or 'none (one tree for every batch size)'}",
@@ -83,10 +92,19 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ tree
 def _add_tree(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", nargs="?", help="shipped name, .yaml/.json file, 'chain:K' or a list literal")
+    p.add_argument("spec", nargs="?", help="shipped name, .yaml/.json file, 'chain:K', a list literal, or 'dynamic' "
+                                          "(draws one sampled dynamic tree)")
     p.add_argument("--list", action="store_true", help="list the shipped trees")
     p.add_argument("--yaml", action="store_true", help="print the tree as a 'tree:' entry for a medusa config")
     p.add_argument("--topk", type=int, default=10, help="ranks per head the tree may use (default 10)")
+    g = p.add_argument_group("dynamic trees (spec 'dynamic')")
+    g.add_argument("--budget", type=int, default=16, help="nodes of the dynamic tree (default 16)")
+    g.add_argument("--ngram-branches", type=int, default=0, help="n-gram branches merged in (default 0)")
+    g.add_argument("--model", help="model directory or 'smollm2': draw the tree its heads propose for --prompt "
+                                   "(default: synthetic head probabilities)")
+    g.add_argument("--heads", help="Medusa heads directory (default for smollm2: the shipped heads)")
+    g.add_argument("--prompt", default="Explain how a bicycle gear works.", help="chat request for --model")
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic head probabilities")
 
 
 def _run_tree(args: argparse.Namespace) -> int:
@@ -103,6 +121,8 @@ def _run_tree(args: argparse.Namespace) -> int:
         print("medusa-plugin tree: error: give a tree (name, file, 'chain:K' or list literal) or --list",
               file=sys.stderr)
         return 2
+    if args.spec.strip().lower() == "dynamic":
+        return _run_dynamic_tree(args)
     tree = MedusaTree.load(args.spec, topk=args.topk)
     if args.yaml:
         print(f"# {args.spec}: {tree.num_nodes} nodes, depth {tree.max_depth}, nodes per depth {tree.nodes_per_depth}")
@@ -110,6 +130,41 @@ def _run_tree(args: argparse.Namespace) -> int:
         print("\n".join(f"  - [{', '.join(map(str, p))}]" for p in tree.choices))
     else:
         print(tree.describe())
+    return 0
+
+
+def _run_dynamic_tree(args: argparse.Namespace) -> int:
+    from medusa_plugin.core.config import load_config
+
+    cfg = load_config({"heads": args.heads or "unused", "tree": "dynamic", "budget": args.budget, "topk": args.topk,
+                       "ngram_branches": args.ngram_branches})
+    spec = cfg.dynamic_spec()
+    from medusa_plugin.core.dynamic_tree import draw_dynamic_tree
+
+    if args.model is None:
+        from medusa_plugin.hf.dynamic_sample import synthetic_dynamic_tree
+
+        dt = synthetic_dynamic_tree(spec, seed=args.seed)
+        print(f"one sampled dynamic tree from synthetic head probabilities (4 heads, seed {args.seed}); "
+              f"pass --model/--heads to see real heads")
+        print(draw_dynamic_tree(dt))
+        return 0
+    from medusa_plugin.hf.dynamic_sample import model_dynamic_tree
+
+    heads = args.heads
+    model_dir = args.model
+    if model_dir.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from medusa_plugin.demo import shipped_heads_dir
+        from medusa_plugin.hf.real_model import build_smollm2
+
+        model_dir, heads = str(build_smollm2(dtype="float32")), heads or str(shipped_heads_dir())
+    if heads is None:
+        print("medusa-plugin tree: error: --model needs --heads (a Medusa heads directory)", file=sys.stderr)
+        return 2
+    dt, decode = model_dynamic_tree(spec, model_dir, heads, args.prompt)
+    print(f"the dynamic tree the heads propose after the first answer token of {args.prompt!r} "
+          f"(uncalibrated head probabilities)")
+    print(draw_dynamic_tree(dt, decode))
     return 0
 
 

@@ -149,3 +149,36 @@ def test_one_plan_serves_every_layer():
         got = paged_tree_attention_planned(kw["query"], kw["key_cache"], kw["value_cache"], plan, 8 ** -0.5)
         want = dense_tree_attention_reference(**kw, tree_mask=MC63, is_tree=is_tree, scale=8 ** -0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_tree_per_request_matches_dense(monkeypatch):
+    """[B, N+1, N+1] masks (dynamic trees): each request attends with its own tree, including a truncated one,
+    next to a causal row; split into one-request groups too."""
+    import medusa_plugin.core.paged_attention as pa
+    from medusa_plugin.core.dynamic_tree import build_dynamic_tree
+
+    g = torch.Generator().manual_seed(3)
+    masks = []
+    for _ in range(3):
+        probs = torch.rand(3, 4, generator=g).sort(dim=-1, descending=True).values
+        ids = torch.arange(12).view(3, 4)
+        masks.append(build_dynamic_tree(0, probs, ids, 9).tree.ancestor_mask)
+    assert not torch.equal(masks[0], masks[1]) or not torch.equal(masks[1], masks[2])
+    tree_mask = torch.stack(masks)                                   # [3, 10, 10]
+    q_lens = [10, 6, 10]
+    seq_lens = [5 + 10, 20 + 6, 7 + 10]
+    is_tree = torch.tensor([True, True, False])
+    kw = make_batch(seq_lens, q_lens, block_size=16, hq=4, hkv=2, seed=11)
+    got = paged_tree_attention(**kw, tree_mask=tree_mask, is_tree=is_tree, scale=0.3)
+    want = dense_tree_attention_reference(**kw, tree_mask=tree_mask, is_tree=is_tree, scale=0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for b in range(2):  # each tree row equals running that request alone with its 2-D mask
+        rows = slice(int(kw["query_start_loc"][b]), int(kw["query_start_loc"][b + 1]))
+        one = dict(kw, query=kw["query"][rows], block_tables=kw["block_tables"][b:b + 1],
+                   seq_lens=kw["seq_lens"][b:b + 1], query_start_loc=torch.tensor([0, q_lens[b]]))
+        torch.testing.assert_close(got[rows], paged_tree_attention(**one, tree_mask=masks[b],
+                                                                   is_tree=is_tree[b:b + 1], scale=0.3))
+    with pytest.raises(PagedAttentionError, match=r"\[B=3, N\+1, N\+1\]"):
+        paged_tree_attention(**kw, tree_mask=tree_mask[:2], is_tree=is_tree, scale=0.3)
+    monkeypatch.setattr(pa, "_GROUP_ELEMS", 1)  # one request per group: each group slices its own masks
+    torch.testing.assert_close(paged_tree_attention(**kw, tree_mask=tree_mask, is_tree=is_tree, scale=0.3), got)

@@ -5,8 +5,10 @@ it takes inside vLLM's ``--additional-config``)::
 
     heads: FasterDecoding/medusa-vicuna-7b-v1.3   # hub id, or local dir / file (required)
     heads_revision: null                         # optional hub revision (branch, tag or commit)
-    tree: vicuna_7b_stage2                       # shipped name | .yaml/.json file | "chain:K" | list literal
+    tree: vicuna_7b_stage2                       # shipped name | .yaml/.json file | "chain:K" | list literal | dynamic
     topk: 10                                     # ranks per head the tree may use (tree ranks must be < topk)
+    budget: 16                                   # tree: dynamic only: nodes per request and step (default 16)
+    ngram_branches: 0                            # tree: dynamic only: n-gram (prompt lookup) branches merged in
     acceptance:
       rule: lossless                             # lossless (default) | typical
       posterior_threshold: 0.09                  # typical only
@@ -14,6 +16,10 @@ it takes inside vLLM's ``--additional-config``)::
     max_batch_size: 32                           # above this many running requests: no speculation (null: always)
     tree_schedule: null                          # null | auto | path to a YAML table of batch size -> tree
     dtype: auto                                  # auto (the base model's) | float16 | bfloat16 | float32
+
+``tree: dynamic`` builds a tree per request and step: the ``budget`` nodes of highest path probability over the
+heads' top-``topk`` lattice, plus up to ``ngram_branches`` prompt-lookup continuations of the request's own tokens
+(``core.dynamic_tree``). :func:`validate` returns a ``core.dynamic_tree.DynamicTreeSpec`` for it.
 
 Acceptance rules (``acceptance.rule``; ``acceptance: typical`` is shorthand for ``acceptance: {rule: typical}``):
 
@@ -44,6 +50,9 @@ __all__ = ["AcceptanceConfig", "MedusaConfig", "MedusaConfigError", "load_config
            "check_tree_depth", "check_local_files", "local_heads", "DEFAULT_TREE"]
 
 DEFAULT_TREE = "mc_sim_7b_63"
+DYNAMIC_TREE = "dynamic"
+DEFAULT_DYNAMIC_BUDGET = 16
+MAX_NGRAM_BRANCHES = 8
 ACCEPTANCE_RULES = ("lossless", "typical")
 RULE_ALIASES = {"greedy": "lossless", "sampling": "lossless"}
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -53,7 +62,8 @@ HEADS_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 # Keys people plausibly write (from upstream Medusa / vLLM) that difflib would not map to ours.
 _KEY_HINTS = {"choices": "tree", "medusa_choices": "tree", "speculative_token_tree": "tree", "rule": "acceptance",
               "revision": "heads_revision", "model": "heads", "medusa_heads": "heads", "heads_path": "heads",
-              "temperature": "acceptance", "threshold": "posterior_threshold", "alpha": "posterior_alpha"}
+              "temperature": "acceptance", "threshold": "posterior_threshold", "alpha": "posterior_alpha",
+              "num_nodes": "budget", "nodes": "budget", "ngram": "ngram_branches", "prompt_lookup": "ngram_branches"}
 
 
 class MedusaConfigError(ValueError):
@@ -158,6 +168,8 @@ class MedusaConfig:
     tree_schedule: str | None = None
     dtype: str = "auto"
     heads_revision: str | None = None
+    budget: int | None = None
+    ngram_branches: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, os.PathLike):
@@ -203,6 +215,43 @@ class MedusaConfig:
         if self.heads_revision is not None and not isinstance(self.heads_revision, str):
             raise MedusaConfigError(
                 f"'heads_revision' must be a string (branch, tag or commit) or null, got {_describe(self.heads_revision)}")
+        if isinstance(self.tree, str) and self.tree.lower() == DYNAMIC_TREE:
+            self.tree = DYNAMIC_TREE
+        if self.budget is not None:
+            if not self.is_dynamic:
+                raise MedusaConfigError(f"'budget' applies to 'tree: dynamic' only (a static tree's size is its node "
+                                        f"count): remove it or set 'tree: dynamic'")
+            if not _is_int(self.budget) or self.budget < 1:
+                raise MedusaConfigError(f"'budget' must be an integer >= 1 (tree nodes per request and step), "
+                                        f"got {_describe(self.budget)}")
+        if not _is_int(self.ngram_branches) or not 0 <= self.ngram_branches <= MAX_NGRAM_BRANCHES:
+            raise MedusaConfigError(f"'ngram_branches' must be an integer in 0..{MAX_NGRAM_BRANCHES} (n-gram "
+                                    f"continuations per tree), got {_describe(self.ngram_branches)}")
+        if self.is_dynamic and self.tree_schedule is not None:
+            raise MedusaConfigError("'tree_schedule' applies to static trees (it picks a prefix of one tree per batch "
+                                    "size); with 'tree: dynamic' set the tree size with 'budget' and remove "
+                                    "'tree_schedule'")
+        if self.ngram_branches and not self.is_dynamic:
+            raise MedusaConfigError("'ngram_branches' needs 'tree: dynamic' (n-gram branches are merged into a tree "
+                                    "built per request): set 'tree: dynamic' or remove 'ngram_branches'")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """``tree: dynamic``: a tree per request and step (``core.dynamic_tree``)."""
+        return self.tree == DYNAMIC_TREE
+
+    def dynamic_spec(self, num_heads: int | None = None):
+        """The ``core.dynamic_tree.DynamicTreeSpec`` of a ``tree: dynamic`` config (MedusaConfigError otherwise or on
+        a budget larger than ``num_heads`` heads x ``topk`` ranks hold)."""
+        from medusa_plugin.core.dynamic_tree import DynamicTreeError, DynamicTreeSpec
+
+        if not self.is_dynamic:
+            raise MedusaConfigError(f"the tree {self.tree_name!r} is static, not 'dynamic'")
+        try:
+            return DynamicTreeSpec(budget=self.budget or DEFAULT_DYNAMIC_BUDGET, topk=self.topk, num_heads=num_heads,
+                                   ngram_branches=self.ngram_branches)
+        except DynamicTreeError as e:
+            raise MedusaConfigError(f"invalid 'tree: dynamic': {e}") from None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -345,7 +394,8 @@ def check_tree_depth(tree, num_heads: int, *, tree_name: str, heads: str) -> Non
 
 
 def validate(config: MedusaConfig | str | os.PathLike | Mapping, *, check_files: bool = False):
-    """Fully check a config: parse it (if needed) and build its ``MedusaTree`` (returned).
+    """Fully check a config: parse it (if needed) and build its ``MedusaTree`` (returned; for ``tree: dynamic`` the
+    ``core.dynamic_tree.DynamicTreeSpec`` instead).
 
     With ``check_files``: a local ``heads`` path must exist and hold loadable Medusa heads with at least as many
     heads as the tree is deep (:func:`check_tree_depth`), and a ``tree_schedule`` file must exist. Hub heads are
@@ -356,6 +406,11 @@ def validate(config: MedusaConfig | str | os.PathLike | Mapping, *, check_files:
         config = load_config(config)
     from medusa_plugin.core.tree import MedusaTree, MedusaTreeError
 
+    if config.is_dynamic:
+        spec = config.dynamic_spec()
+        if check_files:
+            check_local_files(config, spec)
+        return spec
     try:
         if isinstance(config.tree, list):
             tree = MedusaTree.from_choices(config.tree, topk=config.topk)
@@ -381,7 +436,10 @@ def check_local_files(config: MedusaConfig, tree):
     heads = None
     if heads_is_local(config.heads):
         heads = local_heads(config)
-        check_tree_depth(tree, heads.num_heads, tree_name=config.tree_name, heads=config.heads)
+        if config.is_dynamic:
+            config.dynamic_spec(heads.num_heads)
+        else:
+            check_tree_depth(tree, heads.num_heads, tree_name=config.tree_name, heads=config.heads)
     sched = config.tree_schedule
     if sched is not None and sched != "auto" and not Path(sched).expanduser().is_file():
         raise MedusaConfigError(f"'tree_schedule' file not found: {Path(sched).expanduser().resolve()}")

@@ -8,7 +8,8 @@ K/V are already in the cache.
 
 * tree rows (``is_tree[b]``): query ``i`` sees every context key (position ``< seq_lens[b] - q_b``) and the tree key
   ``j`` iff ``tree_mask[i, j]``. A request with ``q_b < N+1`` queries uses ``tree_mask[:q_b, :q_b]`` (a prefix of the
-  node order is a subtree).
+  node order is a subtree). With one tree per request (dynamic trees), ``tree_mask`` is ``[B, N+1, N+1]`` and
+  request ``b`` uses ``tree_mask[b]``.
 * causal rows: plain causal attention (prefill / extend / ordinary decode rows sharing the batch).
 
 ``paged_tree_attention`` is the vectorised reference (float32 math); ``dense_tree_attention_reference`` is a brute
@@ -51,9 +52,11 @@ def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_s
             "expected block_tables [B, max_blocks], seq_lens [B], query_start_loc [B+1], is_tree [B]; got "
             f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}, "
             f"{tuple(is_tree.shape)}")
-    if tree_mask.dim() != 2 or tree_mask.shape[0] != tree_mask.shape[1] or tree_mask.dtype != torch.bool:
+    if (tree_mask.dim() not in (2, 3) or tree_mask.shape[-1] != tree_mask.shape[-2] or tree_mask.dtype != torch.bool
+            or (tree_mask.dim() == 3 and tree_mask.shape[0] != b)):
         raise PagedAttentionError(
-            f"tree_mask must be a square bool [N+1, N+1] matrix, got {tuple(tree_mask.shape)} {tree_mask.dtype}")
+            f"tree_mask must be a square bool [N+1, N+1] matrix (or [B={b}, N+1, N+1], one per request), got "
+            f"{tuple(tree_mask.shape)} {tree_mask.dtype}")
     if is_tree.dtype != torch.bool:
         raise PagedAttentionError(f"is_tree must be a bool tensor, got {is_tree.dtype}")
 
@@ -86,7 +89,8 @@ def paged_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, 
         block_tables: ``[B, max_blocks]`` int32/int64.
         seq_lens: ``[B]`` int, tokens in the cache per request including this step's queries.
         query_start_loc: ``[B+1]`` int, cumulative query counts (``query_start_loc[0] == 0``).
-        tree_mask: ``[N+1, N+1]`` bool, ``[i, j]`` = tree node ``i`` attends to tree node ``j``.
+        tree_mask: ``[N+1, N+1]`` bool, ``[i, j]`` = tree node ``i`` attends to tree node ``j``; or ``[B, N+1, N+1]``,
+            one tree per request.
         is_tree: ``[B]`` bool, False rows use plain causal attention.
         scale: softmax scale (usually ``Dh ** -0.5``).
         out: optional ``[T, Hq, Dh]`` output buffer.
@@ -133,7 +137,7 @@ def plan_paged_tree_attention(block_tables: Tensor, seq_lens: Tensor, query_star
     seq_lens = seq_lens.to(device=device, dtype=torch.int64)
     is_tree = is_tree.to(device)
     q_lens = qsl[1:] - qsl[:-1]
-    _check_lengths(q_lens.cpu(), seq_lens.cpu(), is_tree.cpu(), tree_mask.shape[0], num_tokens,
+    _check_lengths(q_lens.cpu(), seq_lens.cpu(), is_tree.cpu(), tree_mask.shape[-1], num_tokens,
                    block_tables.shape[1], block_size)
     batch = block_tables.shape[0]
     groups = []
@@ -150,7 +154,8 @@ def plan_paged_tree_attention(block_tables: Tensor, seq_lens: Tensor, query_star
                     break
                 longest, most_q, end = s_next, q_next, end + 1
             groups.append(_plan_group(block_tables[start:end], seq_lens[start:end], qsl[start:end + 1],
-                                      q_lens[start:end], tree_mask, is_tree[start:end], block_size, hkv,
+                                      q_lens[start:end], tree_mask if tree_mask.dim() == 2 else tree_mask[start:end],
+                                      is_tree[start:end], block_size, hkv,
                                       hq // hkv, max(longest, 1), max(most_q, 1)))
             start = end
     return PagedTreePlan(tuple(groups), num_tokens, block_size, hkv, hq, dh)
@@ -211,10 +216,14 @@ def _plan_group(block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, block_s
     q_pos = ctx[:, None] + qi[None, :]                                                     # [bsz, Q]
     rel = pos[None, :] - ctx[:, None]                                                      # [bsz, S] tree index j
     causal = pos[None, None, :] <= q_pos[:, :, None]
-    n1 = tree_mask.shape[0]
+    n1 = tree_mask.shape[-1]
     tm_i = qi.clamp_max(n1 - 1)
     tm_j = rel.clamp(0, n1 - 1)
-    tree_ok = tree_mask[tm_i[None, :, None], tm_j[:, None, :]]                              # [bsz, Q, S]
+    if tree_mask.dim() == 2:
+        tree_ok = tree_mask[tm_i[None, :, None], tm_j[:, None, :]]                          # [bsz, Q, S]
+    else:  # one tree per request
+        req = torch.arange(bsz, device=device)[:, None, None]
+        tree_ok = tree_mask[req, tm_i[None, :, None], tm_j[:, None, :]]
     new_key = (rel >= 0)[:, None, :]
     allowed = torch.where(is_tree[:, None, None], ~new_key | tree_ok, causal)
     allowed &= key_valid[:, None, :]
@@ -244,7 +253,7 @@ def dense_tree_attention_reference(query: Tensor, key_cache: Tensor, value_cache
                 if p < ctx:
                     mask[i, p] = True
                 elif bool(is_tree[b]):
-                    mask[i, p] = bool(tree_mask[i, p - ctx])
+                    mask[i, p] = bool((tree_mask[b] if tree_mask.dim() == 3 else tree_mask)[i, p - ctx])
                 else:
                     mask[i, p] = p <= ctx + i
         for h in range(hq):

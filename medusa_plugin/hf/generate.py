@@ -24,8 +24,11 @@ import torch
 from torch import Tensor
 
 from ..core.acceptance import accept, probs_from_logits
+from ..core.calibration import AcceptanceCalibration
+from ..core.dynamic_tree import DynamicTreeSpec, observe_step
 from ..core.heads import MedusaHeads
 from ..core.tree import MedusaTree
+from ..core.tree_list import accept_each, stack_attn_bias, stack_depth
 
 
 class MedusaGenerateError(ValueError):
@@ -116,18 +119,23 @@ def _first_token(rule: str, logits: Tensor, temperature, top_p, top_k, generator
 def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_tokens: int, rule: str = "greedy",
                     temperature=0.0, top_p=None, top_k=None, posterior_threshold: float = 0.09,
                     posterior_alpha: float = 0.3, eos_token_id: int | None = None,
-                    generator: torch.Generator | None = None) -> MedusaGenerateOutput:
+                    generator: torch.Generator | None = None,
+                    calibration: AcceptanceCalibration | None = None) -> MedusaGenerateOutput:
     """Medusa tree decoding with ``model`` (a transformers causal LM) and ``heads``.
 
     Args:
         model: ``AutoModelForCausalLM``-style model whose ``get_decoder()`` returns the base model (last hidden state
             after the final norm) and ``get_output_embeddings()`` the lm_head.
         heads: MedusaHeads reading that last hidden state ([B, H] -> [B, K, V]); K >= tree.max_depth.
-        tree: a MedusaTree or any spec ``MedusaTree.load`` accepts (name, file, list, "chain:K").
+        tree: a MedusaTree or any spec ``MedusaTree.load`` accepts (name, file, list, "chain:K"), or a
+            ``core.dynamic_tree.DynamicTreeSpec``: then every request gets its own tree each step (dynamic, plus
+            n-gram branches from its prompt and output when ``ngram_branches > 0``).
         input_ids: list of prompts (list[int], lengths may differ) or an int64 tensor [B, T] / [T].
         max_new_tokens: new tokens per request (including eos).
         rule: "greedy" (exact), "sampling" (lossless) or "typical" (lossy), see ``core.acceptance``.
         eos_token_id: a request stops after emitting it (tokens after it in an accepted path are dropped).
+        calibration: dynamic trees only: head probability -> acceptance, updated online from every step's accepted
+            paths (refitted every 8 steps); None: raw head probabilities.
     Returns:
         MedusaGenerateOutput(sequences=list[list[int]] new tokens per request, stats=MedusaStats).
     """
@@ -138,10 +146,19 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
     if rule not in ("greedy", "sampling", "typical"):
         raise MedusaGenerateError(f"unknown rule {rule!r}: use 'greedy', 'sampling' or 'typical'")
     dev = next(model.parameters()).device
-    tree = MedusaTree.load(tree).to(dev)
-    if heads.num_heads < tree.max_depth:
-        raise MedusaGenerateError(f"the tree has depth {tree.max_depth} but the heads only {heads.num_heads}: "
-                                  f"use a tree of depth <= {heads.num_heads} (e.g. 'chain:{heads.num_heads}')")
+    spec = tree if isinstance(tree, DynamicTreeSpec) else None
+    if spec is not None:
+        if heads.num_heads < (spec.num_heads or 1):
+            raise MedusaGenerateError(f"the dynamic tree uses {spec.num_heads} heads but there are only "
+                                      f"{heads.num_heads}: set num_heads <= {heads.num_heads}")
+        spec.check_heads(spec.num_heads or heads.num_heads)
+        max_depth = spec.max_depth(heads.num_heads)
+    else:
+        tree = MedusaTree.load(tree).to(dev)
+        if heads.num_heads < tree.max_depth:
+            raise MedusaGenerateError(f"the tree has depth {tree.max_depth} but the heads only {heads.num_heads}: "
+                                      f"use a tree of depth <= {heads.num_heads} (e.g. 'chain:{heads.num_heads}')")
+        max_depth = tree.max_depth
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     dtype = lm_head.weight.dtype
     neg = _neg(dtype)
@@ -170,7 +187,7 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
 
     out: list[list[int]] = [[int(t)] for t in root.tolist()]
     step_tokens: list[list[int]] = [[] for _ in range(b)]
-    per_depth = torch.zeros(tree.max_depth, dtype=torch.int64)
+    per_depth = torch.zeros(max_depth, dtype=torch.int64)
     stats = MedusaStats()
 
     def finished(i: int) -> bool:
@@ -179,23 +196,42 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
     active = [i for i in range(b) if not finished(i)]  # request index of each batch row
     keep = torch.tensor([i for i in range(b) if i in set(active)], dtype=torch.int64, device=dev)
     cache_len = lens.clone()
-    n1, d1 = tree.num_nodes + 1, tree.max_depth + 1
-    depth, tree_bias = tree.depth, tree.attn_bias(dtype, dev)
+    if spec is None:
+        n1 = tree.num_nodes + 1
+        depth, tree_bias = tree.depth.view(1, -1), tree.attn_bias(dtype, dev).clamp(min=neg)
+    else:
+        n1 = spec.budget + 1
     while active:
         if keep.numel() != cache_len.numel():
             root, h_last, cache_len = root[keep], h_last[keep], cache_len[keep]
             _reshape_cache(cache, keep, int(cache_len.max()))
         nb = len(active)
         t_phys = cache.get_seq_length()
-        tree_tokens = tree.build_candidates(root, heads(h_last, lm_head))  # [nb, N+1]
+        if spec is None:
+            tree_tokens = tree.build_candidates(root, heads(h_last, lm_head))  # [nb, N+1]
+            bias = tree_bias.expand(nb, n1, n1)
+        else:  # one tree per request
+            contexts = [prompts[i] + out[i] for i in active] if spec.ngram_branches else None
+            dyn = spec.build(root, heads(h_last, lm_head), contexts, calibration=calibration)
+            trees = [d.tree for d in dyn]
+            tree_tokens = torch.stack([d.tokens for d in dyn]).to(dev)
+            bias, depth = stack_attn_bias(trees, dtype, dev).clamp(min=neg), stack_depth(trees, dev)
         past_ok = torch.arange(t_phys, device=dev).view(1, -1) < cache_len.view(-1, 1)  # [nb, T]
         mask = torch.cat([torch.zeros(nb, n1, t_phys, dtype=dtype, device=dev).masked_fill_(~past_ok.unsqueeze(1), neg),
-                          tree_bias.clamp(min=neg).expand(nb, n1, n1)], dim=2).unsqueeze(1)
-        pos = cache_len.view(-1, 1) + depth.view(1, -1)
+                          bias], dim=2).unsqueeze(1)
+        pos = cache_len.view(-1, 1) + depth
         hidden = decoder(input_ids=tree_tokens, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True).last_hidden_state  # [nb, N+1, H]
-        res = accept(rule, tree, tree_tokens, lm_head(hidden), **params)
+        if spec is None:
+            res = accept(rule, tree, tree_tokens, lm_head(hidden), **params)
+        else:
+            res = accept_each(rule, trees, tree_tokens, lm_head(hidden), **params)
+            if calibration is not None:
+                observe_step(calibration, dyn, res.path_nodes)
+                if stats.steps % 8 == 7:
+                    calibration.refit()
 
+        d1 = res.path_nodes.shape[1]
         j = torch.arange(d1, device=dev).view(1, -1)
         dst = cache_len.view(-1, 1) + j
         src = torch.where(j <= res.accept_len.view(-1, 1), t_phys + res.path_nodes.clamp(min=0), dst)
@@ -206,7 +242,7 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
 
         stats.steps += 1
         stats.request_steps += nb
-        per_depth += (torch.arange(1, d1).view(1, -1) <= res.accept_len.cpu().view(-1, 1)).sum(0)
+        per_depth += (torch.arange(1, max_depth + 1).view(1, -1) <= res.accept_len.cpu().view(-1, 1)).sum(0)
         emitted = res.output_tokens.tolist()
         for r, (i, n_acc) in enumerate(zip(active, res.accept_len.tolist())):
             step_tokens[i].append(n_acc + 1)
@@ -226,7 +262,7 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
         stats.mean_accepted_tokens_per_step = sum(map(sum, step_tokens)) / stats.request_steps
         stats.acceptance_per_depth = (per_depth.double() / stats.request_steps).tolist()
     else:
-        stats.acceptance_per_depth = [0.0] * tree.max_depth
+        stats.acceptance_per_depth = [0.0] * max_depth
     stats.wall_s = time.perf_counter() - t0
     return MedusaGenerateOutput(out, stats)
 

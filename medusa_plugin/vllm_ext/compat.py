@@ -398,9 +398,11 @@ CONTRACTS: tuple[Contract, ...] = (
                          "target_logits_indices", "bonus_logits_indices", "logits_indices")),
         Contract("vllm.v1.worker.gpu_input_batch.InputBatch.__init__", "runner, sampling_support",
                  "input_batch buffers read by the runner: block_table, temperature / top-p / top-k per request, "
-                 "sampling_metadata, logitsprocs",
+                 "sampling_metadata, logitsprocs; token_ids_cpu / num_tokens_no_spec (each request's tokens, sampled "
+                 "ones included when drafts are proposed: the n-gram branches of tree: dynamic)",
                  _source("self.block_table = ", "self.temperature_cpu = ", "self.top_p_cpu = ", "self.top_k_cpu = ",
-                         "self.sampling_metadata = ", "self.logitsprocs = ")),
+                         "self.sampling_metadata = ", "self.logitsprocs = ", "self.token_ids_cpu = ",
+                         "self.num_tokens_no_spec = ")),
         Contract("vllm.v1.worker.gpu_input_batch.InputBatch", "runner, proposer",
                  "req_ids (row order of the batch), update_async_output_token_ids()",
                  _attrs("req_ids", "update_async_output_token_ids")),

@@ -95,6 +95,9 @@ class MedusaTritonAttentionImpl(TreeAttentionImplMixin, TritonAttentionImpl):
     def _tree_rows(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, step: tree_step.TreeStep,
                    output: torch.Tensor) -> None:
         """Overwrite ``output[step.token_index]`` (``[T, Hq, D]``) with tree attention over the paged cache."""
+        if step.tree_mask.dim() != 2:
+            raise NotImplementedError("'tree: dynamic' (one tree per request) runs on vLLM's CPU backend only: the "
+                                      "Triton tree-attention kernel takes one tree per step; use a static tree on CUDA")
         key_cache, value_cache = self.kv_views(layer, kv_cache)
         rows = step.tree_reqs
         is_tree = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)

@@ -20,7 +20,9 @@ import time
 import torch
 from torch import Tensor
 
+from medusa_plugin.core.calibration import AcceptanceCalibration
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
+from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step
 from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
@@ -51,6 +53,10 @@ class MedusaTreeProposer:
         schedule: the batch-aware :class:`TreeSchedule` from the ``tree_schedule`` setting, or None (full tree at
             every batch size). With a schedule, each step drafts the first ``schedule.num_nodes(batch)`` nodes (a
             prefix of node order is itself a tree; 0 = no speculation for that step).
+        dynamic: for ``tree: dynamic`` the :class:`~medusa_plugin.core.dynamic_tree.DynamicTreeSpec` (``tree`` is
+            then a chain as long as the budget, used only for its node count), else None.
+        trees: ``tree: dynamic``: the tree drafted for each request id at the last :meth:`propose_tree` call.
+        calibration: ``tree: dynamic``: the online :class:`AcceptanceCalibration` (fed by :meth:`observe_trees`).
     """
 
     def __init__(self, vllm_config) -> None:
@@ -58,7 +64,12 @@ class MedusaTreeProposer:
         # Settings, node count, pipeline parallelism, ... were validated when the config was built
         # (settings.check_supported, run by the plugin).
         self.config = medusa_settings(vllm_config)
-        self.tree = MedusaTree.load(self.config.tree, topk=self.config.topk)
+        self.dynamic = self.config.dynamic_spec() if self.config.is_dynamic else None
+        self.trees: dict[str, DynamicTree] = {}
+        self.calibration: AcceptanceCalibration | None = None
+        self._observed = 0
+        self.tree = (MedusaTree.chain(self.dynamic.budget, topk=self.config.topk) if self.dynamic is not None
+                     else MedusaTree.load(self.config.tree, topk=self.config.topk))
         self.schedule = TreeSchedule.resolve(self.config.tree_schedule, self.tree)
         # tree_schedule: auto without a shipped table for this device (every CPU): measured in the engine
         # (calibrate(), called by the runner once the KV cache exists).
@@ -91,9 +102,13 @@ class MedusaTreeProposer:
             self.config.heads, base_hidden_size=mc.get_hidden_size(), base_vocab_size=self.vocab_size,
             dtype=dtype, device=ref.device, revision=self.config.heads_revision).eval()
         try:  # the same check and message as `medusa-plugin validate --check-files`
-            check_tree_depth(self.tree, self.heads.num_heads, tree_name=self.config.tree_name,
-                             heads=self.config.heads)
-        except MedusaConfigError as e:
+            if self.dynamic is not None:
+                self.dynamic.check_heads(self.heads.num_heads)
+                self.calibration = AcceptanceCalibration(self.heads.num_heads)
+            else:
+                check_tree_depth(self.tree, self.heads.num_heads, tree_name=self.config.tree_name,
+                                 heads=self.config.heads)
+        except (MedusaConfigError, DynamicTreeError) as e:
             raise MedusaProposerError(str(e)) from None
         if not self.heads.own_lm_head:
             lm_head = getattr(target_model, "lm_head", None)
@@ -189,6 +204,43 @@ class MedusaTreeProposer:
     def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
         """Draft tokens of the first ``num_nodes`` nodes per request (one host copy)."""
         return self.tree.candidates_from_topk(root, top, num_nodes)[:, 1:].tolist()
+
+    def observe_trees(self, trees: list[DynamicTree], path_nodes: Tensor) -> None:
+        """``tree: dynamic``: feed one step's accepted paths (``[R, W]``, root first, -1 padded) of the requests that
+        verified ``trees`` to the calibration; refitted every 8 calls."""
+        observe_step(self.calibration, trees, path_nodes)
+        self._observed += 1
+        if self._observed % 8 == 0:
+            self.calibration.refit()
+
+    @torch.inference_mode()
+    def propose_dynamic(self, hidden: Tensor, roots: list[int], req_ids: list[str], contexts: list,
+                        allow: list[bool] | None = None) -> list[list[int]]:
+        """``tree: dynamic``: a tree per request (``core.dynamic_tree``), kept in :attr:`trees` by request id for the
+        verification step; returns its ``budget`` draft tokens in node order (``[]`` where ``allow`` is False).
+
+        Args:
+            hidden: ``[B, H]`` hidden states as in :meth:`propose_tree`; roots: ``B`` root tokens.
+            req_ids: ``B`` request ids. contexts: ``B`` token sequences (prompt + output, ending with the root; numpy
+                or lists), read only with n-gram branches.
+        """
+        if self.heads is None:
+            raise MedusaProposerError("propose_dynamic called before load_model")
+        self.trees = {}
+        b = hidden.shape[0]
+        out: list[list[int]] = [[] for _ in range(b)]
+        idx = [i for i in range(b) if allow is None or allow[i]]
+        if not idx:
+            return out
+        sel = torch.tensor(idx, device=hidden.device)
+        logits = self.heads(hidden[sel], self._lm_head)[..., : self.vocab_size]
+        root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
+        ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches else None
+        trees = self.dynamic.build(root, logits, ctx, calibration=self.calibration)
+        for i, t in zip(idx, trees):
+            self.trees[req_ids[i]] = t
+            out[i] = t.tokens[1:].tolist()
+        return out
 
     @torch.inference_mode()
     def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:

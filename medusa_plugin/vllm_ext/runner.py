@@ -15,6 +15,10 @@
    sampler on their single row, as without speculation.
 3. ``propose_draft_token_ids``: the proposer gets the hidden state of each request's last accepted token.
 
+With ``tree: dynamic`` every tree request has its own tree (drafted by the proposer the step before, kept by request
+id): positions use its depths, attention its ancestor mask (``TreeStep.tree_mask`` ``[R, N+1, N+1]``), acceptance
+runs per request (``core.tree_list.accept_batch_each``) and the accepted paths feed the proposer's calibration.
+
 vLLM contracts used (each listed with a probe in :mod:`.compat`): ``GPUModelRunner._prepare_inputs`` (returns
 ``(logits_indices, spec_decode_metadata, ...)``; ``self.positions`` written before the slot mapping is computed),
 ``_sample``, ``propose_draft_token_ids`` (9 parameters), the runner attributes ``drafter, sampler, requests,
@@ -38,6 +42,7 @@ from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 from medusa_plugin.core.acceptance import AcceptanceResult, accept_batch, greedy_accept_targets
 from medusa_plugin.core.kv_compaction import compact_paged_kv_many, compaction_slots
 from medusa_plugin.core.tree_batch import gather_tree_inputs, node_rows, output_rows, sample_rows
+from medusa_plugin.core.tree_list import accept_batch_each, stack_ancestor_mask, stack_depth
 
 from . import tree_step
 from .proposer import MedusaTreeProposer
@@ -96,7 +101,9 @@ class MedusaRunnerMixin:
         self._m_tree = tree
         # A chain's tree mask is the causal mask and its depths are linear positions: stock attention is exact, and
         # its accepted nodes already sit in consecutive slots (no compaction).
-        self._m_is_chain = tree.num_nodes == tree.max_depth
+        self._m_dynamic = self._medusa.dynamic is not None
+        self._m_is_chain = tree.num_nodes == tree.max_depth and not self._m_dynamic
+        self._m_trees: list | None = None                 # tree: dynamic: the step's trees (one per tree request)
         self._m_step: tree_step.TreeStep | None = None   # this step's tree requests; None if no request has drafts
         self._m_kv_layers: tuple | None = None           # (kv_cache_config, [(group id, [layers])]) for compaction
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
@@ -144,7 +151,18 @@ class MedusaRunnerMixin:
         stats.mixed_batches += int(bool(np.any((num_draft == 0)
                                                & (np.asarray(num_scheduled_tokens)[:num_draft.size] > 1))))
         stats.truncated_trees += int((step.num_valid < n1).sum())
-        if not self._m_is_chain:
+        if self._m_dynamic:
+            # One tree per request: its own depths and ancestor mask.
+            req_ids = self.input_batch.req_ids
+            self._m_trees = [self._medusa.trees[req_ids[r]].tree for r in step.rows]
+            dev = step.token_index.device
+            depth = stack_depth(self._m_trees, dev)                                          # [R, N+1]
+            step.tree_mask = stack_ancestor_mask(self._m_trees, dev)                         # [R, N+1, N+1]
+            tok, node = step.token_index, step.token_node
+            req = torch.from_numpy(np.repeat(np.arange(step.rows.size), step.num_valid)).to(dev)
+            self.positions[tok] = self.positions[tok - node] + depth[req, node]
+            tree_step.publish(step)
+        elif not self._m_is_chain:
             # Root rows keep their linear position num_computed; node i moves to num_computed + depth[i].
             tok, node = step.token_index, step.token_node
             self.positions[tok] = self.positions[tok - node] + self._m_tree.depth[node]
@@ -198,6 +216,13 @@ class MedusaRunnerMixin:
             index[rows] = np.arange(rows.size)
             generators = {int(index[r]): g for r, g in seeded.items() if index[r] >= 0}
         acc = self._medusa.config.acceptance
+        if self._m_dynamic:
+            return accept_batch_each(
+                self._m_trees, tokens, tree_logits, temperature=torch.from_numpy(batch.temperature_cpu[rows]),
+                sampled_rule=acc.rule_for(1.0), top_k=torch.from_numpy(batch.top_k_cpu[rows].astype(np.int64)),
+                top_p=torch.from_numpy(batch.top_p_cpu[rows]), generators=generators,
+                num_valid=torch.from_numpy(step.num_valid).to(dev), posterior_threshold=acc.posterior_threshold,
+                posterior_alpha=acc.posterior_alpha)
         return accept_batch(
             self._m_tree, tokens, tree_logits, temperature=torch.from_numpy(temperature),
             sampled_rule=acc.rule_for(1.0), top_k=torch.from_numpy(batch.top_k_cpu[rows].astype(np.int64)),
@@ -249,8 +274,14 @@ class MedusaRunnerMixin:
 
     def _medusa_record(self, step: tree_step.TreeStep, result: AcceptanceResult) -> None:
         stats = self.medusa_stats
-        self._medusa.observe(result.last_node, step.num_valid - 1)  # online acceptance -> the batch-aware schedule
+        if self._m_dynamic:  # accepted paths -> the calibration of the next trees
+            req_ids = self.input_batch.req_ids
+            self._medusa.observe_trees([self._medusa.trees[req_ids[r]] for r in step.rows], result.path_nodes)
+        else:
+            self._medusa.observe(result.last_node, step.num_valid - 1)  # online acceptance -> the schedule
         acc = result.accept_len.cpu().numpy()
+        if acc.size and int(acc.max()) > len(stats.accepted_per_depth):  # dynamic trees: depth varies
+            stats.accepted_per_depth += [0] * (int(acc.max()) - len(stats.accepted_per_depth))
         stats.steps += int(acc.size)
         stats.accepted += int(acc.sum())
         stats.nodes_verified += int((step.num_valid - 1).sum())
@@ -277,6 +308,10 @@ class MedusaRunnerMixin:
         roots = [toks[-1] if toks else 0 for toks in sampled_token_ids]
         step = self._m_step
         hidden = sample_hidden_states if step is None else sample_hidden_states[step.sample_rows]
+        if self._m_dynamic:
+            batch = self.input_batch  # after vLLM's bookkeeping: the sampled tokens are in token_ids_cpu
+            contexts = [batch.token_ids_cpu[i, : batch.num_tokens_no_spec[i]] for i in range(len(req_ids))]
+            return self._medusa.propose_dynamic(hidden, roots, list(req_ids), contexts, allow)
         return self._medusa.propose_tree(hidden, roots, allow)
 
 

@@ -98,7 +98,8 @@ def medusa_settings(vllm_config: Any) -> MedusaConfig:
 
 
 def medusa_tree(cfg: MedusaConfig):
-    """The ``core.tree.MedusaTree`` of validated settings (MedusaSettingsError on a bad tree)."""
+    """The ``core.tree.MedusaTree`` of validated settings, or for ``tree: dynamic`` its
+    ``core.dynamic_tree.DynamicTreeSpec`` (both have ``num_nodes``); MedusaSettingsError on a bad tree."""
     from medusa_plugin.core.config import validate
     try:
         return validate(cfg)

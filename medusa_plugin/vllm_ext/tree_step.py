@@ -31,7 +31,8 @@ class TreeStep:
         token_index: ``[M]`` int64, flat query rows (into the step's ``[num_tokens, ...]`` tensors) of those
             requests, request-major, node order inside a request.
         sub_query_start_loc: ``[R+1]`` int64, offsets of each tree request inside ``token_index``.
-        tree_mask: ``[N+1, N+1]`` bool ancestor mask (row i attends tree node j iff ``tree_mask[i, j]``).
+        tree_mask: ``[N+1, N+1]`` bool ancestor mask (row i attends tree node j iff ``tree_mask[i, j]``), or
+            ``[R, N+1, N+1]`` with one tree per tree request (``tree: dynamic``).
         num_tokens: total scheduled tokens of the step (a sanity check for the reader).
         plans: the attention impl's per-step cache (tree-attention plans shared by the layers).
     Read by the runner:
@@ -81,7 +82,7 @@ def plan_step(num_draft: np.ndarray, num_scheduled: np.ndarray, query_start_loc:
     rows = np.nonzero(num_draft > 0)[0]
     if rows.size == 0:
         return None
-    b, n1 = num_draft.size, tree_mask.shape[0]
+    b, n1 = num_draft.size, tree_mask.shape[-1]
     q_len = num_draft[rows] + 1
     sched = np.asarray(num_scheduled, dtype=np.int64)[rows]
     if np.any(sched != q_len) or np.any(q_len > n1):

