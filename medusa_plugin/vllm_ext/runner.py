@@ -205,7 +205,8 @@ class MedusaRunnerMixin:
         where = (torch.from_numpy(step.logit_start[rows]).to(dev), torch.from_numpy(step.draft_start).to(dev),
                  torch.from_numpy(step.num_valid).to(dev), self._m_tree.num_nodes)
         temperature = batch.temperature_cpu[rows]
-        if not temperature.any():  # all greedy: argmax over the flat rows, no [R, N+1, V] copy
+        if not self._m_dynamic and not temperature.any():
+            # all greedy on the static tree: argmax over the flat rows, no [R, N+1, V] copy of the logits
             tokens, target = gather_tree_inputs(logits.argmax(-1), draft_token_ids, *where)
             return greedy_accept_targets(self._m_tree, tokens, target, num_valid=where[2])
         tokens, tree_logits = gather_tree_inputs(logits, draft_token_ids, *where)
@@ -216,19 +217,13 @@ class MedusaRunnerMixin:
             index[rows] = np.arange(rows.size)
             generators = {int(index[r]): g for r, g in seeded.items() if index[r] >= 0}
         acc = self._medusa.config.acceptance
-        if self._m_dynamic:
-            return accept_batch_each(
-                self._m_trees, tokens, tree_logits, temperature=torch.from_numpy(batch.temperature_cpu[rows]),
-                sampled_rule=acc.rule_for(1.0), top_k=torch.from_numpy(batch.top_k_cpu[rows].astype(np.int64)),
-                top_p=torch.from_numpy(batch.top_p_cpu[rows]), generators=generators,
-                num_valid=torch.from_numpy(step.num_valid).to(dev), posterior_threshold=acc.posterior_threshold,
-                posterior_alpha=acc.posterior_alpha)
-        return accept_batch(
-            self._m_tree, tokens, tree_logits, temperature=torch.from_numpy(temperature),
+        # one tree per request (tree: dynamic) or the static tree for all
+        accept, trees = (accept_batch_each, self._m_trees) if self._m_dynamic else (accept_batch, self._m_tree)
+        return accept(
+            trees, tokens, tree_logits, temperature=torch.from_numpy(temperature),
             sampled_rule=acc.rule_for(1.0), top_k=torch.from_numpy(batch.top_k_cpu[rows].astype(np.int64)),
-            top_p=torch.from_numpy(batch.top_p_cpu[rows]), generators=generators,
-            num_valid=torch.from_numpy(step.num_valid).to(dev), posterior_threshold=acc.posterior_threshold,
-            posterior_alpha=acc.posterior_alpha)
+            top_p=torch.from_numpy(batch.top_p_cpu[rows]), generators=generators, num_valid=where[2],
+            posterior_threshold=acc.posterior_threshold, posterior_alpha=acc.posterior_alpha)
 
     def _medusa_compact(self, step: tree_step.TreeStep, result: AcceptanceResult) -> None:
         """Move each accepted path's K/V to consecutive slots in every full-attention layer."""
