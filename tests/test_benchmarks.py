@@ -124,6 +124,39 @@ def test_convert_to_vllm_v2_heads_need_the_base_model(tmp_path, capsys):
                      "--base-model", str(base)]) == 0
 
 
+def test_convert_to_vllm_expands_a_frozen_draft_vocabulary_to_the_base_lm_head(tmp_path):
+    # vLLM 0.32 cannot load a token_map; heads whose shared projection is the base lm_head's rows of the draft
+    # vocabulary are written with the whole lm_head: the same logits on the draft vocabulary
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from medusa_plugin.core.heads import MedusaHeads
+    from medusa_plugin.vllm_ext.convert import to_vllm_medusa
+
+    g = torch.Generator().manual_seed(0)
+    lm = torch.randn(200, 64, generator=g)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"model.embed_tokens.weight": lm}, str(base / "model.safetensors"))
+    tm = torch.arange(0, 200, 2)
+    heads = MedusaHeads(64, 2, 1, 200, own_lm_head=True, shared_lm_head=True, token_map=tm)
+    with torch.no_grad():
+        heads.lm_heads[0].weight.copy_(lm[tm])
+    heads.save_pretrained(tmp_path / "src")
+    to_vllm_medusa(tmp_path / "src", tmp_path / "out", base_model=base)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    w = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "token_map" not in w and cfg["truncated_vocab_size"] == cfg["vocab_size"] == 200
+    assert torch.equal(w["lm_heads.0.weight"], lm)
+    with torch.no_grad():  # a projection that is not the base rows keeps the token_map layout
+        heads.lm_heads[0].weight.add_(1.0)
+    heads.save_pretrained(tmp_path / "src2")
+    to_vllm_medusa(tmp_path / "src2", tmp_path / "out2", base_model=base)
+    assert torch.equal(load_file(str(tmp_path / "out2" / "model.safetensors"))["token_map"], tm)
+
+
 def test_bench_prompts_are_chat_requests_for_a_chat_model(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -7,6 +7,8 @@ reads ``config.json`` (``architectures: ["MedusaModel"]``, ``model_type: "medusa
 ``model.safetensors`` with ``blocks.{h}.layers.{l}.weight|bias``, ``lm_heads.{h}.weight`` and an optional
 ``token_map``. v2 heads (projection by the base model's lm_head) get that lm_head written as one shared head
 (``original_lm_head``), so ``base_model`` is needed for them. vLLM's proposer drafts a chain of each head's top-1.
+Heads with a draft vocabulary (``token_map``) whose shared projection is the base lm_head's rows are written with the
+whole base lm_head when ``base_model`` is given, because vLLM 0.32 cannot load a ``token_map`` (see the code).
 
 No vLLM import: this only writes files.
 """
@@ -66,15 +68,26 @@ def to_vllm_medusa(heads_src: str | os.PathLike, out_dir: str | os.PathLike, *,
                                    "model directory (--base-model) so its lm_head can be written for vLLM")
         tensors["lm_heads.0.weight"] = base_lm_head(base_model).to(heads.dtype)
     vocab = heads.vocab_size or tensors["lm_heads.0.weight"].shape[0]
-    if heads.token_map is not None:
-        tensors["token_map"] = heads.token_map
+    token_map = heads.token_map
+    if token_map is not None and shared and base_model is not None:
+        base = base_lm_head(base_model)
+        if base.shape[0] > int(token_map.max()) and torch.equal(
+                base[token_map].to(heads.dtype), tensors["lm_heads.0.weight"].to(heads.dtype)):
+            # A frozen shared projection = the base lm_head's rows of the draft vocabulary. vLLM 0.32 cannot load a
+            # token_map (MedusaModel.load_weights never reports it as loaded, so the loader stops with "weights were
+            # not initialized from checkpoint: {'token_map'}"): write the whole base lm_head instead. Same logits on
+            # the draft vocabulary; vLLM may also draft a token outside it.
+            tensors["lm_heads.0.weight"] = base.to(heads.dtype)
+            vocab, token_map = base.shape[0], None
+    if token_map is not None:
+        tensors["token_map"] = token_map
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     config = {"architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": heads.hidden_size,
               "vocab_size": int(vocab), "num_heads": heads.num_heads, "num_hidden_layers": heads.num_layers,
-              "truncated_vocab_size": int(heads.token_map.numel()) if heads.token_map is not None else int(vocab),
+              "truncated_vocab_size": int(token_map.numel()) if token_map is not None else int(vocab),
               "medusa_fc_bias": True, "original_lm_head": bool(shared),
               "torch_dtype": str(heads.dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
