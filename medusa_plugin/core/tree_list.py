@@ -58,6 +58,16 @@ def _stack(parts: Sequence[AcceptanceResult], width: int) -> AcceptanceResult:
                             torch.cat([p.bonus_token for p in parts]), torch.cat([p.last_node for p in parts]))
 
 
+def _check_rows(trees: Sequence[MedusaTree], tree_tokens: Tensor, logits: Tensor) -> tuple[int, int]:
+    """(B, W = max depth + 1) after checking that ``tree_tokens`` / ``logits`` are ``[B, N+1, ...]``."""
+    n1 = _n1(trees)
+    b = len(trees)
+    if tree_tokens.shape[:2] != (b, n1) or logits.shape[:2] != (b, n1):
+        raise TreeListError(f"tree_tokens and logits must be [{b}, {n1}, ...], got {tuple(tree_tokens.shape)} and "
+                            f"{tuple(logits.shape)}")
+    return b, max(t.max_depth for t in trees) + 1
+
+
 def accept_batch_each(trees: Sequence[MedusaTree], tree_tokens: Tensor, logits: Tensor, *, temperature: Tensor,
                       sampled_rule: str = "sampling", top_k: Tensor | None = None, top_p: Tensor | None = None,
                       generators=None, num_valid: Tensor | None = None, posterior_threshold: float = 0.09,
@@ -71,12 +81,7 @@ def accept_batch_each(trees: Sequence[MedusaTree], tree_tokens: Tensor, logits: 
     Raises:
         TreeListError: trees of different sizes or shapes that do not match.
     """
-    n1 = _n1(trees)
-    b = len(trees)
-    if tree_tokens.shape[:2] != (b, n1) or logits.shape[:2] != (b, n1):
-        raise TreeListError(f"tree_tokens and logits must be [{b}, {n1}, ...], got {tuple(tree_tokens.shape)} and "
-                            f"{tuple(logits.shape)}")
-    width = max(t.max_depth for t in trees) + 1
+    _, width = _check_rows(trees, tree_tokens, logits)
     parts = []
     for r, t in enumerate(trees):
         def row(x):
@@ -104,12 +109,7 @@ def accept_each(rule: str, trees: Sequence[MedusaTree], tree_tokens: Tensor, log
     Raises:
         TreeListError: trees of different sizes or a batch size that does not match.
     """
-    n1 = _n1(trees)
-    b = len(trees)
-    if tree_tokens.shape[:2] != (b, n1) or logits.shape[:2] != (b, n1):
-        raise TreeListError(f"tree_tokens and logits must be [{b}, {n1}, ...], got {tuple(tree_tokens.shape)} and "
-                            f"{tuple(logits.shape)}")
-    width = max(t.max_depth for t in trees) + 1
+    b, width = _check_rows(trees, tree_tokens, logits)
     parts = []
     for r, t in enumerate(trees):
         kw = {k: (v[r: r + 1] if isinstance(v, Tensor) and v.dim() == 1 and v.shape[0] == b else v)
