@@ -100,7 +100,8 @@ def test_module_imports_without_triton():
 @pytest.mark.parametrize("block_size,dh,hq,hkv", [(16, 128, 32, 8), (32, 64, 8, 8), (64, 128, 16, 2)])
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
 def test_gpu_matches_reference(dtype, block_size, dh, hq, hkv, num_splits):
-    seq_lens = [65, 1000 + 65, 2048 + 17, 300 + 40, 5000 + 1]
-    q_lens = [65, 65, 17, 40, 1]
+    # full 63-node trees (64 rows with the root), a truncated tree, a prefill row and a decode row
+    seq_lens = [64, 1000 + 64, 2048 + 17, 300 + 40, 5000 + 1]
+    q_lens = [64, 64, 17, 40, 1]
     check(seq_lens, q_lens, [True, True, True, False, False], block_size=block_size, hq=hq, hkv=hkv, dh=dh,
           dtype=dtype, device="cuda", num_splits=num_splits, seed=block_size)
