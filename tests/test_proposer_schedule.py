@@ -73,3 +73,28 @@ def test_fixed_step_time_is_learnt_and_lowers_the_overhead(monkeypatch):
     draft = {int(k): v for k, v in STEP_COST["draft_ms"].items()}
     assert p.schedule.overhead == measured_overhead(fwd, [1, 2, 4], list(range(1, 6)), draft, p.tree,
                                                     step_fixed_ms=expected)
+
+
+def test_underpriced_draft_rows_are_learnt_and_shrink_the_tree(monkeypatch):
+    """Steps whose draft rows cost more than the table says (tree attention, bookkeeping): the per-row time is fitted
+    from speculative steps and the plain probes between them, and the schedule drafts fewer nodes."""
+    import torch
+
+    p = _proposer()
+    p.schedule = calibrate.schedule_from(STEP_COST, p, [1.0, 1.9, 2.2, 2.3, 2.35])
+    n0 = p.schedule.num_nodes(1)
+    assert n0 > 0
+    now = [0.0]
+    monkeypatch.setattr("medusa_plugin.vllm_ext.proposer.time.perf_counter", lambda: now[0] / 1e3)
+    chosen = []
+    for _ in range(p.PROBE_EVERY * 3):
+        n = p.num_nodes_for(1)
+        chosen.append(n)
+        p._time_step(1, n)
+        # the real step: the table's forward + 2 ms fixed + 8 ms per draft row
+        now[0] += calibrate.predicted_ms(STEP_COST, p.tree, 1, n) + 2.0 + 8.0 * n
+        p.observe(torch.tensor([min(n, 1)]), torch.tensor([n]))
+    assert 0 in chosen[: p.PROBE_EVERY]  # a plain probe while speculating
+    assert p.step_time.tree_row_ms == pytest.approx(8.0, abs=0.5)
+    assert p.step_time.fixed_ms == pytest.approx(2.0, abs=0.5)
+    assert p.schedule.num_nodes(1) < n0

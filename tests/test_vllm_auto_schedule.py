@@ -16,6 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
 from medusa_plugin.core.schedule import TreeSchedule  # noqa: E402
+from medusa_plugin.core.step_time_fit import StepTimeFit  # noqa: E402
 from medusa_plugin.testing.tiny import build_tiny_medusa, tiny_prompts  # noqa: E402
 
 TREE = "mc_sim_7b_63"
@@ -57,6 +58,8 @@ def runs(tmp_path_factory):
             flat = dict(proposer._step_cost, forward_ms={"1": 1.0, "4096": 1.0},
                         draft_ms={k: [0.0] * len(v) for k, v in proposer._step_cost["draft_ms"].items()})
             proposer._step_cost, proposer.REFRESH_EVERY = flat, 4
+            # and no learnt per-step / per-row time on top (it would price the tree steps of this machine again)
+            proposer.step_time = StepTimeFit(min_steps=10**9)
             proposer.schedule = calibrate.schedule_from(flat, proposer, proposer.acceptance.accept_lengths())
             out["medusa"] = {b: offline.run(llm, prompts[:b], MAX_TOKENS, ignore_eos=True) for b in (1, 2)}
             out["observed"] = proposer.acceptance.observed
@@ -79,6 +82,9 @@ def test_auto_measures_in_the_engine_and_caches(runs):
     data = json.loads(files[0].read_text())
     assert data["max_num_seqs"] == 4 and data["batch_sizes"] == [1, 2, 4]
     assert int(min(data["forward_ms"], key=int)) == 1 and all(v > 0 for v in data["forward_ms"].values())
+    # the vocabulary projection is timed over the same rows and counted in the forward (tree rows are all scored)
+    assert set(data["logits_ms"]) == set(data["forward_ms"])
+    assert all(data["forward_ms"][r] >= data["logits_ms"][r] > 0 for r in data["forward_ms"])
     assert set(data["draft_ms"]) == {"1", "2", "4"} and all(len(v) == 4 for v in data["draft_ms"].values())
     sched = runs["initial"]
     assert isinstance(sched, TreeSchedule) and "measured in the engine" in sched.meta["source"]

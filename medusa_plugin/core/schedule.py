@@ -215,12 +215,14 @@ def interpolate_ms(points: Mapping[int, float], rows: float) -> float:
 
 def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int], query_tokens: Sequence[int],
                       draft_ms: Mapping[int, Sequence[float]] | None = None, tree=None,
-                      step_fixed_ms: float = 0.0) -> list[list[float]]:
+                      step_fixed_ms: float = 0.0, tree_row_ms: float = 0.0) -> list[list[float]]:
     """The ``overhead`` table of a :class:`TreeSchedule` from measured step times.
 
-    ``overhead[B][q] = (f(B * q) + c + draft(B, depth(q - 1))) / (f(B) + c)``, ``overhead[B][1] = 1``, with ``f``
-    the measured forward time over a number of rows (:func:`interpolate_ms` of ``forward_ms``), ``c =
-    step_fixed_ms`` the per-step time outside the forward (same with and without a tree), and ``draft(B, d)`` the
+    ``overhead[B][q] = (f(B * q) + c + a * B * (q - 1) + draft(B, depth(q - 1))) / (f(B) + c)``,
+    ``overhead[B][1] = 1``, with ``f`` the measured forward time over a number of rows (:func:`interpolate_ms` of
+    ``forward_ms``), ``c = step_fixed_ms`` the per-step time outside the forward (same with and without a tree),
+    ``a = tree_row_ms`` the extra time of a draft row beyond its forward (both learnt while serving:
+    :class:`~medusa_plugin.core.step_time_fit.StepTimeFit`), and ``draft(B, d)`` the
     time of the heads a prefix of depth ``d`` needs at batch ``B`` (``draft_ms[B][d - 1]``, interpolated in ``B``;
     ``tree`` gives the depth of each prefix; 0 without ``draft_ms``). The forward times are first made
     non-decreasing in rows (``f(r) = min_{r' >= r} f(r')``: a forward over fewer rows is not slower, so a high point
@@ -242,7 +244,7 @@ def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int
             if q == 1:
                 row.append(1.0)
                 continue
-            t = interpolate_ms(forward_ms, b * q) + step_fixed_ms
+            t = interpolate_ms(forward_ms, b * q) + step_fixed_ms + tree_row_ms * b * (q - 1)
             if draft_ms:
                 depth = tree.prefix_depth[min(q - 1, tree.num_nodes)] if tree is not None else 1
                 per_b = {bb: v[min(depth, len(v)) - 1] for bb, v in draft_ms.items()}

@@ -5,7 +5,9 @@ Measured at engine start (after the KV cache exists, before the first request), 
 
 * the target model's forward over ``r`` rows, for the row counts a step can have (``1 .. max_num_seqs * (N+1)``,
   capped by ``max_num_batched_tokens``; a log-spaced grid, linear in between) — vLLM's own dummy batch
-  (``GPUModelRunner._dummy_run(num_tokens)``), best of ``repeats``;
+  (``GPUModelRunner._dummy_run(num_tokens)``), best of ``repeats`` — plus ``model.compute_logits`` over the same
+  rows (the dummy batch stops at the hidden states, but every tree row is scored: on SmolLM2-135M the vocabulary
+  projection is a fifth of a row's weights);
 * the Medusa heads (``MedusaTreeProposer.draft_topk``) for each batch size and number of heads.
 
 ``overhead[B][q] = (f(B*q) + draft(B, depth)) / f(B)`` (:func:`~medusa_plugin.core.schedule.measured_overhead`).
@@ -15,6 +17,7 @@ model / GPU name, thread count, and the torch / vLLM versions. ``medusa-plugin b
 writes the same table on demand.
 
 vLLM internals used: ``GPUModelRunner._dummy_run(num_tokens)`` (``v1/worker/gpu_model_runner.py:5508``),
+``GPUModelRunner.get_model()`` and the model's ``compute_logits(hidden_states)``,
 ``runner.vllm_config`` / ``scheduler_config.max_num_seqs`` / ``max_num_batched_tokens``, ``model_config.model`` /
 ``.dtype``, ``vllm.__version__``.
 """
@@ -35,7 +38,7 @@ from medusa_plugin.core.schedule import TreeSchedule, measured_overhead
 __all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_measure", "schedule_from",
            "predicted_ms", "row_grid"]
 
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3  # 3: forward_ms includes compute_logits
 
 
 def cache_dir() -> Path:
@@ -103,6 +106,16 @@ def _key(runner, proposer) -> dict[str, Any]:
             "vllm": getattr(vllm, "__version__", "?")}
 
 
+def _logits_ms(runner, grid: list[int], repeats: int) -> dict[int, float]:
+    """``model.compute_logits`` over ``r`` hidden rows, for each ``r`` in ``grid`` (ms, best of ``repeats``)."""
+    model = runner.get_model()
+    mc = runner.vllm_config.model_config
+    ref = next(model.parameters())
+    h = torch.randn(max(grid), mc.get_hidden_size(), device=ref.device, dtype=ref.dtype)
+    with torch.inference_mode():
+        return {r: _best_ms(lambda r=r: model.compute_logits(h[:r]), repeats) for r in grid}
+
+
 def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) -> dict[str, Any]:
     """Time the forward over each :func:`row_grid` count and the heads per batch size and depth; returns
     ``{"forward_ms": {rows: ms}, "batch_sizes": [...], "draft_ms": {B: [ms per depth 1..D]}, ...}``."""
@@ -112,7 +125,10 @@ def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) 
     cap = int(cfg.scheduler_config.max_num_batched_tokens)
     max_rows = min(max_rows or max_seqs * n1, cap)
     t0 = time.perf_counter()
-    forward_ms = {r: round(_best_ms(lambda r=r: runner._dummy_run(r), repeats), 4) for r in row_grid(max_rows)}
+    grid = row_grid(max_rows)
+    dummy_ms = {r: _best_ms(lambda r=r: runner._dummy_run(r), repeats) for r in grid}
+    logits_ms = _logits_ms(runner, grid, repeats)
+    forward_ms = {r: round(dummy_ms[r] + logits_ms[r], 4) for r in grid}
     batch_sizes = _batch_grid(max_seqs)
     heads = proposer.heads
     ref = next(heads.parameters(), None)
@@ -123,22 +139,27 @@ def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) 
             h = torch.randn(b, heads.hidden_size, device=dev, dtype=heads.dtype)
             draft_ms[b] = [round(_best_ms(lambda h=h, d=d: proposer.draft_topk(h, d), repeats), 4)
                            for d in range(1, proposer.tree.max_depth + 1)]
-    return {**_key(runner, proposer), "forward_ms": forward_ms, "batch_sizes": batch_sizes, "draft_ms": draft_ms,
+    return {**_key(runner, proposer), "forward_ms": forward_ms,
+            "logits_ms": {r: round(v, 4) for r, v in logits_ms.items()}, "batch_sizes": batch_sizes, "draft_ms": draft_ms,
             "repeats": repeats, "timing": "best of repeats after one warm-up",
             "seconds": round(time.perf_counter() - t0, 2),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms: float = 0.0) -> TreeSchedule:
-    """The :class:`TreeSchedule` of a measurement (``overhead[B][q] = (f(B*q) + c + draft) / (f(B) + c)``, ``c =
-    step_fixed_ms``: the engine step's time outside the forward, learnt while serving)."""
+def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms: float = 0.0,
+                  tree_row_ms: float = 0.0) -> TreeSchedule:
+    """The :class:`TreeSchedule` of a measurement (``overhead[B][q] = (f(B*q) + c + a*B*(q-1) + draft) / (f(B) +
+    c)``, ``c = step_fixed_ms``: the engine step's time outside the forward, ``a = tree_row_ms``: a draft row's
+    time beyond its forward; both learnt while serving)."""
     tree = proposer.tree
     fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
     draft = {int(k): [float(x) for x in v] for k, v in data["draft_ms"].items()}
     qs = list(range(1, tree.num_nodes + 2))
-    overhead = measured_overhead(fwd, data["batch_sizes"], qs, draft, tree, step_fixed_ms=step_fixed_ms)
+    overhead = measured_overhead(fwd, data["batch_sizes"], qs, draft, tree, step_fixed_ms=step_fixed_ms,
+                                 tree_row_ms=tree_row_ms)
     src = (f"measured in the engine on {data['machine']} ({data['model']}, {data['dtype']}, {data['time']}); "
-           f"model forward via vLLM's dummy batch + Medusa heads; fixed step time {step_fixed_ms:.2f} ms")
+           f"model forward + logits via vLLM's dummy batch + Medusa heads; learnt while serving: fixed step time "
+           f"{step_fixed_ms:.2f} ms, {tree_row_ms:.2f} ms per draft row")
     return TreeSchedule(data["batch_sizes"], qs, overhead, accept_lengths,
                         meta={"source": src, "gpu": data["machine"], "tree": proposer.config.tree_name})
 

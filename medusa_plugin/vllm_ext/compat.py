@@ -335,6 +335,10 @@ CONTRACTS: tuple[Contract, ...] = (
                  "runs the target model's forward over num_tokens rows (dummy inputs): the measured forward cost of "
                  "each row count in the tree_schedule: auto table",
                  _params("num_tokens")),
+        Contract(f"{_GMR}.get_model", "calibrate", "the target model, whose compute_logits the auto table times"),
+        Contract("vllm.model_executor.models.llama.LlamaForCausalLM.compute_logits", "calibrate",
+                 "the vocabulary projection over hidden rows (the dummy batch stops before it; tree rows pay it)",
+                 _params("hidden_states")),
         Contract("vllm.config.SchedulerConfig", "calibrate",
                  "max_num_seqs / max_num_batched_tokens bound the row counts the auto schedule measures",
                  _fields("max_num_seqs", "max_num_batched_tokens")),

@@ -14,7 +14,6 @@ call does not pass hidden states, so tree mode needs the Medusa model runner (:m
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -26,6 +25,7 @@ from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, obser
 from medusa_plugin.core.heads import MedusaHeads
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
+from medusa_plugin.core.step_time_fit import StepTimeFit
 from medusa_plugin.core.tree import MedusaTree
 
 from .settings import medusa_settings
@@ -37,6 +37,12 @@ def _log_info(msg: str) -> None:
     from vllm.logger import init_logger
 
     init_logger("vllm.medusa_plugin.proposer").info(msg)
+
+
+def _log_debug(msg: str) -> None:
+    from vllm.logger import init_logger
+
+    init_logger("vllm.medusa_plugin.proposer").debug(msg)
 
 
 class MedusaProposerError(ValueError):
@@ -82,11 +88,13 @@ class MedusaTreeProposer:
                                               if len(prior) >= self.tree.num_nodes + 1
                                               else prefix_accept_lengths(self.tree))
         self._steps_since_refresh = 0
+        self._pending: list[tuple] = []
         self._idle_steps = 0
-        # measured step cost (calibrate) and the engine-step time outside forward + heads, learnt from the time
-        # between consecutive propose_tree calls (one engine step each)
+        # measured step cost (calibrate) and what a step costs beyond it (fixed + per draft row), learnt from the
+        # time between consecutive propose_tree calls (one engine step each)
         self._step_cost: dict | None = None
-        self._fixed_ms: list[float] = []
+        self.step_time = StepTimeFit()
+        self._spec_steps = 0
         self._last_call: tuple[float, int, int] | None = None
         self.heads: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
@@ -146,30 +154,40 @@ class MedusaTreeProposer:
 
     def observe(self, last_node, num_verified) -> None:
         """Record one step's accepted paths (``last_node [R]``: last accepted node per tree request, ``num_verified
-        [R]``: nodes it verified); every :attr:`REFRESH_EVERY` calls the schedule is re-derived from them."""
-        self.acceptance.update(last_node, num_verified)
+        [R]``: nodes it verified); every :attr:`REFRESH_EVERY` calls the acceptance estimate takes them in (one
+        update for all: a per-step update was a fifth of the plugin's own time per step) and the schedule is
+        re-derived."""
+        self._pending.append((last_node, num_verified))
         self._steps_since_refresh += 1
-        if self.schedule is not None and self._steps_since_refresh >= self.REFRESH_EVERY:
+        if self._steps_since_refresh >= self.REFRESH_EVERY:
             self._steps_since_refresh = 0
-            if self._step_cost is not None and self._fixed_ms:
+            self.acceptance.update(torch.cat([torch.as_tensor(a).reshape(-1).cpu() for a, _ in self._pending]),
+                                   torch.cat([torch.as_tensor(b).reshape(-1).cpu() for _, b in self._pending]))
+            self._pending.clear()
+        if self.schedule is not None and self._steps_since_refresh == 0:
+            if self._step_cost is not None and len(self.step_time):
                 from . import calibrate
 
+                old = self.schedule.ranges()
                 self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths(),
-                                                        step_fixed_ms=self.step_fixed_ms)
+                                                        step_fixed_ms=self.step_time.fixed_ms,
+                                                        tree_row_ms=self.step_time.tree_row_ms)
+                if self.schedule.ranges() != old:
+                    _log_debug(f"Medusa tree schedule now {self.schedule.ranges()} (fixed step time "
+                               f"{self.step_time.fixed_ms:.1f} ms, {self.step_time.tree_row_ms:.2f} ms per draft "
+                               f"row, E[L] {[round(x, 2) for x in self.acceptance.accept_lengths()[:6]]})")
             else:
                 self.schedule = self.schedule.with_accept_lengths(self.acceptance.accept_lengths(),
                                                                   tree=self.schedule.meta.get("tree"))
 
     @property
     def step_fixed_ms(self) -> float:
-        """Median engine-step time outside the model forward and the heads (ms), over the last 64 steps."""
-        if not self._fixed_ms:
-            return 0.0
-        return max(0.0, statistics.median(self._fixed_ms))
+        """Engine-step time outside the model forward and the heads (ms), learnt from recent steps."""
+        return self.step_time.fixed_ms
 
     def _time_step(self, batch_size: int, num_nodes: int) -> None:
         """Called once per engine step: the time since the previous call is one engine step of the previous
-        (batch, nodes); minus its measured forward + heads it is the fixed part of a step."""
+        (batch, nodes); minus its measured forward + heads it is a residual for :attr:`step_time`."""
         now = time.perf_counter()
         last, self._last_call = self._last_call, (now, batch_size, num_nodes)
         if last is None or self._step_cost is None:
@@ -179,8 +197,7 @@ class MedusaTreeProposer:
         period = (now - last[0]) * 1e3
         pred = calibrate.predicted_ms(self._step_cost, self.tree, last[1], last[2])
         if period < 4 * pred + 50:  # not an idle gap between requests
-            self._fixed_ms.append(period - pred)
-            del self._fixed_ms[:-64]
+            self.step_time.add(last[1] * last[2], period - pred)
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
@@ -194,6 +211,12 @@ class MedusaTreeProposer:
             self._idle_steps += 1
             if self._idle_steps % self.PROBE_EVERY == 0:
                 return 1
+        elif n > 0 and self._step_cost is not None:
+            # one plain step now and then: steps with and without draft rows separate the fixed step time from
+            # the per-row time (StepTimeFit)
+            self._spec_steps += 1
+            if self._spec_steps % self.PROBE_EVERY == 0:
+                return 0
         return n
 
     def draft_topk(self, hidden: Tensor, num_heads: int) -> Tensor:
