@@ -83,11 +83,19 @@ def _run_validate(args: argparse.Namespace) -> int:
         tree_line,
         f"  acceptance:     {cfg.acceptance.describe()}",
         f"  max_batch_size: {cfg.max_batch_size if cfg.max_batch_size is not None else 'none (always speculate)'}",
-        f"  tree_schedule:  {cfg.tree_schedule or 'none (one tree for every batch size)'}",
+        f"  tree_schedule:  {_schedule_line(cfg)}",
         f"  dtype:          {cfg.dtype}",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _schedule_line(cfg) -> str:
+    if cfg.is_dynamic:
+        return ("auto (each step verifies the nodes worth their cost across the batch: measured step cost x the "
+                "trees' path scores, up to 'budget' per request)" if cfg.tree_schedule == "auto"
+                else "none (every request verifies its full 'budget' each step)")
+    return cfg.tree_schedule or "none (one tree for every batch size)"
 
 
 # ------------------------------------------------------------------------------------------------ tree

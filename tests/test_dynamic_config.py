@@ -38,7 +38,7 @@ def test_dynamic_config_defaults_and_round_trip():
     ({"tree": "dynamic", "ngram_branches": 9}, "'ngram_branches' must be an integer in 0..8"),
     ({"tree": "dynamic", "ngram_branches": -1}, "'ngram_branches' must be an integer in 0..8"),
     ({"tree": "dynamic", "nodes": 8}, "did you mean 'budget'?"),
-    ({"tree": "dynamic", "tree_schedule": "auto"}, "'tree_schedule' applies to static trees"),
+    ({"tree": "dynamic", "tree_schedule": "table.yaml"}, "only 'tree_schedule: auto' applies"),
 ])
 def test_dynamic_config_errors(data, fragment):
     with pytest.raises(MedusaConfigError, match=fragment.replace("(", r"\(").replace("?", r"\?")) as e:

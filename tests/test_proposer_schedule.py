@@ -64,7 +64,7 @@ def test_fixed_step_time_is_learnt_and_lowers_the_overhead(monkeypatch):
     monkeypatch.setattr("medusa_plugin.vllm_ext.proposer.time.perf_counter", lambda: next(clock) / 1e3)
     before = p.schedule.cost(1, 4)
     for _ in range(p.REFRESH_EVERY):
-        p._time_step(1, 4)
+        p._time_step(1, 4, p.tree.prefix_depth[4])
         p.observe(torch.tensor([4]), torch.tensor([4]))
     expected = 30.0 - calibrate.predicted_ms(STEP_COST, p.tree, 1, 4)
     assert p.step_fixed_ms == pytest.approx(expected)
@@ -90,7 +90,7 @@ def test_underpriced_draft_rows_are_learnt_and_shrink_the_tree(monkeypatch):
     for _ in range(p.PROBE_EVERY * 3):
         n = p.num_nodes_for(1)
         chosen.append(n)
-        p._time_step(1, n)
+        p._time_step(1, n, p.tree.prefix_depth[n] if n else 0)
         # the real step: the table's forward + 2 ms fixed + 8 ms per draft row
         now[0] += calibrate.predicted_ms(STEP_COST, p.tree, 1, n) + 2.0 + 8.0 * n
         p.observe(torch.tensor([min(n, 1)]), torch.tensor([n]))

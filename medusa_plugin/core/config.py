@@ -227,10 +227,10 @@ class MedusaConfig:
         if not _is_int(self.ngram_branches) or not 0 <= self.ngram_branches <= MAX_NGRAM_BRANCHES:
             raise MedusaConfigError(f"'ngram_branches' must be an integer in 0..{MAX_NGRAM_BRANCHES} (n-gram "
                                     f"continuations per tree), got {_describe(self.ngram_branches)}")
-        if self.is_dynamic and self.tree_schedule is not None:
-            raise MedusaConfigError("'tree_schedule' applies to static trees (it picks a prefix of one tree per batch "
-                                    "size); with 'tree: dynamic' set the tree size with 'budget' and remove "
-                                    "'tree_schedule'")
+        if self.is_dynamic and self.tree_schedule not in (None, "auto"):
+            raise MedusaConfigError("with 'tree: dynamic' only 'tree_schedule: auto' applies (each step's node count "
+                                    "from the measured step cost and the trees' own path scores; a schedule table "
+                                    "picks prefixes of one static tree): use 'auto' or remove 'tree_schedule'")
         if self.ngram_branches and not self.is_dynamic:
             raise MedusaConfigError("'ngram_branches' needs 'tree: dynamic' (n-gram branches are merged into a tree "
                                     "built per request): set 'tree: dynamic' or remove 'ngram_branches'")

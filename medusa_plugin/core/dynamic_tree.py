@@ -35,7 +35,7 @@ from .calibration import AcceptanceCalibration
 from .ngram_branches import ngram_continuations
 from .tree import MedusaTree
 
-__all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "select_nodes", "build_dynamic_tree",
+__all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "select_nodes", "build_dynamic_tree", "restrict_tree",
            "lattice_size", "observe_step", "draw_dynamic_tree"]
 
 
@@ -70,6 +70,32 @@ class DynamicTree:
     @property
     def num_nodes(self) -> int:
         return self.tree.num_nodes
+
+
+def restrict_tree(dt: DynamicTree, keep: Sequence[int]) -> DynamicTree | None:
+    """The sub-tree of ``dt`` made of the nodes ``keep`` (indices >= 1, ancestor-closed, e.g. from
+    :func:`~medusa_plugin.core.node_allocation.allocate_nodes`), or None when ``keep`` is empty. Node order is kept
+    (a subset of a node order, sorted the same way, is the sub-tree's node order).
+
+    Raises:
+        DynamicTreeError: an index out of range, the root, or a node whose parent is not kept.
+    """
+    kept = sorted(set(int(i) for i in keep))
+    if not kept:
+        return None
+    if kept[0] < 1 or kept[-1] > dt.num_nodes:
+        raise DynamicTreeError(f"kept nodes must be in 1..{dt.num_nodes}, got {kept}")
+    parent = dt.tree.parent.tolist()
+    have = set(kept) | {0}
+    orphans = [i for i in kept if parent[i] not in have]
+    if orphans:
+        raise DynamicTreeError(f"kept nodes {orphans} lack their parent: the kept set must be ancestor-closed")
+    if len(kept) == dt.num_nodes:
+        return dt
+    idx = torch.tensor([0] + kept, dtype=torch.int64)
+    tree = MedusaTree.from_choices([dt.tree.choices[i - 1] for i in kept], topk=dt.tree.topk)
+    return DynamicTree(tree, dt.tokens[idx], dt.head[idx], dt.head_prob[idx], dt.ngram_position[idx],
+                       dt.score[idx], dt.off_path[idx])
 
 
 def lattice_size(num_heads: int, topk: int) -> int:

@@ -36,7 +36,7 @@ import torch
 from medusa_plugin.core.schedule import TreeSchedule, measured_overhead
 
 __all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_measure", "schedule_from",
-           "predicted_ms", "row_grid"]
+           "predicted_ms", "predicted_rows_ms", "row_grid"]
 
 MEASURE_VERSION = 3  # 3: forward_ms includes compute_logits
 
@@ -100,7 +100,8 @@ def _key(runner, proposer) -> dict[str, Any]:
     cfg = runner.vllm_config
     return {"version": MEASURE_VERSION, "model": str(cfg.model_config.model),
             "dtype": str(cfg.model_config.dtype).removeprefix("torch."), "heads": str(proposer.config.heads),
-            "tree": proposer.config.tree_name, "max_num_seqs": int(cfg.scheduler_config.max_num_seqs),
+            "tree": proposer.config.tree_name, "nodes": proposer.tree.num_nodes,
+            "max_num_seqs": int(cfg.scheduler_config.max_num_seqs),
             "max_num_batched_tokens": int(cfg.scheduler_config.max_num_batched_tokens),
             "machine": machine_id(runner.device), "torch": torch.__version__,
             "vllm": getattr(vllm, "__version__", "?")}
@@ -138,7 +139,7 @@ def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) 
         for b in batch_sizes:
             h = torch.randn(b, heads.hidden_size, device=dev, dtype=heads.dtype)
             draft_ms[b] = [round(_best_ms(lambda h=h, d=d: proposer.draft_topk(h, d), repeats), 4)
-                           for d in range(1, proposer.tree.max_depth + 1)]
+                           for d in range(1, min(proposer.tree.max_depth, heads.num_heads) + 1)]
     return {**_key(runner, proposer), "forward_ms": forward_ms,
             "logits_ms": {r: round(v, 4) for r, v in logits_ms.items()}, "batch_sizes": batch_sizes, "draft_ms": draft_ms,
             "repeats": repeats, "timing": "best of repeats after one warm-up",
@@ -166,13 +167,20 @@ def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms:
 
 def predicted_ms(data: dict[str, Any], tree, batch_size: int, num_nodes: int) -> float:
     """Forward + heads time of a step with ``num_nodes`` nodes per request at ``batch_size`` (no fixed part)."""
+    depth = tree.prefix_depth[min(num_nodes, tree.num_nodes)] if num_nodes > 0 else 0
+    return predicted_rows_ms(data, batch_size, batch_size * num_nodes, depth)
+
+
+def predicted_rows_ms(data: dict[str, Any], batch_size: int, draft_rows: int, depth: int) -> float:
+    """Forward + heads time of a step of ``batch_size`` requests verifying ``draft_rows`` draft nodes in all, whose
+    drafting ran heads ``0..depth-1`` (``depth`` 0: none; capped at the heads measured). No fixed part."""
     from medusa_plugin.core.schedule import interpolate_ms
 
     fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
-    t = interpolate_ms(fwd, batch_size * (num_nodes + 1))
-    if num_nodes > 0:
-        d = tree.prefix_depth[min(num_nodes, tree.num_nodes)]
-        t += interpolate_ms({int(k): float(v[d - 1]) for k, v in data["draft_ms"].items()}, batch_size)
+    t = interpolate_ms(fwd, batch_size + draft_rows)
+    if depth > 0:
+        per_b = {int(k): float(v[min(depth, len(v)) - 1]) for k, v in data["draft_ms"].items()}
+        t += interpolate_ms(per_b, batch_size)
     return t
 
 

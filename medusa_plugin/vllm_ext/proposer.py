@@ -15,14 +15,16 @@ call does not pass hidden states, so tree mode needs the Medusa model runner (:m
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from medusa_plugin.core.calibration import AcceptanceCalibration
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
-from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step
+from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
 from medusa_plugin.core.heads import MedusaHeads
+from medusa_plugin.core.node_allocation import allocate_nodes
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
 from medusa_plugin.core.step_time_fit import StepTimeFit
@@ -76,7 +78,10 @@ class MedusaTreeProposer:
         self._observed = 0
         self.tree = (MedusaTree.chain(self.dynamic.budget, topk=self.config.topk) if self.dynamic is not None
                      else MedusaTree.load(self.config.tree, topk=self.config.topk))
-        self.schedule = TreeSchedule.resolve(self.config.tree_schedule, self.tree)
+        # tree: dynamic has no table of prefixes: with tree_schedule: auto each step's node count comes from the
+        # measured step cost and the trees' own path scores (propose_dynamic)
+        self.schedule = (None if self.dynamic is not None
+                         else TreeSchedule.resolve(self.config.tree_schedule, self.tree))
         # tree_schedule: auto without a shipped table for this device (every CPU): measured in the engine
         # (calibrate(), called by the runner once the KV cache exists).
         self.needs_calibration = self.config.tree_schedule == "auto" and self.schedule is None
@@ -148,8 +153,12 @@ class MedusaTreeProposer:
         from . import calibrate
 
         self._step_cost = calibrate.load_or_measure(runner, self, log=_log_info)
-        self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths())
         self.needs_calibration = False
+        if self.dynamic is not None:
+            _log_info(f"Medusa dynamic trees: up to {self.dynamic.budget} nodes per request, the step's node count "
+                      f"from the measured step cost and the trees' path scores")
+            return
+        self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths())
         _log_info(f"Medusa tree schedule (nodes per batch size): {self.schedule.ranges()}")
 
     def observe(self, last_node, num_verified) -> None:
@@ -185,19 +194,30 @@ class MedusaTreeProposer:
         """Engine-step time outside the model forward and the heads (ms), learnt from recent steps."""
         return self.step_time.fixed_ms
 
-    def _time_step(self, batch_size: int, num_nodes: int) -> None:
-        """Called once per engine step: the time since the previous call is one engine step of the previous
-        (batch, nodes); minus its measured forward + heads it is a residual for :attr:`step_time`."""
+    def _time_step(self, batch_size: int, draft_rows: int, depth: int) -> None:
+        """Called once per engine step with what it drafted (``draft_rows`` nodes in all, heads ``0..depth-1``): the
+        time since the previous call is one engine step of the previous call's drafts; minus its predicted forward
+        + heads it is a residual for :attr:`step_time`."""
         now = time.perf_counter()
-        last, self._last_call = self._last_call, (now, batch_size, num_nodes)
+        last, self._last_call = self._last_call, (now, batch_size, draft_rows, depth)
         if last is None or self._step_cost is None:
             return
         from . import calibrate
 
         period = (now - last[0]) * 1e3
-        pred = calibrate.predicted_ms(self._step_cost, self.tree, last[1], last[2])
+        pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], last[3])
         if period < 4 * pred + 50:  # not an idle gap between requests
-            self.step_time.add(last[1] * last[2], period - pred)
+            self.step_time.add(last[2], period - pred)
+
+    def dynamic_step_ms(self, batch_size: int) -> Callable[[int], float]:
+        """``tree: dynamic`` with a measured step cost: step time (ms) of ``batch_size`` requests as a function of
+        the draft rows verified (forward + logits over all rows, the learnt fixed and per-row time; the heads have
+        run already and are not counted)."""
+        from medusa_plugin.core.schedule import interpolate_ms
+
+        fwd = {int(k): float(v) for k, v in self._step_cost["forward_ms"].items()}
+        fixed, per_row = self.step_time.fixed_ms, self.step_time.tree_row_ms
+        return lambda m: interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
@@ -254,16 +274,39 @@ class MedusaTreeProposer:
         out: list[list[int]] = [[] for _ in range(b)]
         idx = [i for i in range(b) if allow is None or allow[i]]
         if not idx:
+            self._time_step(b, 0, 0)
             return out
         sel = torch.tensor(idx, device=hidden.device)
         logits = self.heads(hidden[sel], self._lm_head)[..., : self.vocab_size]
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
         ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches else None
-        trees = self.dynamic.build(root, logits, ctx, calibration=self.calibration)
+        trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration))
+        if self._step_cost is not None:
+            trees = self._allocate(b, trees)
+        rows = 0
         for i, t in zip(idx, trees):
+            if t is None:
+                continue
             self.trees[req_ids[i]] = t
             out[i] = t.tokens[1:].tolist()
+            rows += len(out[i])
+        self._time_step(b, rows, self.heads.num_heads)
         return out
+
+    def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
+        """The nodes worth verifying this step across the batch (``core.node_allocation``), with a plain step
+        every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the per-row step time) and one node
+        per request every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
+        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size))
+        if any(keep):
+            self._spec_steps += 1
+            if self._spec_steps % self.PROBE_EVERY == 0:
+                keep = [[] for _ in trees]
+        else:
+            self._idle_steps += 1
+            if self._idle_steps % self.PROBE_EVERY == 0:
+                keep = [[1] for _ in trees]
+        return [restrict_tree(t, k) for t, k in zip(trees, keep)]
 
     @torch.inference_mode()
     def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:
@@ -282,7 +325,7 @@ class MedusaTreeProposer:
             raise MedusaProposerError("propose_tree called before load_model")
         b = hidden.shape[0]
         num_nodes = self.num_nodes_for(b)
-        self._time_step(b, num_nodes)
+        self._time_step(b, b * num_nodes, self.tree.prefix_depth[num_nodes] if num_nodes else 0)
         out: list[list[int]] = [[] for _ in range(b)]
         if num_nodes <= 0:
             return out

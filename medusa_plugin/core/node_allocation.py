@@ -1,0 +1,72 @@
+"""How many draft nodes to verify this step, and whose: one node budget for the whole batch, priced by step time.
+
+Each request brings a dynamic tree whose nodes carry a *path score* (the calibrated probability that the node is
+accepted: :mod:`.dynamic_tree`). Verifying ``m`` draft nodes in a step of ``B`` requests emits, in expectation,
+``B + S`` tokens, with ``S`` the summed scores of the nodes verified, and costs ``step_ms(m)``. The best set of ``m``
+nodes is the ``m`` highest scores across the whole batch (a node's score never exceeds its parent's, so the set is
+ancestor-closed within every request), and the step verifies the ``m`` that maximises tokens per millisecond::
+
+    m* = argmax_m (B + S(m)) / step_ms(m),   m = 0 .. total nodes offered
+
+So a confident request gets a deep tree while an unsure one in the same step gets none, and the batch as a whole
+drafts less as the step cost grows with rows (large batches, slow hardware). EAGLE-2 (Li et al. 2024) ranks nodes
+by the same path product inside one request with a fixed budget; here the budget is set per step from the measured
+step cost and shared across the batch.
+
+Plain PyTorch / Python, no engine import.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["allocate_nodes"]
+
+
+def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *, min_nodes: int = 0
+                   ) -> list[list[int]]:
+    """Choose the draft nodes each request verifies this step (see the module docstring).
+
+    Args:
+        scores: per request, ``[N_b + 1]`` float path scores of its tree's nodes (node 0 = root, ignored); a
+            child's score must not exceed its parent's (true of :class:`~.dynamic_tree.DynamicTree.score`).
+        step_ms: time of the step (ms, > 0) as a function of the number of draft rows ``m`` it verifies (the
+            requests' root rows are included in it at ``m = 0``); should be non-decreasing in ``m``.
+        min_nodes: verify at least this many nodes in total (e.g. ``B``: one per request), to keep observing the
+            acceptance when the scores alone would stop speculating.
+    Returns:
+        per request, the kept node indices (ascending, ancestor-closed, without the root).
+    Raises:
+        ValueError: a score tensor that is not 1-D, or ``min_nodes < 0``.
+    """
+    if min_nodes < 0:
+        raise ValueError(f"min_nodes must be >= 0, got {min_nodes}")
+    req, node, val = [], [], []
+    for b, s in enumerate(scores):
+        if s.dim() != 1:
+            raise ValueError(f"scores[{b}] must be 1-D [N + 1] (root first), got shape {tuple(s.shape)}")
+        n = s.numel() - 1
+        if n > 0:
+            req.append(torch.full((n,), b, dtype=torch.int64))
+            node.append(torch.arange(1, n + 1, dtype=torch.int64))
+            val.append(s[1:].to(torch.float64).cpu())
+    keep: list[list[int]] = [[] for _ in scores]
+    if not val:
+        return keep
+    req_t, node_t, val_t = torch.cat(req), torch.cat(node), torch.cat(val)
+    # best first; ties: lower request, then lower node index (a parent precedes its children in node order)
+    order = sorted(range(val_t.numel()), key=lambda i: (-float(val_t[i]), int(req_t[i]), int(node_t[i])))
+    cum = torch.cumsum(val_t[order], 0).tolist()
+    base = float(len(scores))
+    best_m, best = 0, base / step_ms(0)
+    for m in range(1, len(order) + 1):
+        rate = (base + cum[m - 1]) / step_ms(m)
+        if rate > best:
+            best_m, best = m, rate
+    best_m = max(best_m, min(min_nodes, len(order)))
+    for i in order[:best_m]:
+        keep[int(req_t[i])].append(int(node_t[i]))
+    return [sorted(k) for k in keep]

@@ -1,0 +1,91 @@
+"""One node budget per step across the batch (core/node_allocation.py) against a brute force over every
+ancestor-closed choice of nodes, and restricting a dynamic tree to the chosen nodes (core/dynamic_tree.py)."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from medusa_plugin.core.acceptance import greedy_accept
+from medusa_plugin.core.dynamic_tree import DynamicTreeError, build_dynamic_tree, restrict_tree
+from medusa_plugin.core.node_allocation import allocate_nodes
+
+
+def _random_tree(rng: random.Random, k: int = 2, topk: int = 3):
+    probs = torch.tensor([sorted((rng.random() for _ in range(topk)), reverse=True) for _ in range(k)])
+    ids = torch.tensor([rng.sample(range(50), topk) for _ in range(k)])
+    return build_dynamic_tree(rng.randrange(50), probs, ids, rng.randint(1, 4))
+
+
+def _closed_subsets(dt):
+    parent = dt.tree.parent.tolist()
+    n = dt.num_nodes
+    for bits in itertools.product([0, 1], repeat=n):
+        s = {i + 1 for i, b in enumerate(bits) if b}
+        if all(parent[i] == 0 or parent[i] in s for i in s):
+            yield s
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_maximises_tokens_per_ms_like_brute_force(seed):
+    rng = random.Random(seed)
+    trees = [_random_tree(rng) for _ in range(rng.randint(1, 3))]
+    scores = [t.score for t in trees]
+    base, per_row, curve = rng.uniform(5, 20), rng.uniform(0.1, 6), rng.uniform(0, 0.3)
+
+    def step_ms(m):
+        return base + per_row * m + curve * m * m
+
+    def rate(sets):
+        m = sum(len(s) for s in sets)
+        return (len(trees) + sum(float(t.score[i]) for t, s in zip(trees, sets) for i in s)) / step_ms(m)
+
+    best = max(rate(c) for c in itertools.product(*[list(_closed_subsets(t)) for t in trees]))
+    keep = allocate_nodes(scores, step_ms)
+    assert rate([set(k) for k in keep]) == pytest.approx(best, rel=1e-12)
+    for t, k in zip(trees, keep):  # ancestor-closed, ascending, no root
+        parent = t.tree.parent.tolist()
+        assert k == sorted(k) and all(i >= 1 and (parent[i] == 0 or parent[i] in k) for i in k)
+
+
+def test_cheap_rows_keep_everything_costly_rows_nothing_and_min_nodes():
+    rng = random.Random(0)
+    trees = [_random_tree(rng) for _ in range(3)]
+    scores = [t.score for t in trees]
+    assert allocate_nodes(scores, lambda m: 10.0) == [list(range(1, t.num_nodes + 1)) for t in trees]
+    assert allocate_nodes(scores, lambda m: 10.0 + 100.0 * m) == [[], [], []]
+    forced = allocate_nodes(scores, lambda m: 10.0 + 100.0 * m, min_nodes=2)
+    assert sum(map(len, forced)) == 2
+    with pytest.raises(ValueError, match="1-D"):
+        allocate_nodes([torch.zeros(2, 2)], lambda m: 1.0)
+
+
+def test_restricted_tree_verifies_like_the_kept_nodes():
+    rng = random.Random(3)
+    dt = _random_tree(rng, k=3, topk=3)
+    while dt.num_nodes < 3:
+        dt = _random_tree(rng, k=3, topk=3)
+    keep = allocate_nodes([dt.score], lambda m: 10.0 + 0.0 * m)[0][:2]  # the two best nodes
+    sub = restrict_tree(dt, keep)
+    assert sub.num_nodes == 2
+    assert sub.tokens.tolist() == dt.tokens[[0] + keep].tolist()
+    assert [dt.tree.choices[i - 1] for i in keep] == sub.tree.choices
+    # greedy verification on the sub-tree accepts exactly what the full tree accepts within the kept nodes
+    V = 50
+    logits = torch.full((1, dt.num_nodes + 1, V), -1.0)
+    for i in range(dt.num_nodes + 1):  # the target agrees with every kept child
+        kids = [j for j in keep if dt.tree.parent[j] == i]
+        logits[0, i, int(dt.tokens[kids[0]]) if kids else 0] = 5.0
+    sub_logits = logits[:, [0] + keep]
+    res = greedy_accept(sub.tree, sub.tokens.unsqueeze(0), sub_logits)
+    assert int(res.accept_len[0]) == max(len(sub.tree.choices[i]) for i in range(2))
+    assert restrict_tree(dt, []) is None
+    assert restrict_tree(dt, range(1, dt.num_nodes + 1)) is dt
+    orphan = [i for i in range(1, dt.num_nodes + 1) if int(dt.tree.parent[i]) != 0]
+    if orphan:
+        with pytest.raises(DynamicTreeError, match="ancestor-closed"):
+            restrict_tree(dt, [orphan[0]])
+    with pytest.raises(DynamicTreeError, match="kept nodes must be in"):
+        restrict_tree(dt, [0])
