@@ -20,7 +20,9 @@ from test_vllm_engine import (CPU_WORKER, MAX_MODEL_LEN, PROPOSER, _as_inputs, _
 from medusa_plugin.testing.tiny import build_tiny_medusa  # noqa: E402
 
 BUDGET = 16
-CONFIGS = {"dynamic": {"ngram_branches": 0}, "hybrid": {"ngram_branches": 2}}
+# "scheduled": each step's nodes chosen across the batch from the step cost measured in the engine
+CONFIGS = {"dynamic": {"ngram_branches": 0}, "hybrid": {"ngram_branches": 2},
+           "scheduled": {"ngram_branches": 2, "tree_schedule": "auto"}}
 
 
 def _make_llm(model_dir, heads_dir, medusa: dict | None, **overrides):
@@ -67,8 +69,12 @@ def _run(model_dir, heads_dir, medusa, prompts, plan=None, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(tmp_path_factory):
+    import os
+
     from transformers import AutoTokenizer
+
+    os.environ["MEDUSA_PLUGIN_CACHE"] = str(tmp_path_factory.mktemp("medusa_cache"))  # the measured step cost
 
     model_dir, heads_dir = build_tiny_medusa(_cache_dir(), num_heads=4)
     prompts = _prompts(AutoTokenizer.from_pretrained(model_dir))
@@ -78,6 +84,7 @@ def results():
         res[name] = _run(model_dir, heads_dir, medusa, prompts, plan=ref["plan"])
     res["preempted"] = _run(model_dir, heads_dir, CONFIGS["hybrid"], prompts, num_gpu_blocks_override=16,
                             block_size=32)
+    os.environ.pop("MEDUSA_PLUGIN_CACHE", None)
     return res
 
 

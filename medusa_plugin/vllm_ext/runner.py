@@ -16,8 +16,10 @@
 3. ``propose_draft_token_ids``: the proposer gets the hidden state of each request's last accepted token.
 
 With ``tree: dynamic`` every tree request has its own tree (drafted by the proposer the step before, kept by request
-id): positions use its depths, attention its ancestor mask (``TreeStep.tree_mask`` ``[R, N+1, N+1]``), acceptance
-runs per request (``core.tree_list.accept_batch_each``) and the accepted paths feed the proposer's calibration.
+id; with ``tree_schedule: auto`` it may have fewer than ``N`` nodes, padded here): positions use its depths,
+attention its ancestor mask (``TreeStep.tree_mask`` ``[R, N+1, N+1]``), acceptance runs per request
+(``core.tree_list.accept_batch_each``; all-greedy steps on the argmax ids only, ``greedy_accept_targets_each``) and
+the accepted paths feed the proposer's calibration.
 
 vLLM contracts used (each listed with a probe in :mod:`.compat`): ``GPUModelRunner._prepare_inputs`` (returns
 ``(logits_indices, spec_decode_metadata, ...)``; ``self.positions`` written before the slot mapping is computed),
@@ -42,7 +44,8 @@ from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 from medusa_plugin.core.acceptance import AcceptanceResult, accept_batch, greedy_accept_targets
 from medusa_plugin.core.kv_compaction import compact_paged_kv_many, compaction_slots
 from medusa_plugin.core.tree_batch import gather_tree_inputs, node_rows, output_rows, sample_rows
-from medusa_plugin.core.tree_list import accept_batch_each, stack_ancestor_mask, stack_depth
+from medusa_plugin.core.tree_list import (accept_batch_each, greedy_accept_targets_each, stack_ancestor_mask,
+                                           stack_depth)
 
 from . import tree_step
 from .proposer import MedusaTreeProposer
@@ -154,10 +157,16 @@ class MedusaRunnerMixin:
         if self._m_dynamic:
             # One tree per request: its own depths and ancestor mask.
             req_ids = self.input_batch.req_ids
-            self._m_trees = [self._medusa.trees[req_ids[r]].tree for r in step.rows]
+            # A request without a tree of ours verifies placeholders: vLLM pads a new decode request (e.g. a prompt
+            # found whole in the prefix cache) with num_speculative_tokens drafts of -1, which never match; they get
+            # the chain of the budget.
+            drafted = self._medusa.trees
+            self._m_trees = [drafted[req_ids[r]].tree if req_ids[r] in drafted else self._m_tree
+                             for r in step.rows]
             dev = step.token_index.device
-            depth = stack_depth(self._m_trees, dev)                                          # [R, N+1]
-            step.tree_mask = stack_ancestor_mask(self._m_trees, dev)                         # [R, N+1, N+1]
+            n = self._m_tree.num_nodes  # the budget; with tree_schedule: auto a tree may have fewer nodes
+            depth = stack_depth(self._m_trees, dev, num_nodes=n)                             # [R, N+1]
+            step.tree_mask = stack_ancestor_mask(self._m_trees, dev, num_nodes=n)            # [R, N+1, N+1]
             tok, node = step.token_index, step.token_node
             req = torch.from_numpy(np.repeat(np.arange(step.rows.size), step.num_valid)).to(dev)
             self.positions[tok] = self.positions[tok - node] + depth[req, node]
@@ -205,9 +214,12 @@ class MedusaRunnerMixin:
         where = (torch.from_numpy(step.logit_start[rows]).to(dev), torch.from_numpy(step.draft_start).to(dev),
                  torch.from_numpy(step.num_valid).to(dev), self._m_tree.num_nodes)
         temperature = batch.temperature_cpu[rows]
-        if not self._m_dynamic and not temperature.any():
-            # all greedy on the static tree: argmax over the flat rows, no [R, N+1, V] copy of the logits
+        if not temperature.any():
+            # all greedy: argmax over the flat rows, no [R, N+1, V] copy of the logits
             tokens, target = gather_tree_inputs(logits.argmax(-1), draft_token_ids, *where)
+            if self._m_dynamic:
+                return greedy_accept_targets_each(self._m_trees, tokens, target, num_valid=where[2],
+                                                  num_nodes=self._m_tree.num_nodes)
             return greedy_accept_targets(self._m_tree, tokens, target, num_valid=where[2])
         tokens, tree_logits = gather_tree_inputs(logits, draft_token_ids, *where)
         generators = None
@@ -218,12 +230,13 @@ class MedusaRunnerMixin:
             generators = {int(index[r]): g for r, g in seeded.items() if index[r] >= 0}
         acc = self._medusa.config.acceptance
         # one tree per request (tree: dynamic) or the static tree for all
-        accept, trees = (accept_batch_each, self._m_trees) if self._m_dynamic else (accept_batch, self._m_tree)
+        accept, trees, more = ((accept_batch_each, self._m_trees, {"num_nodes": self._m_tree.num_nodes})
+                               if self._m_dynamic else (accept_batch, self._m_tree, {}))
         return accept(
             trees, tokens, tree_logits, temperature=torch.from_numpy(temperature),
             sampled_rule=acc.rule_for(1.0), top_k=torch.from_numpy(batch.top_k_cpu[rows].astype(np.int64)),
             top_p=torch.from_numpy(batch.top_p_cpu[rows]), generators=generators, num_valid=where[2],
-            posterior_threshold=acc.posterior_threshold, posterior_alpha=acc.posterior_alpha)
+            posterior_threshold=acc.posterior_threshold, posterior_alpha=acc.posterior_alpha, **more)
 
     def _medusa_compact(self, step: tree_step.TreeStep, result: AcceptanceResult) -> None:
         """Move each accepted path's K/V to consecutive slots in every full-attention layer."""
@@ -271,7 +284,11 @@ class MedusaRunnerMixin:
         stats = self.medusa_stats
         if self._m_dynamic:  # accepted paths -> the calibration of the next trees
             req_ids = self.input_batch.req_ids
-            self._medusa.observe_trees([self._medusa.trees[req_ids[r]] for r in step.rows], result.path_nodes)
+            drafted = self._medusa.trees
+            real = [i for i, r in enumerate(step.rows) if req_ids[r] in drafted]  # not vLLM's placeholders
+            if real:
+                self._medusa.observe_trees([drafted[req_ids[step.rows[i]]] for i in real],
+                                           result.path_nodes[torch.tensor(real, device=result.path_nodes.device)])
         else:
             self._medusa.observe(result.last_node, step.num_valid - 1)  # online acceptance -> the schedule
         acc = result.accept_len.cpu().numpy()
