@@ -16,7 +16,9 @@ measurement). ``identical`` counts prompts whose tokens equal plain batched gree
 
 ``--engine vllm`` adds ``engine``: the same methods through the vLLM engine (one in-process engine per method,
 ``demo_runs.run_method``; float32, greedy, one request at a time and 8 at once), next to plain decoding and vLLM's
-ngram (k=4): tok/s, tokens per step and identity with plain decoding, per concurrency.
+ngram (k=4): tok/s, tokens per step and identity with plain decoding, per concurrency; ``dynamic_auto_n`` /
+``hybrid_auto_n`` run with ``tree_schedule: auto`` (``n`` is then a cap; each step's nodes are chosen across the
+batch from the measured step cost, ``core.node_allocation``).
 """
 from __future__ import annotations
 
@@ -118,6 +120,10 @@ def engine_runs(model_dir: str, heads_dir: str, prompts, static_trees: dict, bud
         if ngram_branches:
             methods.append(R.Method(f"hybrid_{n}", medusa_engine_kwargs(
                 {"heads": heads_dir, "tree": "dynamic", "budget": n, "ngram_branches": ngram_branches}), True))
+        # the budget as a cap: each step's nodes chosen across the batch from the measured step cost
+        methods.append(R.Method(f"{'hybrid' if ngram_branches else 'dynamic'}_auto_{n}", medusa_engine_kwargs(
+            {"heads": heads_dir, "tree": "dynamic", "budget": n, "ngram_branches": ngram_branches,
+             "tree_schedule": "auto"}), True))
     out: dict = {}
     plain: dict = {}
     for method in R.run_order(methods):

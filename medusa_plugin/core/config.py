@@ -14,7 +14,7 @@ it takes inside vLLM's ``--additional-config``)::
       posterior_threshold: 0.09                  # typical only
       posterior_alpha: 0.3                       # typical only
     max_batch_size: 32                           # above this many running requests: no speculation (null: always)
-    tree_schedule: null                          # null | auto | path to a YAML table of batch size -> tree
+    tree_schedule: null                          # null | auto | path to a YAML table of batch size -> tree (dynamic: auto only)
     dtype: auto                                  # auto (the base model's) | float16 | bfloat16 | float32
 
 ``tree: dynamic`` builds a tree per request and step: the ``budget`` nodes of highest path probability over the
