@@ -98,3 +98,41 @@ def test_underpriced_draft_rows_are_learnt_and_shrink_the_tree(monkeypatch):
     assert p.step_time.tree_row_ms == pytest.approx(8.0, abs=0.5)
     assert p.step_time.fixed_ms == pytest.approx(2.0, abs=0.5)
     assert p.schedule.num_nodes(1) < n0
+
+
+def _dynamic_proposer(cost_per_row: float):
+    import torch
+
+    from medusa_plugin.core.calibration import AcceptanceCalibration
+    from medusa_plugin.core.heads import MedusaHeads
+
+    cfg = SimpleNamespace(
+        additional_config={"medusa": {"heads": "unused", "tree": "dynamic", "budget": 4, "topk": 3,
+                                      "tree_schedule": "auto"}},
+        speculative_config=SimpleNamespace(num_speculative_tokens=4),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        model_config=SimpleNamespace(get_vocab_size=lambda: 20))
+    p = MedusaTreeProposer(cfg)
+    assert p.needs_calibration and p.schedule is None
+    torch.manual_seed(0)
+    p.heads = MedusaHeads(8, 2, 1, 20, own_lm_head=True).eval()
+    p.calibration = AcceptanceCalibration(2)
+    p._step_cost = {"forward_ms": {"1": 10.0, "64": 10.0 + 63 * cost_per_row}, "batch_sizes": [1, 2],
+                    "draft_ms": {"1": [0.0, 0.0], "2": [0.0, 0.0]}}
+    calls = []
+    forward = p.heads.forward
+    p.heads.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    return p, calls
+
+
+def test_dynamic_auto_drafts_what_pays_and_rests_the_heads_when_nothing_does():
+    import torch
+
+    hidden = torch.randn(2, 8)
+    cheap, _ = _dynamic_proposer(cost_per_row=0.0)  # free rows: every request keeps its whole budget
+    out = cheap.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
+    assert [len(o) for o in out] == [4, 4] and set(cheap.trees) == {"a", "b"}
+    dear, calls = _dynamic_proposer(cost_per_row=1000.0)  # no node is worth its row
+    outs = [dear.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(2 * dear.RECHECK_EVERY)]
+    assert all(o == [[], []] for o in outs) and not dear.trees
+    assert len(calls) == 2  # the heads ran at the first step and at the recheck, not in between

@@ -94,6 +94,7 @@ class MedusaTreeProposer:
                                               else prefix_accept_lengths(self.tree))
         self._steps_since_refresh = 0
         self._pending: list[tuple] = []
+        self._since_empty = -1  # tree: dynamic + auto: steps since one chose no node (-1: the last one chose some)
         self._idle_steps = 0
         # measured step cost (calibrate) and what a step costs beyond it (fixed + per draft row), learnt from the
         # time between consecutive propose_tree calls (one engine step each)
@@ -143,6 +144,7 @@ class MedusaTreeProposer:
     # ------------------------------------------------------------------ schedule: measured cost, observed acceptance
     REFRESH_EVERY = 16      # engine steps between re-derivations of the schedule from the observed acceptance
     PROBE_EVERY = 64        # steps without speculation between single-node probes (keeps acceptance observed)
+    RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
@@ -273,7 +275,10 @@ class MedusaTreeProposer:
         b = hidden.shape[0]
         out: list[list[int]] = [[] for _ in range(b)]
         idx = [i for i in range(b) if allow is None or allow[i]]
-        if not idx:
+        # After a step that chose no node (rows too dear for these scores) the heads rerun only every RECHECK_EVERY
+        # steps: their cost is paid before the choice, so running them for nothing would slow plain steps down.
+        self._since_empty = self._since_empty + 1 if self._since_empty >= 0 else -1
+        if not idx or (self._since_empty > 0 and self._since_empty % self.RECHECK_EVERY):
             self._time_step(b, 0, 0)
             return out
         sel = torch.tensor(idx, device=hidden.device)
@@ -290,21 +295,22 @@ class MedusaTreeProposer:
             self.trees[req_ids[i]] = t
             out[i] = t.tokens[1:].tolist()
             rows += len(out[i])
+        self._since_empty = 0 if rows == 0 and self._step_cost is not None else -1
         self._time_step(b, rows, self.heads.num_heads)
         return out
 
     def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
         """The nodes worth verifying this step across the batch (``core.node_allocation``), with a plain step
         every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the per-row step time) and one node
-        per request every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
+        per request about every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
         keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size))
         if any(keep):
             self._spec_steps += 1
             if self._spec_steps % self.PROBE_EVERY == 0:
                 keep = [[] for _ in trees]
-        else:
+        else:  # the heads run every RECHECK_EVERY steps while nothing is chosen: probe every PROBE_EVERY steps
             self._idle_steps += 1
-            if self._idle_steps % self.PROBE_EVERY == 0:
+            if self._idle_steps % max(1, self.PROBE_EVERY // self.RECHECK_EVERY) == 0:
                 keep = [[1] for _ in trees]
         return [restrict_tree(t, k) for t, k in zip(trees, keep)]
 
