@@ -123,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
     methods = R.demo_methods(str(heads_dir), tree)
     identical = None
     if args.fp32_prompts:  # before the ngram engine: see demo_runs.run_order
-        _say(f"[2/4] fp32 identity: plain vs Medusa tree, {args.fp32_prompts} prompts x {args.fp32_tokens} tokens, "
+        _say(f"[2/4] fp32 identity: plain vs Medusa tree and hybrid, {args.fp32_prompts} prompts x {args.fp32_tokens} tokens, "
              "8 at once")
         p32 = prompts[:args.fp32_prompts]
         fp32 = [R.run_method(model_dir, m, p32, args.fp32_tokens, dtype="float32", concurrencies=(8,))[0]
-                for m in tqdm([methods[0], methods[-1]], desc="fp32 runs", unit="method", dynamic_ncols=True)]
-        identical = fp32[0].token_ids == fp32[1].token_ids
+                for m in tqdm([methods[0], methods[3], methods[4]], desc="fp32 runs", unit="method",
+                              dynamic_ncols=True)]
+        identical = fp32[0].token_ids == fp32[1].token_ids == fp32[2].token_ids
     _say(f"[3/4] bf16: {len(methods)} methods x {len(prompts)} held-out prompts x <= {args.max_new_tokens} tokens, "
          f"one request at a time and 8 at once (one engine per method)")
     results: dict[str, list] = {}
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     plain1, plain8 = results["plain"]
     rows = [_row(r, plain1 if r.concurrency == 1 else plain8) for rs in results.values() for r in rs]
     ngram1 = results[methods[1].name][0]
-    tree1, tree8 = results[methods[-1].name]
+    tree1, tree8 = results[methods[3].name]
+    hybrid1, hybrid8 = results[methods[4].name]
     chain1 = results[methods[2].name][0]
     out = {
         "model": "SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model, "model_dir": str(model_dir),
@@ -148,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         "speedup_bs1": round(tree1.tok_s / plain1.tok_s, 3), "speedup_conc8": round(tree8.tok_s / plain8.tok_s, 3),
         "ngram_speedup_bs1": round(ngram1.tok_s / plain1.tok_s, 3),
         "chain_speedup_bs1": round(chain1.tok_s / plain1.tok_s, 3),
+        "hybrid_speedup_bs1": round(hybrid1.tok_s / plain1.tok_s, 3),
+        "hybrid_speedup_conc8": round(hybrid8.tok_s / plain8.tok_s, 3),
         "tokens_per_step_bs1": round(tree1.tokens_per_step, 3),
         "head_top1_held_out": report.get("head_top1"),
         "bf16_agreement_with_plain_bs1": {f"{r.method} @{r.concurrency}": R.agreement(r.token_ids, plain1.token_ids)
@@ -177,14 +181,15 @@ def format_report(out: dict, request: str, answer: str) -> str:
     n = out["num_prompts"]
     ident = out["identical_fp32"]
     lines += ["",
-              "fp32 identity (Medusa tree vs plain): " + ("not checked" if ident is None else
+              "fp32 identity (Medusa tree and hybrid vs plain): " + ("not checked" if ident is None else
                                                           "identical" if ident else "DIFFERENT"),
               "bf16 agreement with plain 1-by-1 (prompts of " + str(n) + "): "
               + ", ".join(f"{k} {v}" for k, v in agree.items() if not k.startswith("plain @1")),
               "  (bf16 on CPU is not batch-invariant: a different batch shape rounds differently and greedy paths "
               "fork; fp32 is the identity proof)",
               "", f"speed-up at batch 1: Medusa tree {out['speedup_bs1']:.2f}x, ngram {out['ngram_speedup_bs1']:.2f}x, "
-              f"chain {out['chain_speedup_bs1']:.2f}x; 8 at once: Medusa tree {out['speedup_conc8']:.2f}x",
+              f"chain {out['chain_speedup_bs1']:.2f}x, hybrid {out['hybrid_speedup_bs1']:.2f}x; 8 at once: Medusa "
+              f"tree {out['speedup_conc8']:.2f}x, hybrid {out['hybrid_speedup_conc8']:.2f}x",
               f"wall time: {out['wall_s']:.0f} s", "",
               f"sample: user: {request}", f"        assistant (Medusa): {answer.strip()[:400]}"]
     return "\n".join(lines)

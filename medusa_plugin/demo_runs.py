@@ -18,6 +18,8 @@ NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_m
 # batch size" on a CPU with this version of core/schedule.py; set a measured YAML here to use one on CPU.
 MEDUSA_TREE_SCHEDULE: str | None = "auto"
 CHAIN_LENGTH = 2  # the Medusa chain row: chain:K (heads 0..K-1, top-1 each)
+HYBRID_SETTINGS = {"tree": "dynamic", "budget": 16, "ngram_branches": 2}
+HYBRID_NAME = "Medusa hybrid (dynamic+ngram)"
 
 
 @dataclass
@@ -55,7 +57,8 @@ class RunResult:
 
 def demo_methods(heads_dir: str, tree: Sequence[Sequence[int]], *, chain_length: int = CHAIN_LENGTH,
                  tree_schedule: str | None = MEDUSA_TREE_SCHEDULE) -> list[Method]:
-    """plain, vLLM ngram, Medusa chain, Medusa fitted tree (+ batch-aware schedule), in that order."""
+    """plain, vLLM ngram, Medusa chain, Medusa fitted tree (+ batch-aware schedule), Medusa hybrid (dynamic trees
+    + n-gram branches, nodes chosen per step from the measured step cost), in that order."""
     from medusa_plugin.vllm_ext.offline import medusa_engine_kwargs
 
     fitted = {"heads": str(heads_dir), "tree": [list(p) for p in tree]}
@@ -67,6 +70,9 @@ def demo_methods(heads_dir: str, tree: Sequence[Sequence[int]], *, chain_length:
         Method(f"Medusa chain:{chain_length}",
                medusa_engine_kwargs({"heads": str(heads_dir), "tree": f"chain:{chain_length}"}), True),
         Method(f"Medusa tree ({len(tree)} nodes)", medusa_engine_kwargs(fitted), True),
+        Method(HYBRID_NAME, medusa_engine_kwargs({"heads": str(heads_dir), **HYBRID_SETTINGS,
+                                                  **({"tree_schedule": tree_schedule} if tree_schedule else {})}),
+               True),
     ]
 
 

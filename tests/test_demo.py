@@ -53,11 +53,14 @@ def test_demo_reports_every_method_and_fp32_identity(toy_chat, tmp_path):
     assert res["identical_fp32"] is True and "identical" in text
     assert res["tree"] == json.loads((heads / "tree.json").read_text())
     methods = {(r["method"], r["concurrency"]) for r in res["rows"]}
-    assert len(methods) == 8 and {c for _, c in methods} == {1, 8}
+    assert len(methods) == 10 and {c for _, c in methods} == {1, 8}
     plain = [r for r in res["rows"] if r["method"] == "plain"]
     assert all(r["tokens_per_step"] == 1.0 and r["acceptance_per_depth"] == [] for r in plain)
-    medusa = [r for r in res["rows"] if r["method"].startswith("Medusa")]
+    medusa = [r for r in res["rows"] if r["method"].startswith("Medusa") and "hybrid" not in r["method"]]
     assert all(1.0 <= r["tokens_per_step"] <= 3.0 for r in medusa)  # 2 heads: at most 2 drafts + 1 bonus
+    hybrid = [r for r in res["rows"] if "hybrid" in r["method"]]
+    assert len(hybrid) == 2 and all(1.0 <= r["tokens_per_step"] <= 5.0 for r in hybrid)  # n-gram paths: 4 deep
+    assert {"hybrid_speedup_bs1", "hybrid_speedup_conc8"} <= set(res)
     assert "not batch-invariant" in text
 
 
