@@ -124,7 +124,7 @@ def test_convert_to_vllm_v2_heads_need_the_base_model(tmp_path, capsys):
                      "--base-model", str(base)]) == 0
 
 
-def test_convert_to_vllm_expands_a_frozen_draft_vocabulary_to_the_base_lm_head(tmp_path):
+def test_convert_to_vllm_expands_a_draft_vocabulary_to_whole_vocabulary_projections(tmp_path):
     # vLLM 0.32 cannot load a token_map; heads whose shared projection is the base lm_head's rows of the draft
     # vocabulary are written with the whole lm_head: the same logits on the draft vocabulary
     import json
@@ -150,11 +150,27 @@ def test_convert_to_vllm_expands_a_frozen_draft_vocabulary_to_the_base_lm_head(t
     w = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert "token_map" not in w and cfg["truncated_vocab_size"] == cfg["vocab_size"] == 200
     assert torch.equal(w["lm_heads.0.weight"], lm)
-    with torch.no_grad():  # a projection that is not the base rows keeps the token_map layout
+    with torch.no_grad():  # a trained projection: its rows at token_map, the base lm_head's elsewhere
         heads.lm_heads[0].weight.add_(1.0)
     heads.save_pretrained(tmp_path / "src2")
     to_vllm_medusa(tmp_path / "src2", tmp_path / "out2", base_model=base)
-    assert torch.equal(load_file(str(tmp_path / "out2" / "model.safetensors"))["token_map"], tm)
+    w2 = load_file(str(tmp_path / "out2" / "model.safetensors"))
+    want = lm.clone()
+    want[tm] += 1.0
+    assert "token_map" not in w2 and torch.equal(w2["lm_heads.0.weight"], want)
+    per_head = MedusaHeads(64, 2, 1, 200, own_lm_head=True, shared_lm_head=False, token_map=tm)  # one per head
+    with torch.no_grad():
+        for k, head in enumerate(per_head.lm_heads):
+            head.weight.copy_(lm[tm] * (k + 2))
+    per_head.save_pretrained(tmp_path / "src3")
+    assert to_vllm_medusa(tmp_path / "src3", tmp_path / "out3", base_model=base) == 2
+    w3 = load_file(str(tmp_path / "out3" / "model.safetensors"))
+    for k in range(2):
+        got = w3[f"lm_heads.{k}.weight"]
+        assert got.shape == (200, 64) and torch.equal(got[tm], lm[tm] * (k + 2))
+        assert torch.equal(got[1::2], lm[1::2])
+    assert to_vllm_medusa(tmp_path / "src3", tmp_path / "out4") == 2  # without the base: token_map kept
+    assert torch.equal(load_file(str(tmp_path / "out4" / "model.safetensors"))["token_map"], tm)
 
 
 def test_bench_prompts_are_chat_requests_for_a_chat_model(tiny_model_dir):

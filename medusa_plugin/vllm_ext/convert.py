@@ -7,8 +7,9 @@ reads ``config.json`` (``architectures: ["MedusaModel"]``, ``model_type: "medusa
 ``model.safetensors`` with ``blocks.{h}.layers.{l}.weight|bias``, ``lm_heads.{h}.weight`` and an optional
 ``token_map``. v2 heads (projection by the base model's lm_head) get that lm_head written as one shared head
 (``original_lm_head``), so ``base_model`` is needed for them. vLLM's proposer drafts a chain of each head's top-1.
-Heads with a draft vocabulary (``token_map``) whose shared projection is the base lm_head's rows are written with the
-whole base lm_head when ``base_model`` is given, because vLLM 0.32 cannot load a ``token_map`` (see the code).
+Heads with a draft vocabulary (``token_map``) are written with whole-vocabulary projections when ``base_model`` is
+given, because vLLM 0.32 cannot load a ``token_map`` (see the code): a frozen shared projection becomes the whole base
+lm_head; trained projections keep their rows at ``token_map`` and take the base lm_head's rows elsewhere.
 
 No vLLM import: this only writes files.
 """
@@ -69,15 +70,16 @@ def to_vllm_medusa(heads_src: str | os.PathLike, out_dir: str | os.PathLike, *,
         tensors["lm_heads.0.weight"] = base_lm_head(base_model).to(heads.dtype)
     vocab = heads.vocab_size or tensors["lm_heads.0.weight"].shape[0]
     token_map = heads.token_map
-    if token_map is not None and shared and base_model is not None:
-        base = base_lm_head(base_model)
-        if base.shape[0] > int(token_map.max()) and torch.equal(
-                base[token_map].to(heads.dtype), tensors["lm_heads.0.weight"].to(heads.dtype)):
-            # A frozen shared projection = the base lm_head's rows of the draft vocabulary. vLLM 0.32 cannot load a
-            # token_map (MedusaModel.load_weights never reports it as loaded, so the loader stops with "weights were
-            # not initialized from checkpoint: {'token_map'}"): write the whole base lm_head instead. Same logits on
-            # the draft vocabulary; vLLM may also draft a token outside it.
-            tensors["lm_heads.0.weight"] = base.to(heads.dtype)
+    if token_map is not None and base_model is not None:
+        # vLLM 0.32 cannot load a token_map (MedusaModel.load_weights never reports it as loaded, so the loader
+        # stops with "weights were not initialized from checkpoint: {'token_map'}"): write whole-vocabulary
+        # projections. A frozen shared projection (the base lm_head's rows of the draft vocabulary) becomes the whole
+        # base lm_head; a trained one keeps its rows at token_map and takes the base lm_head's rows elsewhere (tokens
+        # the heads never learnt). Same logits on the draft vocabulary; vLLM may also draft a token outside it.
+        base = base_lm_head(base_model).to(heads.dtype)
+        if base.shape[0] > int(token_map.max()):
+            for name in [k for k in tensors if k.startswith("lm_heads.")]:
+                tensors[name] = base.clone().index_copy_(0, token_map, tensors[name].to(heads.dtype))
             vocab, token_map = base.shape[0], None
     if token_map is not None:
         tensors["token_map"] = token_map
