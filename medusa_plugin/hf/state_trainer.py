@@ -36,18 +36,33 @@ class StateTrainingResult:
     seconds: float = 0.0
 
 
+PROJECTIONS = ("frozen", "shared", "per-head")
+
+
+def projection_mode(train_projection: bool | str) -> str:
+    """``train_projection`` as one of :data:`PROJECTIONS` (False = "frozen", True = "per-head"); TrainError else."""
+    mode = {False: "frozen", True: "per-head"}.get(train_projection, train_projection) \
+        if isinstance(train_projection, bool) else train_projection
+    if mode not in PROJECTIONS:
+        raise TrainError(f"train_projection must be one of {', '.join(PROJECTIONS)} (or a bool), got "
+                         f"{train_projection!r}")
+    return mode
+
+
 def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads: int, num_layers: int = 1,
-                        train_projection: bool = False):
+                        train_projection: bool | str = False):
     """Upstream-initialised heads with a draft vocabulary: ResBlocks zero, projection [T, H] = lm_head rows of
     ``token_map``; fp32. ``lm_head_weight`` [V, H].
 
-    ``train_projection=False``: one projection shared by all heads and frozen (the target's own rows, as Medusa v2
-    heads reuse the base lm_head); the file then holds it once (T x H) instead of once per head.
-    ``True``: each head gets its own trainable copy (Medusa-1)."""
+    ``train_projection`` (:func:`projection_mode`): "frozen" (False): one projection shared by all heads and frozen
+    (the target's own rows, as Medusa v2 heads reuse the base lm_head); the file then holds it once (T x H).
+    "shared": that one shared projection is trained too (same file size). "per-head" (True): each head gets its own
+    trainable copy (Medusa-1; K x T x H in the file)."""
+    mode = projection_mode(train_projection)
     from medusa_plugin.core.heads import MedusaHeads
 
     V, H = lm_head_weight.shape
-    heads = MedusaHeads(H, num_heads, num_layers, V, own_lm_head=True, shared_lm_head=not train_projection,
+    heads = MedusaHeads(H, num_heads, num_layers, V, own_lm_head=True, shared_lm_head=mode != "per-head",
                         token_map=token_map, dtype=torch.float32)
     with torch.no_grad():
         for seq in heads.blocks:
@@ -57,7 +72,7 @@ def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads:
         rows = lm_head_weight.detach().float()[token_map]
         for head in heads.lm_heads:
             head.weight.copy_(rows)
-    if not train_projection:
+    if mode == "frozen":
         heads.lm_heads.requires_grad_(False)
     return heads
 
@@ -76,7 +91,7 @@ def _lr(step: int, warmup: int, total: int) -> float:
 def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: Tensor, *, num_heads: int = 4,
                     num_layers: int = 1, steps: int = 1000, batch_size: int = 512, lr: float = 1e-3,
                     kl_weight: float = 0.5, loss_decay: float = 0.8, warmup_ratio: float = 0.05,
-                    weight_decay: float = 0.0, train_projection: bool = False, seed: int = 0,
+                    weight_decay: float = 0.0, train_projection: bool | str = False, seed: int = 0,
                     progress: bool = True) -> StateTrainingResult:
     """Train ``num_heads`` heads on ``cache`` (see the module docstring for the loss).
 
@@ -85,7 +100,8 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
         token_map: int64 [T] draft vocabulary (full ids, e.g. :func:`draft_vocab.frequent_token_map`).
         steps: optimiser updates; each samples ``batch_size`` rows uniformly among rows where head 0 has a target.
         kl_weight: in [0, 1]; 0 = hard targets only, 1 = soft targets only.
-        train_projection: see :func:`new_truncated_heads` (default: shared frozen projection, only ResBlocks train).
+        train_projection: see :func:`new_truncated_heads` (default "frozen": a shared frozen projection, only the
+            ResBlocks train).
     Returns:
         :class:`StateTrainingResult`. Raises :class:`TrainError` on bad arguments.
     """

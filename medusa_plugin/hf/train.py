@@ -85,9 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="draft vocabulary: the N most frequent answer tokens (0 = full vocabulary)")
     chat.add_argument("--kl-weight", type=float, default=ChatRecipe.kl_weight,
                       help="weight of the KL to the target's distribution (1 - it: hard targets)")
-    chat.add_argument("--train-projection", action="store_true",
-                      help="train one vocab projection per head (default: one frozen shared projection = the "
-                           "target's lm_head rows; a smaller file and less overfitting on small data)")
+    chat.add_argument("--train-projection", nargs="?", const="per-head", default="frozen",
+                      choices=["frozen", "shared", "per-head"],
+                      help="the heads' vocab projection: frozen (default; one shared, the target's lm_head rows), "
+                           "shared (that one trained too; same file size), per-head (one trained per head; 4x the "
+                           "file); a bare --train-projection means per-head")
     chat.add_argument("--tree-budget", type=int, default=ChatRecipe.tree_budget, help="nodes of the fitted tree")
     chat.add_argument("--gen-engine", choices=["auto", "vllm", "transformers"], default="auto",
                       help="generation for self-distillation (auto: vLLM when installed)")
