@@ -146,3 +146,21 @@ def test_chat_recipe_end_to_end_tiny(tiny, tmp_path, capsys):
     # bad input: one line naming the problem
     assert main(["train", "--recipe", "chat", "--model", str(d), "--out", str(out), "--data", "x.jsonl"]) == 1
     assert "drop --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["frozen", "shared", "per-head"])
+def test_projection_modes_train_what_they_say(mode):
+    from medusa_plugin.hf.state_trainer import new_truncated_heads
+
+    cache, answers, emb = periodic_cache()
+    tm = frequent_token_map(answers, 100, 12)
+    res = train_on_states(cache, 3 * emb, tm, num_heads=3, steps=5, batch_size=16, lr=1e-2,
+                          train_projection=mode, progress=False)
+    heads = res.heads
+    moved = not torch.equal(heads.lm_heads[0].weight, (3 * emb).float()[tm])
+    assert moved == (mode != "frozen")  # only the frozen projection keeps the target's rows
+    assert heads.shared_lm_head == (mode != "per-head")
+    fresh = new_truncated_heads(3 * emb, tm, num_heads=3, train_projection=True)  # bool: per-head (Medusa-1)
+    assert not fresh.shared_lm_head
+    with pytest.raises(TrainError, match="train_projection must be one of frozen, shared, per-head"):
+        new_truncated_heads(3 * emb, tm, num_heads=3, train_projection="all")
