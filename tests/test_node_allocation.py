@@ -58,6 +58,18 @@ def test_cheap_rows_keep_everything_costly_rows_nothing_and_min_nodes():
     assert allocate_nodes(scores, lambda m: 10.0 + 100.0 * m) == [[], [], []]
     forced = allocate_nodes(scores, lambda m: 10.0 + 100.0 * m, min_nodes=2)
     assert sum(map(len, forced)) == 2
+    # a margin: nodes only when they beat the plain step by more than min_gain
+    def cost(m):
+        return 10.0 + 0.5 * m
+
+    free = allocate_nodes(scores, cost)
+    n = sum(map(len, free))
+    assert n > 0
+    gain = (3 + sum(float(t.score[i]) for t, k in zip(trees, free) for i in k)) / cost(n) / (3 / cost(0)) - 1
+    assert allocate_nodes(scores, cost, min_gain=gain + 1e-9) == [[], [], []]
+    assert allocate_nodes(scores, cost, min_gain=gain - 1e-6) == free
+    with pytest.raises(ValueError, match="min_gain"):
+        allocate_nodes(scores, cost, min_gain=-1.0)
     with pytest.raises(ValueError, match="1-D"):
         allocate_nodes([torch.zeros(2, 2)], lambda m: 1.0)
 

@@ -77,6 +77,22 @@ def test_choice_is_the_brute_force_argmax(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_min_gain_speculates_only_beyond_the_margin(seed):
+    base = _random_schedule(seed)
+    sched = TreeSchedule(base.batch_sizes, base.query_tokens, base.overhead, base.accept_lengths,
+                         draft_overhead=base.draft_overhead, min_gain=0.1)
+    assert sched.with_accept_lengths(sched.accept_lengths).min_gain == 0.1
+    for b in range(1, 9):
+        best = max(base.expected_speedup(b, n) for n in range(1, 13))
+        if best > 1.1:
+            assert sched.num_nodes(b) == base.num_nodes(b)  # the margin does not move a clear choice
+        else:
+            assert sched.num_nodes(b) == 0
+    with pytest.raises(TreeScheduleError, match="min_gain"):
+        TreeSchedule(base.batch_sizes, base.query_tokens, base.overhead, base.accept_lengths, min_gain=-0.1)
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_precomputed_lookup_agrees_with_cost_between_rows(seed):
     g = torch.Generator().manual_seed(100 + seed)
     base = _random_schedule(seed, max_batch=4, num_nodes=10)

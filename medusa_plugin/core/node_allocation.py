@@ -26,8 +26,8 @@ from torch import Tensor
 __all__ = ["allocate_nodes"]
 
 
-def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *, min_nodes: int = 0
-                   ) -> list[list[int]]:
+def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *, min_nodes: int = 0,
+                   min_gain: float = 0.0) -> list[list[int]]:
     """Choose the draft nodes each request verifies this step (see the module docstring).
 
     Args:
@@ -37,13 +37,15 @@ def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *,
             requests' root rows are included in it at ``m = 0``); should be non-decreasing in ``m``.
         min_nodes: verify at least this many nodes in total (e.g. ``B``: one per request), to keep observing the
             acceptance when the scores alone would stop speculating.
+        min_gain: verify nodes only if the best rate exceeds the plain step's by more than this fraction (a margin
+            for the error of the scores and the step cost).
     Returns:
         per request, the kept node indices (ascending, ancestor-closed, without the root).
     Raises:
-        ValueError: a score tensor that is not 1-D, or ``min_nodes < 0``.
+        ValueError: a score tensor that is not 1-D, ``min_nodes < 0`` or ``min_gain < 0``.
     """
-    if min_nodes < 0:
-        raise ValueError(f"min_nodes must be >= 0, got {min_nodes}")
+    if min_nodes < 0 or min_gain < 0:
+        raise ValueError(f"min_nodes and min_gain must be >= 0, got {min_nodes}, {min_gain}")
     req, node, val = [], [], []
     for b, s in enumerate(scores):
         if s.dim() != 1:
@@ -61,7 +63,7 @@ def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *,
     order = sorted(range(val_t.numel()), key=lambda i: (-float(val_t[i]), int(req_t[i]), int(node_t[i])))
     cum = torch.cumsum(val_t[order], 0).tolist()
     base = float(len(scores))
-    best_m, best = 0, base / step_ms(0)
+    best_m, best = 0, (1.0 + min_gain) * base / step_ms(0)
     for m in range(1, len(order) + 1):
         rate = (base + cum[m - 1]) / step_ms(m)
         if rate > best:

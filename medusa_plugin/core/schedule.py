@@ -364,11 +364,14 @@ class TreeSchedule:
         accept_lengths: E[L](n) for n = 0..N (N the tree's nodes): [0] = 1, non-decreasing.
         draft_overhead: drafting cost in plain decode steps, a number or one per batch size (>= 0).
         meta: provenance written to YAML (source, gpu, model, notes, tree).
+        min_gain: speculate only where the expected speed-up exceeds ``1 + min_gain`` (a margin for the error of
+            measured costs and estimated acceptance: a marginal win on paper is a coin flip in the engine); >= 0.
     """
 
     def __init__(self, batch_sizes: Sequence[int], query_tokens: Sequence[int],
                  overhead: Sequence[Sequence[float]], accept_lengths: Sequence[float], *,
-                 draft_overhead: float | Sequence[float] = 0.0, meta: Mapping[str, Any] | None = None):
+                 draft_overhead: float | Sequence[float] = 0.0, meta: Mapping[str, Any] | None = None,
+                 min_gain: float = 0.0):
         self.batch_sizes = _int_list(batch_sizes, "batch_sizes")
         self.query_tokens = _int_list(query_tokens, "query_tokens")
         if self.query_tokens[0] != 1 or len(self.query_tokens) < 2:
@@ -409,6 +412,9 @@ class TreeSchedule:
                        "E[L](n) is 1 + the summed acceptance probability of the first n nodes")
         self.accept_lengths = el
         self.meta = dict(meta or {})
+        self.min_gain = _float(min_gain, "min_gain")
+        if self.min_gain < 0:
+            raise _err("min_gain", f"is negative: {self.min_gain}", "use 0 for no margin")
         self.max_nodes = min(len(el) - 1, self.query_tokens[-1] - 1)
         self._choice = self._choices()
 
@@ -450,7 +456,8 @@ class TreeSchedule:
         return self.accept_lengths[n] / self.cost(batch_size, n)
 
     def _choices(self) -> list[int]:
-        """argmax_n E[L](n) / cost(B, n) for B = 0 .. max(batch_sizes) (first maximum: ties go to the smaller n)."""
+        """argmax_n E[L](n) / cost(B, n) for B = 0 .. max(batch_sizes) (first maximum: ties go to the smaller n;
+        n = 0 counts as ``1 + min_gain``)."""
         n_max, bmax = self.max_nodes, self.batch_sizes[-1]
         if n_max == 0:
             return [0] * (bmax + 1)
@@ -462,7 +469,7 @@ class TreeSchedule:
         w = torch.tensor([x[2] for x in ij_w], dtype=torch.float64).unsqueeze(1)
         cost = (1 - w) * rows[i] + w * rows[j]  # [bmax, n_max]
         el = torch.tensor(self.accept_lengths[: n_max + 1], dtype=torch.float64)
-        speed = torch.cat([torch.ones(bmax, 1, dtype=torch.float64), el[1:] / cost], dim=1)
+        speed = torch.cat([torch.full((bmax, 1), 1.0 + self.min_gain, dtype=torch.float64), el[1:] / cost], dim=1)
         return [0] + speed.argmax(dim=1).tolist()
 
     # ---------------------------------------------------------------- lookups
@@ -505,7 +512,7 @@ class TreeSchedule:
         """The same overhead table with another E[L](n) (e.g. measured acceptance, or another tree)."""
         meta = dict(self.meta, tree=tree if tree is not None else f"{len(accept_lengths) - 1} nodes")
         return TreeSchedule(self.batch_sizes, self.query_tokens, self.overhead, accept_lengths,
-                            draft_overhead=self.draft_overhead, meta=meta)
+                            draft_overhead=self.draft_overhead, meta=meta, min_gain=self.min_gain)
 
     def for_tree(self, tree, accuracy: Sequence[Sequence[float]] | None = None) -> "TreeSchedule":
         """The same overhead table with E[L](n) of ``tree``'s prefixes from ``accuracy`` (default Vicuna-7B heads)."""

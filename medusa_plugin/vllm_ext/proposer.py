@@ -303,7 +303,9 @@ class MedusaTreeProposer:
         """The nodes worth verifying this step across the batch (``core.node_allocation``), with a plain step
         every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the per-row step time) and one node
         per request about every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
-        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size))
+        from .calibrate import MIN_GAIN
+
+        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size), min_gain=MIN_GAIN)
         if any(keep):
             self._spec_steps += 1
             if self._spec_steps % self.PROBE_EVERY == 0:
