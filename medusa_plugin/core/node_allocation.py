@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = ["allocate_nodes"]
@@ -46,29 +45,23 @@ def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *,
     """
     if min_nodes < 0 or min_gain < 0:
         raise ValueError(f"min_nodes and min_gain must be >= 0, got {min_nodes}, {min_gain}")
-    req, node, val = [], [], []
+    nodes: list[tuple[float, int, int]] = []  # (score, request, node): plain Python, this runs every step
     for b, s in enumerate(scores):
         if s.dim() != 1:
             raise ValueError(f"scores[{b}] must be 1-D [N + 1] (root first), got shape {tuple(s.shape)}")
-        n = s.numel() - 1
-        if n > 0:
-            req.append(torch.full((n,), b, dtype=torch.int64))
-            node.append(torch.arange(1, n + 1, dtype=torch.int64))
-            val.append(s[1:].to(torch.float64).cpu())
+        nodes += [(v, b, i) for i, v in enumerate(s[1:].tolist(), start=1)]
     keep: list[list[int]] = [[] for _ in scores]
-    if not val:
-        return keep
-    req_t, node_t, val_t = torch.cat(req), torch.cat(node), torch.cat(val)
     # best first; ties: lower request, then lower node index (a parent precedes its children in node order)
-    order = sorted(range(val_t.numel()), key=lambda i: (-float(val_t[i]), int(req_t[i]), int(node_t[i])))
-    cum = torch.cumsum(val_t[order], 0).tolist()
+    nodes.sort(key=lambda t: (-t[0], t[1], t[2]))
     base = float(len(scores))
     best_m, best = 0, (1.0 + min_gain) * base / step_ms(0)
-    for m in range(1, len(order) + 1):
-        rate = (base + cum[m - 1]) / step_ms(m)
+    total = 0.0
+    for m, (v, _, _) in enumerate(nodes, start=1):
+        total += v
+        rate = (base + total) / step_ms(m)
         if rate > best:
             best_m, best = m, rate
-    best_m = max(best_m, min(min_nodes, len(order)))
-    for i in order[:best_m]:
-        keep[int(req_t[i])].append(int(node_t[i]))
+    best_m = max(best_m, min(min_nodes, len(nodes)))
+    for _, b, i in nodes[:best_m]:
+        keep[b].append(i)
     return [sorted(k) for k in keep]
