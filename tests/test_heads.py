@@ -410,3 +410,19 @@ def test_error_forward_bad_hidden_size():
     heads = MedusaHeads.init_from_lm_head(torch.randn(V, H), num_heads=2)
     with pytest.raises(MedusaHeadsError, match=f"size {H + 1}.*expect {H}"):
         heads(torch.randn(2, H + 1))
+
+
+def test_head_compute_dtype_upcasts_half_heads_only_on_a_cpu_without_native_half_matmul(monkeypatch):
+    from medusa_plugin.core.heads import head_compute_dtype
+
+    assert head_compute_dtype(torch.float32, "cpu") == torch.float32
+    assert head_compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # only the device's type is read
+    for native in (False, True):
+        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported"):
+            monkeypatch.setattr(torch.cpu, name, lambda native=native: native, raising=False)
+        want = torch.bfloat16 if native else torch.float32
+        assert head_compute_dtype(torch.bfloat16, "cpu") == want
+        assert head_compute_dtype(torch.float16, "cpu") == (torch.float16 if native else torch.float32)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert head_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16  # cannot tell: keep the model's dtype

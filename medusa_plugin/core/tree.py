@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -147,6 +148,11 @@ class MedusaTree:
         self.is_leaf = torch.tensor([not c for c in children], dtype=torch.bool)
         # prefix_depth[n]: depth of the prefix [0, n] of node order (nodes are sorted by depth): heads it needs.
         self.prefix_depth = [0] + [len(p) for p in paths]
+        # host (numpy) copies for acceptance on the CPU side of a step (core.greedy_host); shared by .to() copies
+        self.host_index = {"parent": np.maximum(np.asarray(parent, dtype=np.int64), 0),
+                           "depth": np.asarray(depth, dtype=np.int64),
+                           "ancestor": mask.numpy().astype(np.int32),
+                           "node_paths": np.asarray(node_paths, dtype=np.int64)}
 
     # ---------------------------------------------------------------- constructors
     @classmethod

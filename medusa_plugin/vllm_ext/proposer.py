@@ -23,7 +23,7 @@ from torch import Tensor
 from medusa_plugin.core.calibration import AcceptanceCalibration
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
-from medusa_plugin.core.heads import MedusaHeads
+from medusa_plugin.core.heads import MedusaHeads, head_compute_dtype
 from medusa_plugin.core.node_allocation import allocate_nodes
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
@@ -110,7 +110,8 @@ class MedusaTreeProposer:
     def load_model(self, target_model: torch.nn.Module) -> None:
         """Load the heads onto the target's device and dtype (v2 heads project with the target's lm_head)."""
         ref = next(target_model.parameters())
-        dtype = ref.dtype if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        dtype = (head_compute_dtype(ref.dtype, ref.device) if self.config.dtype == "auto"
+                 else getattr(torch, self.config.dtype))
         mc = self.vllm_config.model_config
         self.heads = MedusaHeads.from_pretrained(
             self.config.heads, base_hidden_size=mc.get_hidden_size(), base_vocab_size=self.vocab_size,
