@@ -412,17 +412,16 @@ def test_error_forward_bad_hidden_size():
         heads(torch.randn(2, H + 1))
 
 
-def test_head_compute_dtype_upcasts_half_heads_only_on_a_cpu_without_native_half_matmul(monkeypatch):
-    from medusa_plugin.core.heads import head_compute_dtype
+def test_native_half_matmul_reads_the_cpu_probes(monkeypatch):
+    from medusa_plugin.core.heads import native_half_matmul
 
-    assert head_compute_dtype(torch.float32, "cpu") == torch.float32
-    assert head_compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16  # only the device's type is read
+    assert native_half_matmul(torch.float32, "cpu")
+    assert native_half_matmul(torch.bfloat16, "cuda")  # only the device's type is read
     for native in (False, True):
         for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported"):
             monkeypatch.setattr(torch.cpu, name, lambda native=native: native, raising=False)
-        want = torch.bfloat16 if native else torch.float32
-        assert head_compute_dtype(torch.bfloat16, "cpu") == want
-        assert head_compute_dtype(torch.float16, "cpu") == (torch.float16 if native else torch.float32)
+        assert native_half_matmul(torch.bfloat16, "cpu") == native
+        assert native_half_matmul(torch.float16, "cpu") == native
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert head_compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16  # cannot tell: keep the model's dtype
+    assert native_half_matmul(torch.bfloat16, "cpu")  # cannot tell: assume native (keep the model's dtype)

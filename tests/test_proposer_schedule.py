@@ -136,3 +136,28 @@ def test_dynamic_auto_drafts_what_pays_and_rests_the_heads_when_nothing_does():
     outs = [dear.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(2 * dear.RECHECK_EVERY)]
     assert all(o == [[], []] for o in outs) and not dear.trees
     assert len(calls) == 2  # the heads ran at the first step and at the recheck, not in between
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_half_heads_get_a_float32_copy_for_many_rows_on_a_cpu_without_native_half_matmul(monkeypatch, native):
+    import torch
+
+    from medusa_plugin.core.heads import MedusaHeads
+    from medusa_plugin.demo import shipped_heads_dir
+
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: native, raising=False)
+    heads_dir = str(shipped_heads_dir())
+    cfg = SimpleNamespace(
+        additional_config={"medusa": {"heads": heads_dir, "tree": "chain:4"}},
+        speculative_config=SimpleNamespace(num_speculative_tokens=4),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        model_config=SimpleNamespace(get_vocab_size=lambda: 49152, get_hidden_size=lambda: 576))
+    p = MedusaTreeProposer(cfg)
+    p.load_model(torch.nn.Linear(2, 2, dtype=torch.bfloat16))
+    assert p.heads_for(1).dtype == torch.bfloat16 and p.heads_for(p.FP32_HEAD_ROWS - 1) is p.heads
+    assert p.heads_for(p.FP32_HEAD_ROWS).dtype == (torch.bfloat16 if native else torch.float32)
+    hidden = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = MedusaHeads.from_pretrained(heads_dir, base_hidden_size=576, base_vocab_size=49152,
+                                       dtype=torch.bfloat16 if native else torch.float32)
+    assert torch.equal(p.draft_topk(hidden, 4), want.draft_topk(hidden, 10, 4, vocab_size=49152))

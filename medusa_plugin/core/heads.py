@@ -19,27 +19,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def head_compute_dtype(model_dtype: torch.dtype, device) -> torch.dtype:
-    """The dtype the heads run in when their setting is ``auto``: the target's, except a half dtype on a CPU without
-    native half-precision matmul (no AVX512-BF16 / AMX), where PyTorch converts to float32 inside every GEMM and
-    float32 heads are faster (measured on a 2-core AVX2 EPYC, one thread, the shipped SmolLM2 heads' 576 x 4097
-    projection: 0.68 ms bf16 vs 0.52 ms fp32 at 1 row, 5.4 vs 2.7 ms at 8 rows, 20 vs 6.2 ms at 32 rows).
-    Drafts never change the output (verification is exact), so the dtype only moves speed.
-
-    Args:
-        model_dtype: the target model's parameter dtype. device: where the heads run.
-    Returns:
-        ``torch.float32`` or ``model_dtype``.
+def native_half_matmul(dtype: torch.dtype, device) -> bool:
+    """Whether ``dtype`` matmuls run natively on ``device``: True for float32, for any non-CPU device, and for
+    bfloat16 / float16 on a CPU with AVX512-BF16 or AMX (AMX-FP16); False on other CPUs, where PyTorch converts to
+    float32 inside every GEMM. There, measured on a 2-core AVX2 EPYC with the shipped SmolLM2 heads (576 x 4097
+    projection, 2 threads), bf16 heads take 0.55-0.7 ms at 1 request and 1 head but 13-17 ms at 8 requests x 4
+    heads, float32 heads 1.4-1.9 ms and 5.8-7.7 ms: float32 pays from about 8 rows (requests x heads) on.
+    Unknown (the private ``torch.cpu`` probes are missing): True.
     """
-    if torch.device(device).type != "cpu" or model_dtype not in (torch.bfloat16, torch.float16):
-        return model_dtype
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported") if model_dtype == torch.bfloat16 else \
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return True
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported") if dtype == torch.bfloat16 else \
         ("_is_amx_fp16_supported",)
-    try:  # private but stable since torch 2.3; unknown -> keep the model's dtype
-        native = any(getattr(torch.cpu, name)() for name in probes)
+    try:  # private but present since torch 2.3
+        return any(getattr(torch.cpu, name)() for name in probes)
     except (AttributeError, RuntimeError):
-        return model_dtype
-    return model_dtype if native else torch.float32
+        return True
 
 
 class MedusaHeadsError(ValueError):

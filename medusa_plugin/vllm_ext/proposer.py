@@ -14,6 +14,7 @@ call does not pass hidden states, so tree mode needs the Medusa model runner (:m
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from medusa_plugin.core.calibration import AcceptanceCalibration
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
-from medusa_plugin.core.heads import MedusaHeads, head_compute_dtype
+from medusa_plugin.core.heads import MedusaHeads, native_half_matmul
 from medusa_plugin.core.node_allocation import allocate_nodes
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
@@ -103,6 +104,7 @@ class MedusaTreeProposer:
         self._spec_steps = 0
         self._last_call: tuple[float, int, int] | None = None
         self.heads: MedusaHeads | None = None
+        self._heads_fp32: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
         self.vocab_size = vllm_config.model_config.get_vocab_size()
 
@@ -110,8 +112,7 @@ class MedusaTreeProposer:
     def load_model(self, target_model: torch.nn.Module) -> None:
         """Load the heads onto the target's device and dtype (v2 heads project with the target's lm_head)."""
         ref = next(target_model.parameters())
-        dtype = (head_compute_dtype(ref.dtype, ref.device) if self.config.dtype == "auto"
-                 else getattr(torch, self.config.dtype))
+        dtype = ref.dtype if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
         mc = self.vllm_config.model_config
         self.heads = MedusaHeads.from_pretrained(
             self.config.heads, base_hidden_size=mc.get_hidden_size(), base_vocab_size=self.vocab_size,
@@ -134,6 +135,21 @@ class MedusaTreeProposer:
                 raise MedusaProposerError("v2 Medusa heads (no own lm_head) need tensor_parallel_size=1")
             self._lm_head = weight[: self.vocab_size]
         self.tree = self.tree.to(ref.device)
+        # Half heads on a CPU without native half matmul: a float32 copy for calls of many rows (FP32_HEAD_ROWS)
+        self._heads_fp32 = None
+        if (self.config.dtype == "auto" and self.heads.own_lm_head and not native_half_matmul(dtype, ref.device)
+                and sum(p.numel() for p in self.heads.parameters()) * 4 <= self.FP32_COPY_MAX_BYTES):
+            self._heads_fp32 = copy.deepcopy(self.heads).float()
+
+    FP32_HEAD_ROWS = 8                  # see core.heads.native_half_matmul
+    FP32_COPY_MAX_BYTES = 512 * 2 ** 20
+
+    def heads_for(self, rows: int) -> MedusaHeads:
+        """The heads to run a call of ``rows`` rows (requests x heads) with: the float32 copy from
+        :attr:`FP32_HEAD_ROWS` rows on where there is one, else :attr:`heads`."""
+        if self._heads_fp32 is not None and rows >= self.FP32_HEAD_ROWS:
+            return self._heads_fp32
+        return self.heads
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
         """The stock ``custom_class`` entry point; tree mode cannot work through it (no hidden states)."""
@@ -244,8 +260,8 @@ class MedusaTreeProposer:
 
     def draft_topk(self, hidden: Tensor, num_heads: int) -> Tensor:
         """``[B, H]`` hidden -> ``[B, num_heads, topk]`` token ids (only the heads the prefix needs)."""
-        return self.heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head,
-                                     vocab_size=self.vocab_size)
+        heads = self.heads_for(hidden.shape[0] * num_heads)
+        return heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head, vocab_size=self.vocab_size)
 
     def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
         """Draft tokens of the first ``num_nodes`` nodes per request (one host copy)."""
@@ -283,7 +299,7 @@ class MedusaTreeProposer:
             self._time_step(b, 0, 0)
             return out
         sel = torch.tensor(idx, device=hidden.device)
-        logits = self.heads(hidden[sel], self._lm_head)[..., : self.vocab_size]
+        logits = self.heads_for(len(idx) * self.heads.num_heads)(hidden[sel], self._lm_head)[..., : self.vocab_size]
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
         ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches else None
         trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration))
