@@ -28,16 +28,17 @@ class GreedyStep(NamedTuple):
     output: np.ndarray        # [B, width] int32: [accepted tokens..., bonus] per tree request, -1 padded
 
 
-def _accept_rows(tree: MedusaTree, tokens: np.ndarray, target: np.ndarray, num_valid: np.ndarray
+def _accept_rows(tree: MedusaTree, tokens: np.ndarray, target: np.ndarray, valid: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Rows verified against one tree: (last accepted node [R], path nodes [R, D+1] root first, -1 padded)."""
+    """Rows verified against one tree (``valid [R, >= N+1]``: the node exists): (last accepted node [R], path nodes
+    [R, D+1] root first, -1 padded)."""
     h = tree.host_index
     n1 = tree.num_nodes + 1
-    ok = tokens[:, :n1] == target[:, :n1][:, h["parent"]]
+    ok = tokens[:, :n1] == target[:, h["parent"]]
     ok[:, 0] = True
-    ok &= np.arange(n1) < num_valid[:, None]
-    accepted = ((~ok).astype(np.int32) @ h["ancestor"].T) == 0     # ok at the node and at every ancestor
-    last = np.where(accepted, h["depth"], -1).argmax(1)              # first deepest = first in node order
+    ok &= valid[:, :n1]
+    accepted = ((~ok).view(np.int8).astype(np.int32) @ h["ancestor_t"]) == 0  # ok at the node and every ancestor
+    last = np.where(accepted, h["depth"], -1).argmax(1)                          # first deepest = first in node order
     return last, h["node_paths"][last]
 
 
@@ -52,40 +53,37 @@ def greedy_step_host(trees: MedusaTree | Sequence[MedusaTree], target: np.ndarra
             request-major).
         draft_token_ids: ``[T_d]`` int, every request's drafts end to end.
         logit_start: ``[B]`` int64, first logit row of every request of the step.
-        rows: ``[R]`` int64, batch rows of the tree requests. draft_start: ``[R]`` int64, offset of their first
-            draft in ``draft_token_ids``. num_valid: ``[R]`` int64, ``1 + drafts`` each (2..N+1).
+        rows: ``[R]`` int64, batch rows of the tree requests (R >= 1). draft_start: ``[R]`` int64, offset of their
+            first draft in ``draft_token_ids``. num_valid: ``[R]`` int64, ``1 + drafts`` each (2..N+1).
         num_nodes: ``N``. width: columns of the output (``1 + the step's most drafts``).
     Returns:
         :class:`GreedyStep`; ``result`` has width ``max depth + 1`` (-1 padded).
     """
     r = rows.size
     node = np.arange(num_nodes + 1)
-    clipped = np.minimum(node[None, :], (num_valid - 1)[:, None])                   # [R, N+1]
-    tgt = target[logit_start[rows][:, None] + clipped].astype(np.int64)
-    if draft_token_ids.size:
-        idx = np.clip(draft_start[:, None] - 1 + clipped, 0, draft_token_ids.size - 1)
-        tokens = np.where((node >= 1) & (node < num_valid[:, None]), draft_token_ids[idx], 0).astype(np.int64)
-    else:
-        tokens = np.zeros((r, num_nodes + 1), dtype=np.int64)
+    last_valid = (num_valid - 1)[:, None]
+    clipped = np.minimum(node, last_valid)                                      # [R, N+1] row offsets
+    tgt = target[logit_start[rows][:, None] + clipped]
+    # node i >= 1 is draft i - 1 (clipped keeps it inside the request's drafts; the root reads draft 0, unused)
+    tokens = draft_token_ids[np.maximum(draft_start[:, None] - 1 + clipped, 0)]
+    valid = node <= last_valid
     if isinstance(trees, MedusaTree):
-        last, paths = _accept_rows(trees, tokens, tgt, num_valid)
+        last, paths = _accept_rows(trees, tokens, tgt, valid)
+        accept_len = trees.host_index["depth"][last]
     else:
-        per = [_accept_rows(t, tokens[i:i + 1], tgt[i:i + 1], num_valid[i:i + 1]) for i, t in enumerate(trees)]
+        per = [_accept_rows(t, tokens[i:i + 1], tgt[i:i + 1], valid[i:i + 1]) for i, t in enumerate(trees)]
         last = np.concatenate([p[0] for p in per])
-        depth_max = max(p[1].shape[1] for p in per)
-        paths = np.full((r, depth_max), -1, dtype=np.int64)
+        paths = np.full((r, max(p[1].shape[1] for p in per)), -1, dtype=np.int64)
         for i, (_, p) in enumerate(per):
             paths[i, : p.shape[1]] = p[0]
-    accept_len = (paths >= 0).sum(1) - 1
+        accept_len = (paths >= 0).sum(1) - 1
     ar = np.arange(r)
-    bonus = tgt[ar, last]
-    path_tokens = np.take_along_axis(tokens, np.maximum(paths, 0), axis=1)
-    out = np.full_like(paths, -1)
-    cols = np.arange(paths.shape[1])
-    keep = cols[None, :] < accept_len[:, None]
-    out[:, :-1] = np.where(keep[:, :-1], path_tokens[:, 1:], -1)
+    bonus = tgt[ar, last].astype(np.int64)
+    path_tokens = tokens[ar[:, None], np.maximum(paths[:, 1:], 0)].astype(np.int64)  # tokens of p_1..p_D
+    out = np.full(paths.shape, -1, dtype=np.int64)
+    out[:, :-1] = np.where(np.arange(paths.shape[1] - 1) < accept_len[:, None], path_tokens, -1)
     out[ar, accept_len] = bonus
-    sample = logit_start.astype(np.int64, copy=True)
+    sample = logit_start.astype(np.int64)  # a copy
     sample[rows] += last
     output = np.full((logit_start.size, width), -1, dtype=np.int32)
     c = min(out.shape[1], width)

@@ -151,7 +151,7 @@ class MedusaTree:
         # host (numpy) copies for acceptance on the CPU side of a step (core.greedy_host); shared by .to() copies
         self.host_index = {"parent": np.maximum(np.asarray(parent, dtype=np.int64), 0),
                            "depth": np.asarray(depth, dtype=np.int64),
-                           "ancestor": mask.numpy().astype(np.int32),
+                           "ancestor_t": np.ascontiguousarray(mask.numpy().T.astype(np.int32)),
                            "node_paths": np.asarray(node_paths, dtype=np.int64)}
 
     # ---------------------------------------------------------------- constructors
