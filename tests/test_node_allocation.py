@@ -34,16 +34,18 @@ def test_allocation_maximises_tokens_per_ms_like_brute_force(seed):
     trees = [_random_tree(rng) for _ in range(rng.randint(1, 3))]
     scores = [t.score for t in trees]
     base, per_row, curve = rng.uniform(5, 20), rng.uniform(0.1, 6), rng.uniform(0, 0.3)
+    draft = rng.choice([0.0, rng.uniform(0, base)])  # drafting paid only by a step that verifies nodes
 
     def step_ms(m):
         return base + per_row * m + curve * m * m
 
     def rate(sets):
         m = sum(len(s) for s in sets)
-        return (len(trees) + sum(float(t.score[i]) for t, s in zip(trees, sets) for i in s)) / step_ms(m)
+        return ((len(trees) + sum(float(t.score[i]) for t, s in zip(trees, sets) for i in s))
+                / (step_ms(m) + (draft if m else 0.0)))
 
     best = max(rate(c) for c in itertools.product(*[list(_closed_subsets(t)) for t in trees]))
-    keep = allocate_nodes(scores, step_ms)
+    keep = allocate_nodes(scores, step_ms, draft_ms=draft)
     assert rate([set(k) for k in keep]) == pytest.approx(best, rel=1e-12)
     for t, k in zip(trees, keep):  # ancestor-closed, ascending, no root
         parent = t.tree.parent.tolist()
@@ -68,8 +70,13 @@ def test_cheap_rows_keep_everything_costly_rows_nothing_and_min_nodes():
     gain = (3 + sum(float(t.score[i]) for t, k in zip(trees, free) for i in k)) / cost(n) / (3 / cost(0)) - 1
     assert allocate_nodes(scores, cost, min_gain=gain + 1e-9) == [[], [], []]
     assert allocate_nodes(scores, cost, min_gain=gain - 1e-6) == free
+    # drafting dearer than any gain: no nodes (the heads rest); free drafting: the same choice as without
+    assert allocate_nodes(scores, cost, draft_ms=1e6) == [[], [], []]
+    assert allocate_nodes(scores, cost, draft_ms=0.0) == free
     with pytest.raises(ValueError, match="min_gain"):
         allocate_nodes(scores, cost, min_gain=-1.0)
+    with pytest.raises(ValueError, match="draft_ms"):
+        allocate_nodes(scores, cost, draft_ms=-1.0)
     with pytest.raises(ValueError, match="1-D"):
         allocate_nodes([torch.zeros(2, 2)], lambda m: 1.0)
 

@@ -117,7 +117,8 @@ def _dynamic_proposer(cost_per_row: float):
     torch.manual_seed(0)
     p.heads = MedusaHeads(8, 2, 1, 20, own_lm_head=True).eval()
     p.calibration = AcceptanceCalibration(2)
-    p._step_cost = {"forward_ms": {"1": 10.0, "64": 10.0 + 63 * cost_per_row}, "batch_sizes": [1, 2],
+    # a slow step (1 s): the drafting measured on any machine stays small next to it
+    p._step_cost = {"forward_ms": {"1": 1000.0, "64": 1000.0 + 63 * cost_per_row}, "batch_sizes": [1, 2],
                     "draft_ms": {"1": [0.0, 0.0], "2": [0.0, 0.0]}}
     calls = []
     forward = p.heads.forward
@@ -132,10 +133,21 @@ def test_dynamic_auto_drafts_what_pays_and_rests_the_heads_when_nothing_does():
     cheap, _ = _dynamic_proposer(cost_per_row=0.0)  # free rows: every request keeps its whole budget
     out = cheap.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
     assert [len(o) for o in out] == [4, 4] and set(cheap.trees) == {"a", "b"}
-    dear, calls = _dynamic_proposer(cost_per_row=1000.0)  # no node is worth its row
+    dear, calls = _dynamic_proposer(cost_per_row=1e5)  # no node is worth its row
     outs = [dear.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(2 * dear.RECHECK_EVERY)]
     assert all(o == [[], []] for o in outs) and not dear.trees
     assert len(calls) == 2  # the heads ran at the first step and at the recheck, not in between
+
+
+def test_dynamic_auto_charges_the_measured_drafting_time():
+    import torch
+
+    hidden = torch.randn(2, 8)
+    p, _ = _dynamic_proposer(cost_per_row=0.0)
+    assert [len(o) for o in p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])] == [4, 4]
+    assert p.dynamic_draft_ms[2] > 0.0  # measured at batch size 2
+    p.dynamic_draft_ms[2] = 1e6  # heads + trees dearer than anything the nodes can win: no nodes, however cheap
+    assert p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) == [[], []] and not p.trees
 
 
 @pytest.mark.parametrize("native", [False, True])

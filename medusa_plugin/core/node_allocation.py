@@ -6,7 +6,10 @@ accepted: :mod:`.dynamic_tree`). Verifying ``m`` draft nodes in a step of ``B`` 
 nodes is the ``m`` highest scores across the whole batch (a node's score never exceeds its parent's, so the set is
 ancestor-closed within every request), and the step verifies the ``m`` that maximises tokens per millisecond::
 
-    m* = argmax_m (B + S(m)) / step_ms(m),   m = 0 .. total nodes offered
+    m* = argmax_m (B + S(m)) / (step_ms(m) + [m > 0] draft_ms),   m = 0 .. total nodes offered
+
+where ``draft_ms`` is what drafting costs (the heads and the trees): paid by every step that speculates, saved by a
+step that does not (the proposer then rests the heads).
 
 So a confident request gets a deep tree while an unsure one in the same step gets none, and the batch as a whole
 drafts less as the step cost grows with rows (large batches, slow hardware). EAGLE-2 (Li et al. 2024) ranks nodes
@@ -26,7 +29,7 @@ __all__ = ["allocate_nodes"]
 
 
 def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *, min_nodes: int = 0,
-                   min_gain: float = 0.0) -> list[list[int]]:
+                   min_gain: float = 0.0, draft_ms: float = 0.0) -> list[list[int]]:
     """Choose the draft nodes each request verifies this step (see the module docstring).
 
     Args:
@@ -38,13 +41,14 @@ def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *,
             acceptance when the scores alone would stop speculating.
         min_gain: verify nodes only if the best rate exceeds the plain step's by more than this fraction (a margin
             for the error of the scores and the step cost).
+        draft_ms: the drafting time (ms, >= 0) a speculating step pays on top of ``step_ms(m)``.
     Returns:
         per request, the kept node indices (ascending, ancestor-closed, without the root).
     Raises:
         ValueError: a score tensor that is not 1-D, ``min_nodes < 0`` or ``min_gain < 0``.
     """
-    if min_nodes < 0 or min_gain < 0:
-        raise ValueError(f"min_nodes and min_gain must be >= 0, got {min_nodes}, {min_gain}")
+    if min_nodes < 0 or min_gain < 0 or draft_ms < 0:
+        raise ValueError(f"min_nodes, min_gain and draft_ms must be >= 0, got {min_nodes}, {min_gain}, {draft_ms}")
     nodes: list[tuple[float, int, int]] = []  # (score, request, node): plain Python, this runs every step
     for b, s in enumerate(scores):
         if s.dim() != 1:
@@ -58,7 +62,7 @@ def allocate_nodes(scores: Sequence[Tensor], step_ms: Callable[[int], float], *,
     total = 0.0
     for m, (v, _, _) in enumerate(nodes, start=1):
         total += v
-        rate = (base + total) / step_ms(m)
+        rate = (base + total) / (step_ms(m) + draft_ms)
         if rate > best:
             best_m, best = m, rate
     best_m = max(best_m, min(min_nodes, len(nodes)))

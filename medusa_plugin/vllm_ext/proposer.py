@@ -102,7 +102,10 @@ class MedusaTreeProposer:
         self._step_cost: dict | None = None
         self.step_time = StepTimeFit()
         self._spec_steps = 0
-        self._last_call: tuple[float, int, int] | None = None
+        self._last_call: tuple[float, int, int, int] | None = None
+        # tree: dynamic: drafting time (heads + trees, ms) per batch size, a moving average of the measured calls;
+        # the node allocation charges it to speculating steps
+        self.dynamic_draft_ms: dict[int, float] = {}
         self.heads: MedusaHeads | None = None
         self._heads_fp32: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
@@ -213,10 +216,11 @@ class MedusaTreeProposer:
         """Engine-step time outside the model forward and the heads (ms), learnt from recent steps."""
         return self.step_time.fixed_ms
 
-    def _time_step(self, batch_size: int, draft_rows: int, depth: int) -> None:
+    def _time_step(self, batch_size: int, draft_rows: int, depth: int, draft_ms: float | None = None) -> None:
         """Called once per engine step with what it drafted (``draft_rows`` nodes in all, heads ``0..depth-1``): the
-        time since the previous call is one engine step of the previous call's drafts; minus its predicted forward
-        + heads it is a residual for :attr:`step_time`."""
+        time since the previous call is one engine step of the previous call's drafts (plus this call's drafting);
+        minus its predicted forward and heads it is a residual for :attr:`step_time`. ``draft_ms``: this call's
+        drafting as measured (dynamic trees), instead of the measured table's heads time for ``depth``."""
         now = time.perf_counter()
         last, self._last_call = self._last_call, (now, batch_size, draft_rows, depth)
         if last is None or self._step_cost is None:
@@ -224,14 +228,17 @@ class MedusaTreeProposer:
         from . import calibrate
 
         period = (now - last[0]) * 1e3
-        pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], last[3])
+        if draft_ms is None:
+            pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], last[3])
+        else:
+            pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], 0) + draft_ms
         if period < 4 * pred + 50:  # not an idle gap between requests
             self.step_time.add(last[2], period - pred)
 
     def dynamic_step_ms(self, batch_size: int) -> Callable[[int], float]:
         """``tree: dynamic`` with a measured step cost: step time (ms) of ``batch_size`` requests as a function of
-        the draft rows verified (forward + logits over all rows, the learnt fixed and per-row time; the heads have
-        run already and are not counted)."""
+        the draft rows verified (forward + logits over all rows, the learnt fixed and per-row time; drafting is
+        charged apart, :attr:`dynamic_draft_ms`)."""
         from medusa_plugin.core.schedule import interpolate_ms
 
         fwd = {int(k): float(v) for k, v in self._step_cost["forward_ms"].items()}
@@ -296,13 +303,17 @@ class MedusaTreeProposer:
         # steps: their cost is paid before the choice, so running them for nothing would slow plain steps down.
         self._since_empty = self._since_empty + 1 if self._since_empty >= 0 else -1
         if not idx or (self._since_empty > 0 and self._since_empty % self.RECHECK_EVERY):
-            self._time_step(b, 0, 0)
+            self._time_step(b, 0, 0, draft_ms=0.0)
             return out
+        t0 = time.perf_counter()
         sel = torch.tensor(idx, device=hidden.device)
         logits = self.heads_for(len(idx) * self.heads.num_heads)(hidden[sel], self._lm_head)[..., : self.vocab_size]
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
         ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches else None
         trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration))
+        draft_ms = (time.perf_counter() - t0) * 1e3
+        prev = self.dynamic_draft_ms.get(b)
+        self.dynamic_draft_ms[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
         if self._step_cost is not None:
             trees = self._allocate(b, trees)
         rows = 0
@@ -313,16 +324,18 @@ class MedusaTreeProposer:
             out[i] = t.tokens[1:].tolist()
             rows += len(out[i])
         self._since_empty = 0 if rows == 0 and self._step_cost is not None else -1
-        self._time_step(b, rows, self.heads.num_heads)
+        self._time_step(b, rows, 0, draft_ms=draft_ms)
         return out
 
     def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
-        """The nodes worth verifying this step across the batch (``core.node_allocation``), with a plain step
+        """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at its
+        measured average for this batch size, so heads that cost more than they win rest), with a plain step
         every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the per-row step time) and one node
         per request about every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
         from .calibrate import MIN_GAIN
 
-        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size), min_gain=MIN_GAIN)
+        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size), min_gain=MIN_GAIN,
+                              draft_ms=self.dynamic_draft_ms.get(batch_size, 0.0))
         if any(keep):
             self._spec_steps += 1
             if self._spec_steps % self.PROBE_EVERY == 0:
