@@ -5,7 +5,8 @@ greedy (engine-independent: tokens per step depend only on the trees and the tar
 * static ``n``: the tree of ``n`` nodes fitted to the heads' held-out per-rank accuracy (``recipe.json``'s
   ``accuracy`` when the heads have one, else measured on training-side prompts), ``core.tree_fit.fit_tree``.
 * dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, topk 10, calibrated online from the accepted paths
-  (``core.calibration``, fresh at the start of each run); ``dynamic_uncalibrated``: raw head probabilities.
+  (``core.calibration``, fresh at the start of each run); ``dynamic_uncalibrated``: raw head probabilities;
+  ``dynamic_warm``: a calibration that first served 16 training-side prompts (not counted).
 * hybrid ``n``: the same plus ``--ngram-branches`` prompt-lookup branches (n = 2..4, 4 tokens, vLLM's rule).
 * ngram: vLLM's ngram proposer (k=4, n = 2..4: the demo's setting) simulated on the plain greedy output (exact for
   greedy: a draft is accepted up to its first token that differs from the target's greedy token).
@@ -79,7 +80,7 @@ def _setup(model: str, heads: str | None, num_prompts: int, cache_dir: str | Non
         return m, tok, h, prompts, tiny_prompts(tok, 16, seed=0), None, label, str(heads_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hf.chat_prompts import chat_prompt_ids, held_out_requests
+    from .hf.chat_prompts import chat_prompt_ids, held_out_requests, templated_requests
 
     if model.lower() in ("smollm2", "smollm2-135m-instruct"):
         from .demo import shipped_heads_dir
@@ -96,9 +97,11 @@ def _setup(model: str, heads: str | None, num_prompts: int, cache_dir: str | Non
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     h = MedusaHeads.from_pretrained(heads, dtype=torch.float32).eval()
     prompts = [chat_prompt_ids(tok, r) for r in held_out_requests(num_prompts)]
+    train_side = templated_requests()  # requests on the training topics (never the held-out ones)
+    fit_prompts = [chat_prompt_ids(tok, r) for r in train_side[7::max(1, len(train_side) // 16)][:16]]
     recipe = Path(heads) / "recipe.json"
     acc = json.loads(recipe.read_text()).get("accuracy") if recipe.is_file() else None
-    return m, tok, h, prompts, None, acc, label, heads
+    return m, tok, h, prompts, fit_prompts, acc, label, heads
 
 
 def engine_runs(model_dir: str, heads_dir: str, prompts, static_trees: dict, budgets: Sequence[int],
@@ -171,7 +174,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         "engine": "reference decoder (hf.generate, float32, greedy, all prompts batched)",
         "topk": topk, "ngram_branches": ngram_branches, "static_accuracy_source": acc_source,
         "static_tokens_per_step": {}, "static_expected_tokens_per_step": {}, "dynamic_tokens_per_step": {},
-        "dynamic_uncalibrated_tokens_per_step": {}, "hybrid_tokens_per_step": {},
+        "dynamic_uncalibrated_tokens_per_step": {}, "dynamic_warm_tokens_per_step": {}, "hybrid_tokens_per_step": {},
         "ngram_tokens_per_step": simulate_ngram_tokens_per_step(prompts, ref),
         "tok_s": {"plain": tokens / plain_s}, "identical": {}, "calibration": {},
         "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
@@ -179,7 +182,9 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     log(f"plain: {tokens / plain_s:.1f} tok/s; vLLM ngram (k=4, simulated) {result['ngram_tokens_per_step']:.3f} "
         f"tokens/step")
 
-    def run(name: str, budget: int, tree, cal=None) -> None:
+    def run(name: str, budget: int, tree, cal=None, warm: bool = False) -> None:
+        if warm:  # the calibration first serves the training-side prompts (a server that has seen traffic)
+            medusa_generate(m, h, tree, fit_prompts, max_new_tokens=max_new_tokens, calibration=cal)
         t = time.perf_counter()
         out = medusa_generate(m, h, tree, prompts, max_new_tokens=max_new_tokens, calibration=cal)
         s = time.perf_counter() - t
@@ -201,6 +206,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         run("static", n, [list(p) for p in paths])
         run("dynamic_uncalibrated", n, DynamicTreeSpec(budget=n, topk=topk))
         run("dynamic", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads))
+        run("dynamic_warm", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), warm=True)
         if ngram_branches:
             run("hybrid", n, DynamicTreeSpec(budget=n, topk=topk, ngram_branches=ngram_branches),
                 AcceptanceCalibration(h.num_heads))
@@ -255,7 +261,8 @@ def run_trees(args: argparse.Namespace) -> int:
     print(f"wrote {path}")
     for b in map(str, args.budgets):
         line = (f"budget {b:>3}: static {res['static_tokens_per_step'][b]:.3f}, dynamic "
-                f"{res['dynamic_tokens_per_step'][b]:.3f} ({res['dynamic_over_static'][b]:.2f}x)")
+                f"{res['dynamic_tokens_per_step'][b]:.3f} ({res['dynamic_over_static'][b]:.2f}x), warm-calibrated "
+                f"{res['dynamic_warm_tokens_per_step'][b]:.3f}")
         if args.ngram_branches:
             line += f", hybrid {res['hybrid_tokens_per_step'][b]:.3f} ({res['hybrid_over_static'][b]:.2f}x)"
         print(line + " tokens/step")

@@ -104,8 +104,9 @@ def test_bench_trees_tiny(tmp_path, capsys, tiny_cache_dir):
                "--num-prompts", "2", "--max-new-tokens", "8", "--ngram-branches", "1", "--json", str(out_json)])
     assert rc == 0
     res = json.loads(out_json.read_text())
-    for key in ("static_tokens_per_step", "dynamic_tokens_per_step", "hybrid_tokens_per_step"):
+    for key in ("static_tokens_per_step", "dynamic_tokens_per_step", "dynamic_warm_tokens_per_step",
+                "hybrid_tokens_per_step"):
         assert set(res[key]) == {"4"} and res[key]["4"] >= 1.0
     assert set(res["identical"].values()) == {2}  # lossless: every run gives plain greedy's tokens
-    assert {"plain", "static_4", "dynamic_4", "hybrid_4"} <= set(res["tok_s"])
+    assert {"plain", "static_4", "dynamic_4", "dynamic_warm_4", "hybrid_4"} <= set(res["tok_s"])
     assert "budget   4: static" in capsys.readouterr().out
