@@ -82,6 +82,4 @@ def test_one_tree_per_request_matches_torch_path(seed):
         trees.append(build_dynamic_tree(0, probs, ids, size).tree)
     num_draft = [t.num_nodes for t in trees]
     num_draft[2] = 4  # vLLM cut this tree to a prefix
-    trees_in_step = trees
-    # a request without drafts between tree requests
-    _check(trees_in_step, num_draft[:2] + [0] + num_draft[2:], n, seed)
+    _check(trees, num_draft[:2] + [0] + num_draft[2:], n, seed)  # a request without drafts between tree requests
