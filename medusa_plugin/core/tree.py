@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import functools
 import json
 import os
 from importlib import resources
@@ -148,11 +149,6 @@ class MedusaTree:
         self.is_leaf = torch.tensor([not c for c in children], dtype=torch.bool)
         # prefix_depth[n]: depth of the prefix [0, n] of node order (nodes are sorted by depth): heads it needs.
         self.prefix_depth = [0] + [len(p) for p in paths]
-        # host (numpy) copies for acceptance on the CPU side of a step (core.greedy_host); shared by .to() copies
-        self.host_index = {"parent": np.maximum(np.asarray(parent, dtype=np.int64), 0),
-                           "depth": np.asarray(depth, dtype=np.int64),
-                           "ancestor_t": np.ascontiguousarray(mask.numpy().T.astype(np.int32)),
-                           "node_paths": np.asarray(node_paths, dtype=np.int64)}
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -241,6 +237,15 @@ class MedusaTree:
         for name in _TENSOR_FIELDS:
             setattr(out, name, getattr(self, name).to(device))
         return out
+
+    @functools.cached_property
+    def host_index(self) -> dict[str, np.ndarray]:
+        """numpy copies of the index buffers for acceptance on the host (``core.greedy_host``), built on first use
+        (dynamic trees are built every step and most never need them): ``parent`` [N+1] (root's clamped to 0),
+        ``depth`` [N+1], ``ancestor_t`` [N+1, N+1] int32 (``ancestor_mask.T``), ``node_paths`` [N+1, D+1]."""
+        return {"parent": self.parent.clamp(min=0).cpu().numpy(), "depth": self.depth.cpu().numpy(),
+                "ancestor_t": np.ascontiguousarray(self.ancestor_mask.cpu().numpy().T.astype(np.int32)),
+                "node_paths": self.node_paths.cpu().numpy()}
 
     @property
     def device(self) -> torch.device:
