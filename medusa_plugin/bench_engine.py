@@ -44,9 +44,10 @@ class _FixedNodes:
         return self
 
 
-def _reference_topk(proposer, hidden):
+def _reference_topk(proposer, hidden, roots=None):
     """v0.1's draft path: all heads, full-vocabulary logits (``MedusaHeads.forward``), top-k of each."""
-    logits = proposer.heads(hidden, lm_head=proposer._lm_head)[..., : proposer.vocab_size]
+    logits = proposer.heads(hidden, lm_head=proposer._lm_head,
+                            root_embeds=None if roots is None else proposer.root_embeds(roots))[..., : proposer.vocab_size]
     return logits.topk(proposer.tree.topk, dim=-1).indices
 
 
@@ -129,7 +130,7 @@ def _medusa_job(model, heads, tree, steps, nodes, kw, prompt):
         # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
         proposer.schedule = _FixedNodes(1)
         fast = proposer.draft_topk
-        proposer.draft_topk = lambda h, d: _reference_topk(proposer, h)
+        proposer.draft_topk = lambda h, d, roots=None: _reference_topk(proposer, h, roots)
         try:
             out["reference"] = _run_profiled(llm, [prompt], steps, 2, 1)
         finally:

@@ -12,8 +12,9 @@ from the weights: the published v1.3 configs say 2 heads while the files hold 5.
   optional ``token_map`` (truncated draft vocab). Biases are all present or all absent (``medusa_fc_bias: false``:
   zeros).
 * ``canonical``: what :func:`save_heads` writes, ``model.safetensors`` with ``heads.{h}.blocks.{l}.weight|bias``,
-  ``heads.{h}.lm_head.weight`` (or one shared ``lm_head.weight``), optional ``token_map``, plus a config.json carrying
-  ``"medusa_plugin_format": 1``.
+  ``heads.{h}.lm_head.weight`` (or one shared ``lm_head.weight``), optional ``token_map``, optional
+  ``root_proj.weight`` [H, H] (heads that read the root token, ``MedusaHeads(root_input=True)``; config
+  ``"root_input": true``), plus a config.json carrying ``"medusa_plugin_format": 1``.
 
 Vocabulary sizes. A base model's ``vocab_size`` is often its tokenizer's size padded for the matmul (Qwen2-7B:
 151,646 tokens, vocab_size 152,064; Phi-3-mini: 32,011 and 32,064), and heads may be sized to either. Heads whose
@@ -57,7 +58,7 @@ _DTYPE_NAMES = {
 # (group head [, layer index of the projection]), a shared projection and the token map.
 _LAYOUTS: dict[str, dict[str, str]] = {
     "canonical": {"block": r"heads\.(\d+)\.blocks\.(\d+)\.(weight|bias)", "proj": r"heads\.(\d+)\.lm_head\.weight",
-                  "shared": r"lm_head\.weight", "token_map": r"token_map"},
+                  "shared": r"lm_head\.weight", "token_map": r"token_map", "root": r"root_proj\.weight"},
     "fastdecoding": {"block": r"(\d+)\.(\d+)\.linear\.(weight|bias)", "proj": r"(\d+)\.(\d+)\.weight"},
     "medusa2": {"block": r"medusa_head\.(\d+)\.(\d+)\.linear\.(weight|bias)", "proj": r"medusa_head\.(\d+)\.(\d+)\.weight"},
     "vllm": {"block": r"(?:medusa_heads\.)?blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)",
@@ -113,11 +114,15 @@ def save_heads(heads: MedusaHeads, out_dir: str | os.PathLike) -> None:
                 tensors[f"heads.{h}.lm_head.weight"] = head.weight
     if heads.token_map is not None:
         tensors["token_map"] = heads.token_map
+    if heads.root_proj is not None:
+        tensors["root_proj.weight"] = heads.root_proj.weight
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(out / CANONICAL_WEIGHTS),
               metadata={"format": "pt"})
     config = {"medusa_plugin_format": FORMAT_VERSION, "num_heads": heads.num_heads, "num_layers": heads.num_layers,
               "hidden_size": heads.hidden_size, "vocab_size": heads.vocab_size, "own_lm_head": heads.own_lm_head,
               "shared_lm_head": heads.shared_lm_head, "torch_dtype": str(heads.dtype).removeprefix("torch.")}
+    if heads.root_proj is not None:
+        config["root_input"] = True
     if heads.base_model_name_or_path:
         config["base_model_name_or_path"] = heads.base_model_name_or_path
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -254,6 +259,7 @@ class _Grouped:
     projs: dict[int, tuple[str, torch.Tensor, int | None]]             # head -> (key, tensor, layer index or None)
     shared: tuple[str, torch.Tensor] | None
     token_map: tuple[str, torch.Tensor] | None
+    root: tuple[str, torch.Tensor] | None = None
 
 
 def _like(pattern: str, example: str, *values: object) -> str:
@@ -278,6 +284,8 @@ def _group(parts: _Parts) -> _Grouped:
             g.shared = (key, t)
         elif "token_map" in spec and re.fullmatch(spec["token_map"], key):
             g.token_map = (key, t)
+        elif "root" in spec and re.fullmatch(spec["root"], key):
+            g.root = (key, t)
     if parts.layout == "vllm" and parts.config.get("original_lm_head") and g.projs:
         g.shared, g.projs = g.projs[0][:2], {}  # one lm_head shared by all heads, stored as lm_heads.0
     return g
@@ -346,6 +354,12 @@ def _shapes(g: _Grouped, K: int, L: int, parts: _Parts) -> tuple[int, list[tuple
                                    f"[{rows or 'vocab'}, {H}]: the heads are inconsistent (mixed from two "
                                    "checkpoints?); re-download or re-export them")
         rows = t.shape[0]
+    if g.root is not None and tuple(g.root[1].shape) != (H, H):
+        raise MedusaHeadsError(f"{origin}: '{g.root[0]}' has shape {tuple(g.root[1].shape)}, expected ({H}, {H}): "
+                               "the checkpoint is damaged; re-download or re-export it")
+    if g.root is None and parts.config.get("root_input"):
+        raise MedusaHeadsError(f"{origin}: config.json says root_input but the weights lack 'root_proj.weight': the "
+                               "checkpoint is incomplete; re-download or re-export it")
     return H, proj_list, rows
 
 
@@ -421,12 +435,13 @@ def _check_values(name: str, t: torch.Tensor, origin: str) -> None:
 
 def _build(cls, g: _Grouped, K: int, L: int, H: int, V: int | None, own: bool, token_map, proj_list,
            parts: _Parts, dtype: torch.dtype | None) -> MedusaHeads:
-    named = [(k, t) for h in range(K) for l in range(L) for k, t in g.blocks[h][l].values()] + proj_list
+    named = [(k, t) for h in range(K) for l in range(L) for k, t in g.blocks[h][l].values()] + proj_list \
+        + ([g.root] if g.root is not None else [])
     for key, t in named:
         _check_values(key, t, parts.origin)
     dt = dtype or (named[0][1].dtype if named else torch.float32)
     heads = cls(H, K, L, V, own_lm_head=own, shared_lm_head=own and not g.projs, token_map=token_map,
-                device="meta", dtype=dt)
+                root_input=g.root is not None, device="meta", dtype=dt)
     sd: dict[str, torch.Tensor] = {}
     for h in range(K):
         for l in range(L):
@@ -435,6 +450,8 @@ def _build(cls, g: _Grouped, K: int, L: int, H: int, V: int | None, own: bool, t
             sd[f"blocks.{h}.{l}.linear.weight"], sd[f"blocks.{h}.{l}.linear.bias"] = w, b
         if own:
             sd[f"lm_heads.{h}.weight"] = proj_list[h if g.projs else 0][1]
+    if g.root is not None:
+        sd["root_proj.weight"] = g.root[1]
     sd = {k: v.to(dt).contiguous() for k, v in sd.items()}
     if token_map is not None:
         sd["token_map"] = token_map

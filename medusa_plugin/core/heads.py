@@ -64,11 +64,19 @@ class MedusaHeads(nn.Module):
         shared_lm_head: one projection shared by all heads (old vLLM ``original_lm_head``).
         token_map: int64 [V'] with V' < V: projections have V' rows (a truncated vocab) whose logits are scattered
             into the full vocabulary at ``token_map``, -inf elsewhere.
+        root_input: the heads also read the root token (the token the target just emitted from ``h``, the tree's
+            root), as ``h + root_proj(embed(root))`` before the ResBlocks, with ``root_proj`` one bias-free
+            ``Linear(H, H)`` shared by all heads and ``embed`` the target's input embedding. The caller passes
+            ``root_embeds = embed(root)`` [..., H]. Plain Medusa heads guess token t+2 without knowing token t+1,
+            although it is known when they run; EAGLE (Li et al. 2024, arXiv:2401.15077) feeds the sampled token with
+            the feature and Hydra (Ankner et al. 2024, arXiv:2402.05109) conditions each head on the tokens before
+            it. Conditioning on the root only keeps every head's guesses independent of the other heads', so trees
+            and acceptance are unchanged. A zero ``root_proj`` gives plain Medusa heads.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_layers: int = 1, vocab_size: int | None = None, *,
                  own_lm_head: bool = True, shared_lm_head: bool = False, token_map: torch.Tensor | None = None,
-                 device=None, dtype=None):
+                 root_input: bool = False, device=None, dtype=None):
         super().__init__()
         if num_heads < 1 or num_layers < 0 or hidden_size < 1:
             raise MedusaHeadsError(f"invalid head shape: num_heads={num_heads}, num_layers={num_layers}, "
@@ -90,6 +98,8 @@ class MedusaHeads(nn.Module):
                 self.lm_heads = nn.ModuleList([make()] * num_heads)  # one module, K references
             else:
                 self.lm_heads = nn.ModuleList(make() for _ in range(num_heads))
+        self.root_proj: nn.Linear | None = (nn.Linear(hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
+                                            if root_input else None)
         self.token_map: torch.Tensor | None
         tm = None if token_map is None else token_map.to(device=device, dtype=torch.long)
         self.register_buffer("token_map", tm)
@@ -97,8 +107,14 @@ class MedusaHeads(nn.Module):
     def extra_repr(self) -> str:
         kind = "own lm_head" + (" (shared)" if self.shared_lm_head else "") if self.own_lm_head else "base lm_head (v2)"
         tm = "" if self.token_map is None else f", truncated vocab {self.token_map.numel()}"
+        root = ", root token input" if self.root_input else ""
         return (f"num_heads={self.num_heads}, num_layers={self.num_layers}, hidden_size={self.hidden_size}, "
-                f"vocab_size={self.vocab_size}, {kind}{tm}")
+                f"vocab_size={self.vocab_size}, {kind}{tm}{root}")
+
+    @property
+    def root_input(self) -> bool:
+        """Whether the heads read the root token's embedding (``root_embeds``), see the class docstring."""
+        return self.root_proj is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,20 +122,39 @@ class MedusaHeads(nn.Module):
         return next((p.dtype for p in self.parameters()), torch.float32)
 
     # ------------------------------------------------------------------ compute
-    def hidden_states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] (any float dtype) -> [..., K, H] in the weights' dtype, after each head's ResBlocks."""
+    def head_input(self, hidden: torch.Tensor, root_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """What the ResBlocks read: ``hidden`` [..., H] in the weights' dtype, plus ``root_proj(root_embeds)`` for
+        :attr:`root_input` heads. MedusaHeadsError if ``root_embeds`` is missing there or has the wrong shape
+        (it is ignored by other heads)."""
         if hidden.shape[-1] != self.hidden_size:
             raise MedusaHeadsError(f"hidden states have size {hidden.shape[-1]} but the Medusa heads expect "
                                    f"{self.hidden_size}: feed the base model's last hidden state (after the final norm)")
         x = hidden.to(self.dtype)
+        if self.root_proj is None:
+            return x
+        if root_embeds is None:
+            raise MedusaHeadsError("these Medusa heads read the root token (root_input): pass root_embeds, the target "
+                                   "model's input embedding of the token it just emitted, [..., H]")
+        if root_embeds.shape != hidden.shape:
+            raise MedusaHeadsError(f"root_embeds has shape {tuple(root_embeds.shape)} but hidden has "
+                                   f"{tuple(hidden.shape)}: pass one root-token embedding per hidden state")
+        return x + self.root_proj(root_embeds.to(self.dtype))
+
+    def hidden_states(self, hidden: torch.Tensor, root_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] (any float dtype) -> [..., K, H] in the weights' dtype, after each head's ResBlocks.
+        ``root_embeds`` [..., H]: required by :attr:`root_input` heads (:meth:`head_input`)."""
+        x = self.head_input(hidden, root_embeds)
         return torch.stack([blk(x) for blk in self.blocks], dim=-2)
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | torch.Tensor | None = None,
+                root_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [..., H] -> logits [..., K, V] in the weights' float dtype.
 
         ``lm_head`` (the base model's, an nn.Module or a weight [V, H]) is required for v2 heads and ignored otherwise.
+        ``root_embeds`` [..., H] (the target's input embedding of the root token) is required by :attr:`root_input`
+        heads and ignored otherwise.
         """
-        hs = self.hidden_states(hidden)
+        hs = self.hidden_states(hidden, root_embeds)
         if self.own_lm_head:
             if self.shared_lm_head:
                 logits = F.linear(hs, self.lm_heads[0].weight)
@@ -137,7 +172,8 @@ class MedusaHeads(nn.Module):
         return logits
 
     def draft_topk(self, hidden: torch.Tensor, topk: int, num_heads: int | None = None,
-                   lm_head: nn.Module | torch.Tensor | None = None, vocab_size: int | None = None) -> torch.Tensor:
+                   lm_head: nn.Module | torch.Tensor | None = None, vocab_size: int | None = None,
+                   root_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Top-``topk`` token ids of the first ``num_heads`` heads: the draft path of a decode step.
 
         Same ids as ``forward(hidden, lm_head)[..., :num_heads, :vocab_size].topk(topk).indices`` (the reference
@@ -154,10 +190,12 @@ class MedusaHeads(nn.Module):
             lm_head: the base lm_head (module or weight ``[V, H]``), required for v2 heads.
             vocab_size: keep only ids ``< vocab_size`` (e.g. an lm_head padded beyond the tokenizer); v2 / untruncated
                 heads only.
+            root_embeds: ``[B, H]`` the target's input embedding of each root token; :attr:`root_input` heads only.
         Returns:
             ``[B, num_heads, topk]`` int64 vocabulary ids, best first (ties as ``torch.topk``).
         Raises:
-            MedusaHeadsError: wrong hidden size, ``num_heads`` / ``topk`` out of range, v2 heads without ``lm_head``.
+            MedusaHeadsError: wrong hidden size, ``num_heads`` / ``topk`` out of range, v2 heads without ``lm_head``,
+                root-input heads without ``root_embeds``.
         """
         k = self.num_heads if num_heads is None else int(num_heads)
         if not 1 <= k <= self.num_heads:
@@ -165,7 +203,7 @@ class MedusaHeads(nn.Module):
         if hidden.dim() != 2 or hidden.shape[-1] != self.hidden_size:
             raise MedusaHeadsError(f"hidden must be [B, {self.hidden_size}] (the base model's last hidden state), "
                                    f"got shape {tuple(hidden.shape)}")
-        x = hidden.to(self.dtype)
+        x = self.head_input(hidden, root_embeds)
         hs = torch.stack([blk(x) for blk in self.blocks[:k]])                     # [k, B, H]
         if self.own_lm_head and not self.shared_lm_head:
             logits = torch.stack([F.linear(hs[i], self.lm_heads[i].weight) for i in range(k)])  # [k, B, V']

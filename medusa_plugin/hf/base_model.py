@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +26,15 @@ def lm_head_of(model: nn.Module) -> nn.Module:
         raise TrainError(f"{type(model).__name__} has no output embedding (lm_head); pass a causal LM "
                          f"(AutoModelForCausalLM), not a bare backbone")
     return head
+
+
+def root_embeds_of(model: nn.Module, heads) -> "Callable[[Tensor], Tensor | None]":
+    """For ``heads``: token ids [...] -> the ``root_embeds`` they read ([..., H], rows of ``model``'s input embedding
+    table) for root-input heads (``MedusaHeads.root_input``), None for other heads."""
+    if not getattr(heads, "root_input", False):
+        return lambda ids: None
+    weight = model.get_input_embeddings().weight
+    return lambda ids: weight[ids.to(weight.device)]
 
 
 def last_hidden_state(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -35,6 +35,7 @@ def model_dynamic_tree(spec: DynamicTreeSpec, model_dir: str, heads_dir: str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..core.heads import MedusaHeads
+    from .base_model import root_embeds_of
     from .chat_prompts import chat_prompt_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -44,5 +45,5 @@ def model_dynamic_tree(spec: DynamicTreeSpec, model_dir: str, heads_dir: str,
     hidden = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]  # [1, H]
     lm_head = model.get_output_embeddings()
     root = lm_head(hidden).argmax(-1)
-    tree = spec.build(root, heads(hidden, lm_head), [ids + [int(root)]])[0]
+    tree = spec.build(root, heads(hidden, lm_head, root_embeds_of(model, heads)(root)), [ids + [int(root)]])[0]
     return tree, lambda t: tok.decode([t])

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from medusa_plugin.core.tree_fit import TreeFitError, accuracy_from_topk, expected_accept_length, fit_tree
-from medusa_plugin.hf.base_model import DTYPES, last_hidden_state, lm_head_of, load_model, resolve_device
+from medusa_plugin.hf.base_model import DTYPES, last_hidden_state, lm_head_of, load_model, resolve_device, root_embeds_of
 from medusa_plugin.hf.distill import self_distill
 from medusa_plugin.hf.errors import TrainError
 from medusa_plugin.hf.samples import distill_prompts, load_samples, read_jsonl
@@ -42,10 +42,13 @@ def measure_head_accuracy(model: nn.Module, heads: nn.Module, prompts: list[list
     counts = torch.zeros(K, dtype=torch.float64)
     device = next(model.parameters()).device
     lm_head = None if heads.own_lm_head else lm_head_of(model)
+    root_embeds = root_embeds_of(model, heads)
     for prompt, seq in zip(prompts, seqs):
         n, start = len(seq), len(prompt) - 1
         ids = torch.tensor([seq], device=device)
-        logits = heads(last_hidden_state(model, ids)[0], lm_head=lm_head)  # [n, K, V]
+        # position t's root is token t+1, so the last position (no root) is left out
+        logits = heads(last_hidden_state(model, ids)[0, :-1], lm_head=lm_head,
+                       root_embeds=root_embeds(ids[0, 1:]))  # [n-1, K, V]
         for k in range(K):
             stop = n - k - 2  # hidden positions t in [start, stop) have a target t+k+2 < n
             if stop <= start:

@@ -27,6 +27,7 @@ from ..core.acceptance import accept, probs_from_logits
 from ..core.calibration import AcceptanceCalibration
 from ..core.dynamic_tree import DynamicTreeSpec, observe_step
 from ..core.heads import MedusaHeads
+from .base_model import root_embeds_of
 from ..core.tree import MedusaTree
 from ..core.tree_list import accept_each, stack_attn_bias, stack_depth
 
@@ -160,6 +161,7 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
                                       f"use a tree of depth <= {heads.num_heads} (e.g. 'chain:{heads.num_heads}')")
         max_depth = tree.max_depth
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    root_embeds = root_embeds_of(model, heads)
     dtype = lm_head.weight.dtype
     neg = _neg(dtype)
     params = dict(temperature=temperature, top_p=top_p, top_k=top_k, posterior_threshold=posterior_threshold,
@@ -208,11 +210,11 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
         nb = len(active)
         t_phys = cache.get_seq_length()
         if spec is None:
-            tree_tokens = tree.build_candidates(root, heads(h_last, lm_head))  # [nb, N+1]
+            tree_tokens = tree.build_candidates(root, heads(h_last, lm_head, root_embeds(root)))  # [nb, N+1]
             bias = tree_bias.expand(nb, n1, n1)
         else:  # one tree per request
             contexts = [prompts[i] + out[i] for i in active] if spec.ngram_branches else None
-            dyn = spec.build(root, heads(h_last, lm_head), contexts, calibration=calibration)
+            dyn = spec.build(root, heads(h_last, lm_head, root_embeds(root)), contexts, calibration=calibration)
             trees = [d.tree for d in dyn]
             tree_tokens = torch.stack([d.tokens for d in dyn]).to(dev)
             bias, depth = stack_attn_bias(trees, dtype, dev).clamp(min=neg), stack_depth(trees, dev)

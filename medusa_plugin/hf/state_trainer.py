@@ -10,6 +10,11 @@ Loss of head ``k`` at cached row ``j`` (weight ``loss_decay**k``, Medusa-1's 0.8
 
 ``loss = (1 - kl_weight) * hard + kl_weight * soft``. Heads start as upstream: ResBlocks zero, each head's
 projection the target's ``lm_head`` rows of the draft vocabulary. AdamW, linear warm-up then cosine.
+
+Root-input heads (``MedusaHeads(root_input=True)``) also read the embedding of the token emitted at row ``j``
+(``next_token[j]``, the tree's root when the heads run); their ``root_proj`` starts at zero. On the SmolLM2 chat
+data (69k answer tokens, 300 steps, frozen projection) this raised held-out top-1 from 0.305 / 0.175 / 0.118 / 0.098
+to 0.377 / 0.212 / 0.131 / 0.104.
 """
 
 from __future__ import annotations
@@ -50,21 +55,24 @@ def projection_mode(train_projection: bool | str) -> str:
 
 
 def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads: int, num_layers: int = 1,
-                        train_projection: bool | str = False):
+                        train_projection: bool | str = False, root_input: bool = False):
     """Upstream-initialised heads with a draft vocabulary: ResBlocks zero, projection [T, H] = lm_head rows of
     ``token_map``; fp32. ``lm_head_weight`` [V, H].
 
     ``train_projection`` (:func:`projection_mode`): "frozen" (False): one projection shared by all heads and frozen
     (the target's own rows, as Medusa v2 heads reuse the base lm_head); the file then holds it once (T x H).
     "shared": that one shared projection is trained too (same file size). "per-head" (True): each head gets its own
-    trainable copy (Medusa-1; K x T x H in the file)."""
+    trainable copy (Medusa-1; K x T x H in the file). ``root_input``: heads that read the root token, with a zero
+    ``root_proj`` (at init they equal plain heads)."""
     mode = projection_mode(train_projection)
     from medusa_plugin.core.heads import MedusaHeads
 
     V, H = lm_head_weight.shape
     heads = MedusaHeads(H, num_heads, num_layers, V, own_lm_head=True, shared_lm_head=mode != "per-head",
-                        token_map=token_map, dtype=torch.float32)
+                        token_map=token_map, root_input=root_input, dtype=torch.float32)
     with torch.no_grad():
+        if heads.root_proj is not None:
+            heads.root_proj.weight.zero_()
         for seq in heads.blocks:
             for blk in seq:
                 blk.linear.weight.zero_()
@@ -78,8 +86,20 @@ def new_truncated_heads(lm_head_weight: Tensor, token_map: Tensor, *, num_heads:
 
 
 def draft_logits(heads, hidden: Tensor, k: int) -> Tensor:
-    """Head ``k``'s logits over the draft vocabulary: hidden [B, H] -> [B, T] (no scatter to the full vocab)."""
+    """Head ``k``'s logits over the draft vocabulary: head input [B, H] (``MedusaHeads.head_input``) -> [B, T] (no
+    scatter to the full vocab)."""
     return F.linear(heads.blocks[k](hidden), heads.lm_heads[k].weight)
+
+
+def head_inputs(heads, cache: HiddenStateCache, rows: Tensor, embed_weight: Tensor | None) -> Tensor:
+    """``heads.head_input`` at cached ``rows`` [B]: the hidden states, plus the root token's embedding
+    (``embed_weight[next_token[rows]]``) for root-input heads. TrainError if those lack ``embed_weight``."""
+    hidden = cache.hidden[rows].to(heads.dtype)
+    if not heads.root_input:
+        return hidden
+    if embed_weight is None:
+        raise TrainError("root-input heads need the target model's input embedding (embed_weight)")
+    return heads.head_input(hidden, embed_weight[cache.next_token[rows]])
 
 
 def _lr(step: int, warmup: int, total: int) -> float:
@@ -92,6 +112,7 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
                     num_layers: int = 1, steps: int = 1000, batch_size: int = 512, lr: float = 1e-3,
                     kl_weight: float = 0.5, loss_decay: float = 0.8, warmup_ratio: float = 0.05,
                     weight_decay: float = 0.0, train_projection: bool | str = False, seed: int = 0,
+                    root_input: bool = False, embed_weight: Tensor | None = None,
                     progress: bool = True) -> StateTrainingResult:
     """Train ``num_heads`` heads on ``cache`` (see the module docstring for the loss).
 
@@ -102,6 +123,8 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
         kl_weight: in [0, 1]; 0 = hard targets only, 1 = soft targets only.
         train_projection: see :func:`new_truncated_heads` (default "frozen": a shared frozen projection, only the
             ResBlocks train).
+        root_input: train heads that read the root token (module docstring); needs ``embed_weight``, the target's
+            input embedding [V, H] (tied models: the lm_head weight).
     Returns:
         :class:`StateTrainingResult`. Raises :class:`TrainError` on bad arguments.
     """
@@ -114,8 +137,12 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
     if steps < 1 or batch_size < 1:
         raise TrainError(f"steps={steps}, batch_size={batch_size}: both must be >= 1")
     V = lm_head_weight.shape[0]
+    if root_input and (embed_weight is None or tuple(embed_weight.shape) != tuple(lm_head_weight.shape)):
+        raise TrainError("root_input needs embed_weight, the target model's input embedding [V, H] "
+                         f"(got {None if embed_weight is None else tuple(embed_weight.shape)})")
     heads = new_truncated_heads(lm_head_weight, token_map, num_heads=num_heads, num_layers=num_layers,
-                                train_projection=train_projection)
+                                train_projection=train_projection, root_input=root_input)
+    embed = embed_weight.detach().float() if root_input else None
     heads.train()
     base_rows = lm_head_weight.detach().float()[token_map]  # [T, H], frozen
     inv = inverse_map(token_map, V)
@@ -136,7 +163,7 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
     ema = None
     for step in range(steps):
         j = rows0[torch.randint(0, rows0.numel(), (batch_size,), generator=g)]
-        x = cache.hidden[j].float()
+        x = head_inputs(heads, cache, j, embed)
         total = x.new_zeros(())
         accs = []
         for k in range(num_heads):
@@ -175,10 +202,12 @@ def train_on_states(cache: HiddenStateCache, lm_head_weight: Tensor, token_map: 
 
 
 @torch.no_grad()
-def head_accuracy_on_states(heads, cache: HiddenStateCache, *, topk: int = 10, batch_size: int = 4096) -> Tensor:
+def head_accuracy_on_states(heads, cache: HiddenStateCache, *, topk: int = 10, batch_size: int = 4096,
+                            embed_weight: Tensor | None = None) -> Tensor:
     """Marginal per-rank accuracy [K, topk] float64 of ``heads`` (own projection, optional token_map) on ``cache``:
     ``acc[k, r]`` = fraction of rows with a head-k target where the rank-r draft is that token (teacher-forced on
-    the target model's own answers, as ``hf.fit_tree.measure_head_accuracy``). ``acc[:, 0]`` is top-1."""
+    the target model's own answers, as ``hf.fit_tree.measure_head_accuracy``). ``acc[:, 0]`` is top-1.
+    ``embed_weight`` [V, H]: the target's input embedding, required for root-input heads."""
     K = heads.num_heads
     tm = heads.token_map
     hits = torch.zeros(K, topk, dtype=torch.float64)
@@ -188,7 +217,7 @@ def head_accuracy_on_states(heads, cache: HiddenStateCache, *, topk: int = 10, b
         rows = torch.nonzero(cache.valid_rows(k)).squeeze(1)
         for s in range(0, rows.numel(), batch_size):
             j = rows[s:s + batch_size]
-            x = cache.hidden[j].to(heads.dtype)
+            x = head_inputs(heads, cache, j, embed_weight)
             top = draft_logits(heads, x, k).topk(topk, -1).indices
             if tm is not None:
                 top = tm[top]

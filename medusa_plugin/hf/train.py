@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="the heads' vocab projection: frozen (default; one shared, the target's lm_head rows), "
                            "shared (that one trained too; same file size), per-head (one trained per head; 4x the "
                            "file); a bare --train-projection means per-head")
+    chat.add_argument("--no-root-input", dest="root_input", action="store_false",
+                      help="plain Medusa heads (default: heads that also read the root token's embedding, which "
+                           "vLLM's built-in Medusa cannot run)")
     chat.add_argument("--tree-budget", type=int, default=ChatRecipe.tree_budget, help="nodes of the fitted tree")
     chat.add_argument("--gen-engine", choices=["auto", "vllm", "transformers"], default="auto",
                       help="generation for self-distillation (auto: vLLM when installed)")
@@ -127,7 +130,7 @@ def _run_chat(args: argparse.Namespace) -> int:
                         vocab_size=args.vocab_size, num_heads=args.num_heads, num_layers=args.num_layers,
                         steps=args.steps or ChatRecipe.steps, batch_size=args.batch_size or ChatRecipe.batch_size,
                         lr=args.lr, kl_weight=args.kl_weight, train_projection=args.train_projection,
-                        tree_budget=args.tree_budget, gen_engine=args.gen_engine, gen_dtype=args.gen_dtype,
+                        root_input=args.root_input, tree_budget=args.tree_budget, gen_engine=args.gen_engine, gen_dtype=args.gen_dtype,
                         seed=args.seed)
     model = resolve_model(args.model)
     print(f"chat recipe: {recipe.num_prompts} prompts, answers <= {recipe.answer_tokens} tokens, draft vocabulary "

@@ -141,7 +141,8 @@ def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) 
     with torch.inference_mode():
         for b in batch_sizes:
             h = torch.randn(b, heads.hidden_size, device=dev, dtype=heads.dtype)
-            draft_ms[b] = [round(_best_ms(lambda h=h, d=d: proposer.draft_topk(h, d), repeats), 4)
+            roots = torch.randint(0, proposer.vocab_size, (b,), device=dev)
+            draft_ms[b] = [round(_best_ms(lambda h=h, d=d: proposer.draft_topk(h, d, roots), repeats), 4)
                            for d in range(1, min(proposer.tree.max_depth, heads.num_heads) + 1)]
     return {**_key(runner, proposer), "forward_ms": forward_ms,
             "logits_ms": {r: round(v, 4) for r, v in logits_ms.items()}, "batch_sizes": batch_sizes, "draft_ms": draft_ms,

@@ -306,6 +306,10 @@ CONTRACTS: tuple[Contract, ...] = (
                  "calls drafter.load_model(target_model) when the drafter has one; v2 heads read target_model "
                  "lm_head.weight (the model's own vocab projection)",
                  _source("self.drafter.load_model(")),
+        Contract("vllm.model_executor.models.llama.LlamaModel", "proposer",
+                 "root-input heads read the rows of target_model.model.embed_tokens.weight (the input-embedding "
+                 "table, a VocabParallelEmbedding; the same rows as the Hugging Face model's input embeddings)",
+                 _source("self.embed_tokens = VocabParallelEmbedding(")),
     ),
     # ---- runner (runner.py)
     *_section(_WHEN_TREE_VERIFY,

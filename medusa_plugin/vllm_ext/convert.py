@@ -54,6 +54,10 @@ def to_vllm_medusa(heads_src: str | os.PathLike, out_dir: str | os.PathLike, *,
     from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError
 
     heads = MedusaHeads.from_pretrained(heads_src, dtype=dtype)
+    if heads.root_input:
+        raise MedusaHeadsError(f"{heads_src}: these heads read the root token (root_input), which vLLM's built-in "
+                               "Medusa cannot feed them; serve them with medusa_plugin, or train heads without "
+                               "--root-input for vLLM")
     tensors: dict[str, torch.Tensor] = {}
     for h, seq in enumerate(heads.blocks):
         for l, blk in enumerate(seq):

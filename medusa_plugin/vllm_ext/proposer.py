@@ -109,6 +109,7 @@ class MedusaTreeProposer:
         self.heads: MedusaHeads | None = None
         self._heads_fp32: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
+        self._embed: Tensor | None = None  # root-input heads: the target's input-embedding table [V, H]
         self.vocab_size = vllm_config.model_config.get_vocab_size()
 
     # ------------------------------------------------------------------ vLLM hooks
@@ -137,12 +138,33 @@ class MedusaTreeProposer:
             if self.vllm_config.parallel_config.tensor_parallel_size != 1:
                 raise MedusaProposerError("v2 Medusa heads (no own lm_head) need tensor_parallel_size=1")
             self._lm_head = weight[: self.vocab_size]
+        self._embed = None
+        if self.heads.root_input:
+            self._embed = self._input_embedding(target_model)
         self.tree = self.tree.to(ref.device)
         # Half heads on a CPU without native half matmul: a float32 copy for calls of many rows (FP32_HEAD_ROWS)
         self._heads_fp32 = None
         if (self.config.dtype == "auto" and self.heads.own_lm_head and not native_half_matmul(dtype, ref.device)
                 and sum(p.numel() for p in self.heads.parameters()) * 4 <= self.FP32_COPY_MAX_BYTES):
             self._heads_fp32 = copy.deepcopy(self.heads).float()
+
+    def _input_embedding(self, target_model: torch.nn.Module) -> Tensor:
+        """The target's input-embedding table ``[V, H]`` (the rows root-input heads read, as in training:
+        ``hf.base_model.root_embeds_of``): the weight of ``target_model.model.embed_tokens`` (compat: ``embed_tokens``)."""
+        if self.vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise MedusaProposerError("Medusa heads that read the root token (root_input) need tensor_parallel_size=1")
+        weight = getattr(getattr(getattr(target_model, "model", None), "embed_tokens", None), "weight", None)
+        if weight is None or weight.dim() != 2 or weight.shape[1] != self.heads.hidden_size:
+            raise MedusaProposerError("these Medusa heads read the root token (root_input), but the target model has no "
+                                      "input-embedding table model.embed_tokens of hidden size "
+                                      f"{self.heads.hidden_size}: use heads trained without --root-input")
+        return weight[: self.vocab_size]
+
+    def root_embeds(self, roots: Tensor) -> Tensor | None:
+        """``[B]`` root token ids -> ``[B, H]`` input-embedding rows for root-input heads; None for other heads."""
+        if self._embed is None:
+            return None
+        return self._embed[roots.to(self._embed.device)]
 
     FP32_HEAD_ROWS = 8                  # see core.heads.native_half_matmul
     FP32_COPY_MAX_BYTES = 512 * 2 ** 20
@@ -265,10 +287,12 @@ class MedusaTreeProposer:
                 return 0
         return n
 
-    def draft_topk(self, hidden: Tensor, num_heads: int) -> Tensor:
-        """``[B, H]`` hidden -> ``[B, num_heads, topk]`` token ids (only the heads the prefix needs)."""
+    def draft_topk(self, hidden: Tensor, num_heads: int, roots: Tensor | None = None) -> Tensor:
+        """``[B, H]`` hidden (and ``[B]`` root ids, read by root-input heads) -> ``[B, num_heads, topk]`` token ids
+        (only the heads the prefix needs)."""
         heads = self.heads_for(hidden.shape[0] * num_heads)
-        return heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head, vocab_size=self.vocab_size)
+        return heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head, vocab_size=self.vocab_size,
+                                root_embeds=None if roots is None else self.root_embeds(roots))
 
     def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
         """Draft tokens of the first ``num_nodes`` nodes per request (one host copy)."""
@@ -307,8 +331,9 @@ class MedusaTreeProposer:
             return out
         t0 = time.perf_counter()
         sel = torch.tensor(idx, device=hidden.device)
-        logits = self.heads_for(len(idx) * self.heads.num_heads)(hidden[sel], self._lm_head)[..., : self.vocab_size]
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
+        logits = self.heads_for(len(idx) * self.heads.num_heads)(
+            hidden[sel], self._lm_head, self.root_embeds(root))[..., : self.vocab_size]
         ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches else None
         trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration))
         draft_ms = (time.perf_counter() - t0) * 1e3
@@ -377,7 +402,7 @@ class MedusaTreeProposer:
                             device=hidden.device)
         if idx is not None:
             hidden = hidden[torch.tensor(idx, device=hidden.device)]
-        top = self.draft_topk(hidden, self.tree.prefix_depth[num_nodes])
+        top = self.draft_topk(hidden, self.tree.prefix_depth[num_nodes], root)
         tokens = self.candidates_from_topk(root, top, num_nodes)
         if idx is None:
             return tokens
