@@ -164,3 +164,44 @@ def test_projection_modes_train_what_they_say(mode):
     assert not fresh.shared_lm_head
     with pytest.raises(TrainError, match="train_projection must be one of frozen, shared, per-head"):
         new_truncated_heads(3 * emb, tm, num_heads=3, train_projection="all")
+
+
+def test_hidden_cache_reuses_the_rows_of_chats_it_has_and_never_stale_ones(tiny, tmp_path, monkeypatch):
+    from medusa_plugin.hf import hidden_cache as hc
+
+    _, model, _ = tiny
+    computed = []
+    real = hc.compute_hidden_states
+    monkeypatch.setattr(hc, "compute_hidden_states", lambda m, p, a, **kw: computed.append(list(p)) or real(m, p, a, **kw))
+    prompts, answers = [[4, 5, 6], [7, 8], [9, 10, 11, 12]], [[13, 14], [15, 16, 17], [18, 19]]
+    path = tmp_path / "h.safetensors"
+    hc.load_or_compute(path, model, prompts[:2], answers[:2], store_dtype=torch.float32, progress=False)
+    assert computed == [prompts[:2]]
+    # a third chat: only it is computed, the result equals a fresh computation of all three, in the asked order
+    got, _ = hc.load_or_compute(path, model, prompts[::-1], answers[::-1], store_dtype=torch.float32, progress=False)
+    assert computed[1:] == [[prompts[2]]]
+    want = real(model, prompts[::-1], answers[::-1], store_dtype=torch.float32, progress=False)
+    torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.next_token, want.next_token) and torch.equal(got.segment_end, want.segment_end)
+    assert hc.load_or_compute(path, model, prompts[::-1], answers[::-1], progress=False)[1] == 0.0  # all cached
+    # same prompt, another answer: another chat, recomputed (a cache never serves rows of other tokens)
+    hc.load_or_compute(path, model, [prompts[0]], [[20, 21]], store_dtype=torch.float32, progress=False)
+    assert computed[-1] == [prompts[0]]
+
+
+def test_distillation_generates_only_requests_it_has_not_answered(tiny, tmp_path, monkeypatch):
+    from medusa_plugin.hf import batch_generate
+    from medusa_plugin.hf.chat_recipe import distilled_chats
+
+    d, _, tok = tiny
+    asked = []
+    real = batch_generate.generate
+    monkeypatch.setattr(batch_generate, "generate", lambda m, p, n, **kw: asked.append(len(p)) or real(m, p, n, **kw))
+    kw = dict(answer_tokens=6, engine="transformers", progress=False)
+    first, _ = distilled_chats(d, tok, {"train": ["Why is the sky blue?", "Name a fruit."]}, tmp_path, **kw)
+    more, _ = distilled_chats(d, tok, {"train": ["Name a fruit.", "Why is the sky blue?", "Count to three."],
+                                       "eval": ["Name a fruit."]}, tmp_path, **kw)
+    assert asked == [2, 1]  # only "Count to three." was new
+    assert more["train"][1] == first["train"][0] and more["eval"][0]["answer_ids"] == first["train"][1]["answer_ids"]
+    distilled_chats(d, tok, {"train": ["Name a fruit."]}, tmp_path, **{**kw, "answer_tokens": 8})
+    assert asked[-1] == 1  # another length limit: generated again

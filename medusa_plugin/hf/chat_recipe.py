@@ -115,32 +115,45 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def distilled_chats(model_dir, tokenizer, request_sets: dict[str, list[str]], work: Path, *, answer_tokens: int,
                     engine: str, dtype: str = "float32", progress: bool = True
                     ) -> tuple[dict[str, list[dict]], float]:
-    """Greedy answers of the model to each named request list, ``{"request", "prompt_ids", "answer_ids"}`` per
-    request, cached in ``work/<name>.jsonl``. Lists without a valid cache are generated together (one engine, one
-    continuous batch). Returns ({name: rows}, seconds spent generating, 0 when all were cached)."""
+    """Greedy answers of the model to each named request list, ``{"request", "prompt_ids", "answer_tokens",
+    "answer_ids"}`` per request, cached in ``work/<name>.jsonl``. Answers already in any ``work/*.jsonl`` for the
+    same request, prompt tokens and length limit are reused (rows written before the limit was recorded count as
+    generated with this one when they fit it); the others are generated together (one engine, one continuous
+    batch). Returns ({name: rows}, seconds spent generating, 0 when all were cached)."""
     from .batch_generate import generate
     from .chat_prompts import chat_prompt_ids
 
+    # every answer already generated (in any list of this work directory) for the same prompt tokens and length
+    # limit is reused, so a rerun with more prompts generates only the new ones
+    known: dict[str, dict] = {}
+    for path in sorted(work.glob("*.jsonl")):
+        for row in _read_jsonl(path):
+            if {"request", "prompt_ids", "answer_ids"} <= set(row) and \
+                    row.get("answer_tokens", len(row["answer_ids"])) <= answer_tokens:
+                known.setdefault(row["request"], row)
+    prompt_ids = {name: [chat_prompt_ids(tokenizer, r) for r in reqs] for name, reqs in request_sets.items()}
+    todo = [(name, i) for name, reqs in request_sets.items() for i, r in enumerate(reqs)
+            if not (r in known and known[r]["prompt_ids"] == prompt_ids[name][i]
+                    and known[r].get("answer_tokens", answer_tokens) == answer_tokens)]
+    fresh: dict[tuple[str, int], list[int]] = {}
+    seconds = 0.0
+    if todo:
+        prompts = [prompt_ids[name][i] for name, i in todo]
+        gen = generate(model_dir, prompts, answer_tokens, engine=engine, dtype=dtype, progress=progress,
+                       desc="self-distillation")
+        _say(f"  self-distillation: {len(todo)} new answers, {gen.num_tokens} tokens in {gen.seconds:.0f} s "
+             f"({gen.tokens_per_s:.1f} tok/s, {gen.engine})")
+        fresh = dict(zip(todo, gen.continuations))
+        seconds = gen.seconds
     out: dict[str, list[dict]] = {}
-    for name, requests in request_sets.items():
+    for name, reqs in request_sets.items():
+        out[name] = [{"request": r, "prompt_ids": prompt_ids[name][i], "answer_tokens": answer_tokens,
+                      "answer_ids": fresh[(name, i)] if (name, i) in fresh else known[r]["answer_ids"]}
+                     for i, r in enumerate(reqs)]
         path = work / f"{name}.jsonl"
-        if path.is_file():
-            rows = _read_jsonl(path)
-            if [r["request"] for r in rows] == list(requests):
-                out[name] = rows
-    todo = [(name, r) for name, reqs in request_sets.items() if name not in out for r in reqs]
-    if not todo:
-        return out, 0.0
-    prompts = [chat_prompt_ids(tokenizer, r) for _, r in todo]
-    gen = generate(model_dir, prompts, answer_tokens, engine=engine, dtype=dtype, progress=progress,
-                   desc="self-distillation")
-    _say(f"  self-distillation: {gen.num_tokens} tokens in {gen.seconds:.0f} s ({gen.tokens_per_s:.1f} tok/s, "
-         f"{gen.engine})")
-    for (name, r), p, c in zip(todo, prompts, gen.continuations):
-        out.setdefault(name, []).append({"request": r, "prompt_ids": p, "answer_ids": c})
-    for name in {n for n, _ in todo}:
-        _write_jsonl(work / f"{name}.jsonl", out[name])
-    return out, gen.seconds
+        if not path.is_file() or [r["request"] for r in _read_jsonl(path)] != list(reqs) or todo:
+            _write_jsonl(path, out[name])
+    return out, seconds
 
 
 def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, recipe: ChatRecipe, *,

@@ -25,14 +25,29 @@ from torch import Tensor
 from .errors import TrainError
 
 
+def sample_hash(prompt: Sequence[int], answer: Sequence[int]) -> int:
+    """A stable 63-bit key of one (prompt, answer) pair: which cached rows belong to which chat."""
+    import hashlib
+
+    data = ",".join(map(str, prompt)) + "|" + ",".join(map(str, answer))
+    return int.from_bytes(hashlib.blake2b(data.encode(), digest_size=8).digest(), "little") >> 1
+
+
 @dataclass
 class HiddenStateCache:
     """hidden [M, H] (float32 or bfloat16); next_token [M] int64; segment_end [M] int64 = one past the sample's last
-    row (rows ``j .. segment_end[j]-1`` belong to the same answer)."""
+    row (rows ``j .. segment_end[j]-1`` belong to the same answer); sample_keys [S] int64 (optional): the
+    :func:`sample_hash` of each sample, in row order, so a later run can reuse the rows of the samples it shares."""
 
     hidden: Tensor
     next_token: Tensor
     segment_end: Tensor
+    sample_keys: Tensor | None = None
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(first row, one past the last row) of each sample, in order."""
+        ends = torch.unique_consecutive(self.segment_end).tolist()
+        return list(zip([0] + ends[:-1], ends))
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -44,15 +59,17 @@ class HiddenStateCache:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        save_file({"hidden": self.hidden.contiguous(), "next_token": self.next_token,
-                   "segment_end": self.segment_end}, str(path))
+        tensors = {"hidden": self.hidden.contiguous(), "next_token": self.next_token, "segment_end": self.segment_end}
+        if self.sample_keys is not None:
+            tensors["sample_keys"] = self.sample_keys
+        save_file(tensors, str(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HiddenStateCache":
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        return cls(t["hidden"], t["next_token"], t["segment_end"])
+        return cls(t["hidden"], t["next_token"], t["segment_end"], t.get("sample_keys"))
 
 
 @torch.inference_mode()
@@ -104,18 +121,50 @@ def compute_hidden_states(model, prompts: Sequence[Sequence[int]], answers: Sequ
         bar.update(int(mask.sum()))
         s = e
     bar.close()
-    hidden = torch.cat(rows)  # type: ignore[arg-type]
-    next_token = torch.cat([torch.tensor(a, dtype=torch.int64) for _, a in items])
-    lengths = torch.tensor([len(a) for _, a in items])
+    return _assemble([r for r in rows], [a for _, a in items], [sample_hash(p, a) for p, a in items])
+
+
+def _assemble(rows: list[Tensor], answers: list[list[int]], keys: list[int]) -> HiddenStateCache:
+    next_token = torch.cat([torch.tensor(a, dtype=torch.int64) for a in answers])
+    lengths = torch.tensor([len(a) for a in answers])
     segment_end = torch.repeat_interleave(lengths.cumsum(0), lengths)
-    return HiddenStateCache(hidden, next_token, segment_end)
+    return HiddenStateCache(torch.cat(rows), next_token, segment_end, torch.tensor(keys, dtype=torch.int64))
+
+
+def _rows_by_key(cache: HiddenStateCache, prompts, answers) -> dict[int, Tensor]:
+    """The cached rows of each sample, by :func:`sample_hash`. A cache written without keys is matched to
+    ``prompts``/``answers`` only when its tokens are exactly theirs (then it was computed from them)."""
+    segs = cache.segments()
+    keys = cache.sample_keys.tolist() if cache.sample_keys is not None else None
+    if keys is None or len(keys) != len(segs):
+        items = [(list(p), list(a)) for p, a in zip(prompts, answers) if len(p) and len(a)]
+        same = (len(items) == len(segs) and sum(len(a) for _, a in items) == len(cache)
+                and cache.next_token.tolist() == [t for _, a in items for t in a])
+        if not same:
+            return {}
+        keys = [sample_hash(p, a) for p, a in items]
+    return {k: cache.hidden[s:e] for k, (s, e) in zip(keys, segs)}
 
 
 def load_or_compute(path: Path, model, prompts, answers, **kw) -> tuple[HiddenStateCache, float]:
-    """The cache at ``path`` if it exists, else computed and saved there; returns (cache, seconds spent)."""
-    if path.is_file():
-        return HiddenStateCache.load(path), 0.0
+    """The hidden states of ``prompts``/``answers`` (as :func:`compute_hidden_states`), reusing the rows of every
+    sample already cached at ``path`` (matched by :func:`sample_hash`, so a run with more prompts computes only the
+    new ones, and a stale cache is never used for other chats); the result is saved to ``path``. Returns
+    (cache, seconds spent computing)."""
+    items = [(list(p), list(a)) for p, a in zip(prompts, answers) if len(p) and len(a)]
+    if not items:
+        raise TrainError("no sample has both a prompt and an answer token")
+    old = HiddenStateCache.load(path) if path.is_file() else None
+    keys = [sample_hash(p, a) for p, a in items]
+    if old is not None and old.sample_keys is not None and old.sample_keys.tolist() == keys:
+        return old, 0.0
+    known = _rows_by_key(old, prompts, answers) if old is not None else {}
+    missing = [i for i, k in enumerate(keys) if k not in known]
     t0 = time.perf_counter()
-    cache = compute_hidden_states(model, prompts, answers, **kw)
+    if missing:
+        new = compute_hidden_states(model, [items[i][0] for i in missing], [items[i][1] for i in missing], **kw)
+        for k, (s, e) in zip(new.sample_keys.tolist(), new.segments()):
+            known[k] = new.hidden[s:e]
+    cache = _assemble([known[k] for k in keys], [a for _, a in items], keys)
     cache.save(path)
     return cache, time.perf_counter() - t0
