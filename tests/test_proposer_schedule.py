@@ -173,3 +173,45 @@ def test_half_heads_get_a_float32_copy_for_many_rows_on_a_cpu_without_native_hal
     want = MedusaHeads.from_pretrained(heads_dir, base_hidden_size=576, base_vocab_size=49152,
                                        dtype=torch.bfloat16 if native else torch.float32)
     assert torch.equal(p.draft_topk(hidden, 4), want.draft_topk(hidden, 10, 4, vocab_size=49152))
+
+
+class _Target(__import__("torch").nn.Module):
+    """A stand-in target model with what the proposer reads: parameters (device, dtype) and model.embed_tokens."""
+
+    def __init__(self, vocab: int, hidden: int):
+        import torch
+
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(vocab, hidden)
+
+
+@pytest.mark.parametrize("tree", ["chain:2", "dynamic"])
+def test_root_input_heads_get_the_embedding_of_each_requests_root(tmp_path, tree):
+    import torch
+
+    from medusa_plugin.core.heads import MedusaHeads
+
+    torch.manual_seed(0)
+    heads = MedusaHeads(16, 2, 1, 40, root_input=True).eval()
+    for q in heads.parameters():
+        torch.nn.init.normal_(q, std=0.5)
+    heads.save_pretrained(tmp_path)
+    medusa = {"heads": str(tmp_path), "tree": tree, **({"budget": 2, "topk": 1} if tree == "dynamic" else {})}
+    cfg = SimpleNamespace(additional_config={"medusa": medusa},
+                          speculative_config=SimpleNamespace(num_speculative_tokens=2),
+                          parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+                          model_config=SimpleNamespace(get_vocab_size=lambda: 40, get_hidden_size=lambda: 16))
+    p = MedusaTreeProposer(cfg)
+    target = _Target(40, 16)
+    p.load_model(target)
+    hidden, roots = torch.randn(3, 16), [5, 17, 5]
+    want = heads.draft_topk(hidden, 1, 2, root_embeds=target.model.embed_tokens.weight[roots])[..., 0].tolist()
+    if tree == "dynamic":
+        got = p.propose_dynamic(hidden, roots, ["a", "b", "c"], [None] * 3)
+    else:
+        got = p.propose_tree(hidden, roots)
+    assert got == want  # a chain of each head's top-1, computed from the root's embedding row
+    assert got != heads.draft_topk(hidden, 1, 2, root_embeds=torch.zeros(3, 16))[..., 0].tolist()
+    with pytest.raises(Exception, match="input-embedding table"):
+        p.load_model(torch.nn.Linear(2, 2))

@@ -199,7 +199,25 @@ def results():
     for tree in TREES:
         res[tree] = _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=ref["plan"])
     res["preempted"] = _run_preempted(model_dir, heads_dir, prompts)
+    res["root_input"] = _run_engine(model_dir, _root_input_heads(heads_dir), TREES[1], prompts)
     return res
+
+
+def _root_input_heads(heads_dir: Path) -> Path:
+    """The trained heads plus a small random ``root_proj`` (MedusaHeads root_input): still right often."""
+    import torch
+
+    from medusa_plugin.core.heads import MedusaHeads
+
+    out = Path(tempfile.mkdtemp(prefix="medusa_root_heads_"))
+    trained = MedusaHeads.from_pretrained(heads_dir)
+    heads = MedusaHeads(trained.hidden_size, trained.num_heads, trained.num_layers, trained.vocab_size,
+                        root_input=True, dtype=trained.dtype)
+    g = torch.Generator().manual_seed(0)
+    heads.load_state_dict({**trained.state_dict(), "root_proj.weight": 0.02 * torch.randn(
+        heads.hidden_size, heads.hidden_size, generator=g, dtype=trained.dtype)})
+    heads.save_pretrained(out)
+    return out
 
 
 def _run_preempted(model_dir, heads_dir, prompts) -> dict:
@@ -245,6 +263,13 @@ def test_greedy_outputs_identical_to_no_speculation(results, tree):
     assert got["spec"]["vllm:spec_decode_num_drafts"] > 0  # trees were really verified
     if "stats" in got:  # the token budget (1000 < 16 x 64) cut some trees to a prefix subtree
         assert got["stats"].truncated_trees > 0
+
+
+def test_root_input_heads_greedy_identical_and_accepting(results):
+    ref, got = results["ref"], results["root_input"]
+    assert got["batch"] == ref["batch"] and got["accept_out"] == ref["accept_out"]
+    assert got["near_limit"] == ref["near_limit"]
+    assert got["accept_tokens_per_step"] > 2.0, got["accept_tokens_per_step"]  # still right often (a missing root would raise)
 
 
 def test_preempted_requests_resume_identically(results):
