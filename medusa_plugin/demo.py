@@ -21,8 +21,8 @@ from pathlib import Path
 
 SHIPPED_HEADS = "smollm2-135m-instruct"
 # The settings of the command that trained the shipped heads (README "medusa-plugin train"); --retrain reruns it.
-RETRAIN_ARGS = dict(num_prompts=600, written_per_topic=0, eval_prompts=32, answer_tokens=128, vocab_size=4096,
-                    steps=600, batch_size=512, gen_dtype="float32", train_projection="shared")
+RETRAIN_ARGS = dict(num_prompts=1600, written_per_topic=0, eval_prompts=32, answer_tokens=128, vocab_size=4096,
+                    steps=1000, batch_size=512, gen_dtype="float32", train_projection="shared", root_input=True)
 
 
 class DemoError(ValueError):

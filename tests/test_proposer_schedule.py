@@ -150,6 +150,17 @@ def test_dynamic_auto_charges_the_measured_drafting_time():
     assert p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) == [[], []] and not p.trees
 
 
+class _Target(__import__("torch").nn.Module):
+    """A stand-in target model with what the proposer reads: parameters (device, dtype) and model.embed_tokens."""
+
+    def __init__(self, vocab: int, hidden: int):
+        import torch
+
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(vocab, hidden)
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_half_heads_get_a_float32_copy_for_many_rows_on_a_cpu_without_native_half_matmul(monkeypatch, native):
     import torch
@@ -166,24 +177,16 @@ def test_half_heads_get_a_float32_copy_for_many_rows_on_a_cpu_without_native_hal
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
         model_config=SimpleNamespace(get_vocab_size=lambda: 49152, get_hidden_size=lambda: 576))
     p = MedusaTreeProposer(cfg)
-    p.load_model(torch.nn.Linear(2, 2, dtype=torch.bfloat16))
+    target = _Target(49152, 576).to(torch.bfloat16)
+    p.load_model(target)
     assert p.heads_for(1).dtype == torch.bfloat16 and p.heads_for(p.FP32_HEAD_ROWS - 1) is p.heads
     assert p.heads_for(p.FP32_HEAD_ROWS).dtype == (torch.bfloat16 if native else torch.float32)
     hidden = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    roots = torch.tensor([7, 1000])
     want = MedusaHeads.from_pretrained(heads_dir, base_hidden_size=576, base_vocab_size=49152,
                                        dtype=torch.bfloat16 if native else torch.float32)
-    assert torch.equal(p.draft_topk(hidden, 4), want.draft_topk(hidden, 10, 4, vocab_size=49152))
-
-
-class _Target(__import__("torch").nn.Module):
-    """A stand-in target model with what the proposer reads: parameters (device, dtype) and model.embed_tokens."""
-
-    def __init__(self, vocab: int, hidden: int):
-        import torch
-
-        super().__init__()
-        self.model = torch.nn.Module()
-        self.model.embed_tokens = torch.nn.Embedding(vocab, hidden)
+    assert torch.equal(p.draft_topk(hidden, 4, roots), want.draft_topk(
+        hidden, 10, 4, vocab_size=49152, root_embeds=target.model.embed_tokens.weight[roots]))
 
 
 @pytest.mark.parametrize("tree", ["chain:2", "dynamic"])

@@ -1,13 +1,15 @@
 """The chat recipe: strong Medusa heads for a chat model, trained on a CPU (``medusa-plugin train --recipe chat``).
 
-Stages (each cached in the work directory, so an interrupted run resumes where it stopped):
+Stages (each cached in the work directory, so an interrupted run resumes where it stopped, and a run with more
+prompts generates and embeds only the new ones):
 
 1. requests: the target model writes user requests from the shipped topic list, plus topic x task templates
    (:mod:`.chat_prompts`); held-out topics are kept apart for evaluation.
 2. self-distillation: the model's own greedy answers, through vLLM when installed (:mod:`.batch_generate`).
 3. hidden states of the frozen model over prompt + answer, answer rows only (:mod:`.hidden_cache`).
 4. a truncated draft vocabulary: the most frequent answer tokens (:mod:`.draft_vocab`).
-5. heads trained on the cached states, hard + soft (KL) targets (:mod:`.state_trainer`).
+5. heads trained on the cached states, hard + soft (KL) targets (:mod:`.state_trainer`); by default they also
+   read the root token (``MedusaHeads`` ``root_input``).
 6. evaluation on held-out prompts: per-rank accuracy, and a tree of ``tree_budget`` nodes fitted to it.
 
 Outputs in ``out_dir``: the heads (canonical format, ``token_map``, bf16 by default), ``tree.json`` (the fitted
