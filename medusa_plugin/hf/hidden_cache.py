@@ -121,7 +121,7 @@ def compute_hidden_states(model, prompts: Sequence[Sequence[int]], answers: Sequ
         bar.update(int(mask.sum()))
         s = e
     bar.close()
-    return _assemble([r for r in rows], [a for _, a in items], [sample_hash(p, a) for p, a in items])
+    return _assemble(list(rows), [a for _, a in items], [sample_hash(p, a) for p, a in items])
 
 
 def _assemble(rows: list[Tensor], answers: list[list[int]], keys: list[int]) -> HiddenStateCache:
