@@ -7,7 +7,8 @@
 3. Held-out chat prompts (topics no training step saw) go through the vLLM engine with plain decoding, vLLM's ngram
    proposer, a Medusa chain and the fitted Medusa tree, each one request at a time and 8 at once; the report gives
    tok/s, x plain, tokens per step and acceptance per depth, checks token identity in fp32, and reports bf16
-   agreement honestly (vLLM on CPU is not batch-invariant in bf16).
+   agreement honestly (vLLM on CPU is not batch-invariant in bf16). The timed runs use bf16 where the CPU multiplies
+   bf16 natively and fp32 elsewhere (``--dtype``, :func:`resolve_dtype`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "benchmark figures in the README use 128)")
     p.add_argument("--fp32-prompts", type=int, default=4, help="prompts for the fp32 identity check (0: skip)")
     p.add_argument("--fp32-tokens", type=int, default=32, help="new tokens per prompt in the fp32 check (default 32)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="dtype of the timed runs (default auto: bfloat16 on a CPU with native bf16 matmul, AVX512-BF16 "
+                        "or AMX; float32 elsewhere, where vLLM's bf16 linear layers fall back to a slow PyTorch GEMM)")
     p.add_argument("--json", help="write the results as JSON to this file")
+
+
+def resolve_dtype(dtype: str) -> tuple[str, str]:
+    """(dtype of the timed runs, why). ``auto``: bfloat16 where the CPU multiplies bf16 natively
+    (``core.heads.native_half_matmul``), else float32: on an AVX2-only CPU vLLM 0.32's bf16 linear layers fall back to
+    PyTorch's bf16 GEMM, whose cost grows with every row (measured on a 2-core AVX2 EPYC with SmolLM2-135M, held-out
+    chat prompts x 128 tokens: plain decoding 11.4 tok/s in bf16 vs 9.2 in fp32 at one request, but 18.3 vs 42.3 tok/s
+    with 8 requests at once)."""
+    if dtype != "auto":
+        return dtype, "as asked (--dtype)"
+    import torch
+
+    from medusa_plugin.core.heads import native_half_matmul
+
+    if native_half_matmul(torch.bfloat16, "cpu"):
+        return "bfloat16", "this CPU multiplies bf16 natively"
+    return "float32", ("this CPU has no native bf16 matmul (no AVX512-BF16 / AMX): bf16 decoding is slower here; "
+                       "--dtype bfloat16 to time it anyway")
 
 
 def _say(msg: str = "") -> None:
@@ -121,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = [chat_prompt_ids(tok, r) for r in requests]
 
     methods = R.demo_methods(str(heads_dir), tree)
+    dtype, why = resolve_dtype(args.dtype)
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
     identical = None
     if args.fp32_prompts:  # before the ngram engine: see demo_runs.run_order
         _say(f"[2/4] fp32 identity: plain vs Medusa tree and hybrid, {args.fp32_prompts} prompts x {args.fp32_tokens} tokens, "
@@ -130,11 +154,11 @@ def run(args: argparse.Namespace) -> int:
                 for m in tqdm([methods[0], methods[3], methods[4]], desc="fp32 runs", unit="method",
                               dynamic_ncols=True)]
         identical = fp32[0].token_ids == fp32[1].token_ids == fp32[2].token_ids
-    _say(f"[3/4] bf16: {len(methods)} methods x {len(prompts)} held-out prompts x <= {args.max_new_tokens} tokens, "
-         f"one request at a time and 8 at once (one engine per method)")
+    _say(f"[3/4] {short} ({why}): {len(methods)} methods x {len(prompts)} held-out prompts x <= "
+         f"{args.max_new_tokens} tokens, one request at a time and 8 at once (one engine per method)")
     results: dict[str, list] = {}
-    for m in tqdm(R.run_order(methods), desc="bf16 runs", unit="method", dynamic_ncols=True):
-        results[m.name] = R.run_method(model_dir, m, prompts, args.max_new_tokens, dtype="bfloat16")
+    for m in tqdm(R.run_order(methods), desc=f"{short} runs", unit="method", dynamic_ncols=True):
+        results[m.name] = R.run_method(model_dir, m, prompts, args.max_new_tokens, dtype=dtype)
     results = {m.name: results[m.name] for m in methods}  # report in display order
     _say("[4/4] report")
 
@@ -153,9 +177,9 @@ def run(args: argparse.Namespace) -> int:
         "hybrid_speedup_bs1": round(hybrid1.tok_s / plain1.tok_s, 3),
         "hybrid_speedup_conc8": round(hybrid8.tok_s / plain8.tok_s, 3),
         "tokens_per_step_bs1": round(tree1.tokens_per_step, 3),
-        "head_top1_held_out": report.get("head_top1"),
-        "bf16_agreement_with_plain_bs1": {f"{r.method} @{r.concurrency}": R.agreement(r.token_ids, plain1.token_ids)
-                                          for rs in results.values() for r in rs},
+        "head_top1_held_out": report.get("head_top1"), "dtype": dtype, "dtype_reason": why,
+        "agreement_with_plain_bs1": {f"{r.method} @{r.concurrency}": R.agreement(r.token_ids, plain1.token_ids)
+                                     for rs in results.values() for r in rs},
         "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "rows": rows,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
@@ -167,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
 
 def format_report(out: dict, request: str, answer: str) -> str:
     top1 = out.get("head_top1_held_out")
-    lines = ["", f"model:  {out['model']} (bf16), vLLM engine on CPU",
+    short = {"bfloat16": "bf16", "float32": "fp32"}.get(out.get("dtype"), out.get("dtype"))
+    lines = ["", f"model:  {out['model']} ({short}: {out.get('dtype_reason')}), vLLM engine on CPU",
              f"heads:  {out['heads_dir']}" + ("; held-out top-1 per head " + " ".join(f"{a:.2f}" for a in top1)
                                               if top1 else ""),
              f"tree:   fitted, {len(out['tree'])} nodes, depth {max(map(len, out['tree']))}",
@@ -177,16 +202,17 @@ def format_report(out: dict, request: str, answer: str) -> str:
         acc = " ".join(f"{a:.2f}" for a in r["acceptance_per_depth"]) or "-"
         lines.append(f"{r['method']:<24} {('1 by 1' if r['concurrency'] == 1 else str(r['concurrency']) + ' at once'):>8} "
                      f"{r['tok_s']:>8.1f} {r['x_plain']:>8.2f} {r['tokens_per_step']:>9.2f}  {acc}")
-    agree = out["bf16_agreement_with_plain_bs1"]
+    agree = out["agreement_with_plain_bs1"]
     n = out["num_prompts"]
     ident = out["identical_fp32"]
     lines += ["",
               "fp32 identity (Medusa tree and hybrid vs plain): " + ("not checked" if ident is None else
                                                           "identical" if ident else "DIFFERENT"),
-              "bf16 agreement with plain 1-by-1 (prompts of " + str(n) + "): "
+              f"{short} agreement with plain 1-by-1 (prompts of " + str(n) + "): "
               + ", ".join(f"{k} {v}" for k, v in agree.items() if not k.startswith("plain @1")),
               "  (bf16 on CPU is not batch-invariant: a different batch shape rounds differently and greedy paths "
-              "fork; fp32 is the identity proof)",
+              "fork; fp32 is the identity proof)" if short == "bf16" else
+              "  (fp32: any difference from plain would be a bug; the identity check above is the proof)",
               "", f"speed-up at batch 1: Medusa tree {out['speedup_bs1']:.2f}x, ngram {out['ngram_speedup_bs1']:.2f}x, "
               f"chain {out['chain_speedup_bs1']:.2f}x, hybrid {out['hybrid_speedup_bs1']:.2f}x; 8 at once: Medusa "
               f"tree {out['speedup_conc8']:.2f}x, hybrid {out['hybrid_speedup_conc8']:.2f}x",

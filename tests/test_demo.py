@@ -43,7 +43,7 @@ def test_demo_reports_every_method_and_fp32_identity(toy_chat, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "medusa_plugin.cli", "demo", "--model", str(model_dir), "--heads", str(heads),
          "--num-prompts", "2", "--max-new-tokens", "12", "--fp32-prompts", "2", "--fp32-tokens", "12",
-         "--json", str(out)], capture_output=True, text=True, timeout=1500)
+         "--dtype", "bfloat16", "--json", str(out)], capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     res = json.loads(out.read_text())
@@ -61,7 +61,19 @@ def test_demo_reports_every_method_and_fp32_identity(toy_chat, tmp_path):
     hybrid = [r for r in res["rows"] if "hybrid" in r["method"]]
     assert len(hybrid) == 2 and all(1.0 <= r["tokens_per_step"] <= 5.0 for r in hybrid)  # n-gram paths: 4 deep
     assert {"hybrid_speedup_bs1", "hybrid_speedup_conc8"} <= set(res)
-    assert "not batch-invariant" in text
+    assert "not batch-invariant" in text and res["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_demo_times_fp32_on_a_cpu_without_native_bf16(monkeypatch, native):
+    import torch
+
+    from medusa_plugin.demo import resolve_dtype
+
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: native, raising=False)
+    assert resolve_dtype("auto")[0] == ("bfloat16" if native else "float32")
+    assert resolve_dtype("bfloat16") == ("bfloat16", "as asked (--dtype)")
 
 
 def test_demo_bad_arguments(toy_chat):
