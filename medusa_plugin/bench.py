@@ -339,7 +339,7 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
     """
     import torch
 
-    from .core.heads import MedusaHeads
+    from .core.heads import MedusaHeads, MedusaHeadsError
 
     d = E2E_TINY if tiny else E2E_DEFAULTS
     concurrency = sorted(set(concurrency or d["concurrency"]))
@@ -359,7 +359,11 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
         model_dir, heads_dir, model_desc = _tiny_model(cache_dir, train_steps, distill_prompts)
     else:
         model_desc = f"{model_dir} + heads {heads_dir}"
-    num_heads = MedusaHeads.from_pretrained(heads_dir).num_heads
+    loaded = MedusaHeads.from_pretrained(heads_dir)
+    num_heads = loaded.num_heads
+    if builtin_medusa and loaded.root_input:  # refused before any engine runs, not after the plain and Medusa runs
+        raise MedusaHeadsError(f"--builtin-medusa: the heads in {heads_dir} read the root token (root_input), which "
+                               "vLLM's built-in Medusa cannot feed them; pass heads trained with --no-root-input")
     tree_obj, tree_label = _depth_capped(tree, num_heads)
     chain = chain or num_heads
     if engine == "vllm" and schedule:

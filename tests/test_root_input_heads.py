@@ -133,3 +133,12 @@ def test_reference_decoder_with_root_input_heads_is_identical_to_greedy(tiny_med
     out = medusa_generate(model, heads, spec, prompts, max_new_tokens=24)
     assert out.sequences == want
     assert out.stats.mean_accepted_tokens_per_step > 1.5, out.stats  # compaction exercised
+
+
+def test_bench_e2e_refuses_builtin_medusa_for_root_input_heads_before_any_engine(tmp_path):
+    from medusa_plugin.bench import e2e
+
+    _heads().save_pretrained(tmp_path / "heads")
+    with pytest.raises(MedusaHeadsError, match="--builtin-medusa.*--no-root-input"):
+        e2e(model_dir=str(tmp_path / "no-model-needed"), heads_dir=str(tmp_path / "heads"), engine="reference",
+            builtin_medusa=True)
