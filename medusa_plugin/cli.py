@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 # name -> (module, one-line help)
 EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("medusa_plugin.demo", "run Medusa end to end on a tiny offline model and report the speedup"),
+    "demo": ("medusa_plugin.demo", "Medusa vs plain decoding and vLLM ngram on SmolLM2-135M-Instruct (offline, "
+                                   "vLLM engine): speed and identity"),
     "train": ("medusa_plugin.hf.train", "train Medusa heads on a Hugging Face base model"),
     "fit-tree": ("medusa_plugin.hf.fit_tree", "fit a tree to measured head accuracies"),
     "bench": ("medusa_plugin.bench", "benchmark Medusa against plain decoding"),

@@ -172,7 +172,8 @@ def test_hidden_cache_reuses_the_rows_of_chats_it_has_and_never_stale_ones(tiny,
     _, model, _ = tiny
     computed = []
     real = hc.compute_hidden_states
-    monkeypatch.setattr(hc, "compute_hidden_states", lambda m, p, a, **kw: computed.append(list(p)) or real(m, p, a, **kw))
+    monkeypatch.setattr(hc, "compute_hidden_states",
+                        lambda m, p, a, **kw: computed.append(list(p)) or real(m, p, a, **kw))
     prompts, answers = [[4, 5, 6], [7, 8], [9, 10, 11, 12]], [[13, 14], [15, 16, 17], [18, 19]]
     path = tmp_path / "h.safetensors"
     hc.load_or_compute(path, model, prompts[:2], answers[:2], store_dtype=torch.float32, progress=False)

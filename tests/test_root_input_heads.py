@@ -98,7 +98,8 @@ def test_training_on_states_learns_what_only_the_root_tells():
     follow = {t: (t * 7 + 3) % 12 + 20 for t in range(20, 32)}  # root -> the token after it
     seq = [20]
     for _ in range(400):
-        seq.append(follow[seq[-1]] if torch.rand(1, generator=g) < 0.9 else int(torch.randint(20, 32, (1,), generator=g)))
+        noise = int(torch.randint(20, 32, (1,), generator=g))
+        seq.append(follow[seq[-1]] if torch.rand(1, generator=g) < 0.9 else noise)
     n = len(seq)
     cache = HiddenStateCache(torch.ones(n, H), torch.tensor(seq), torch.full((n,), n))
     emb = torch.randn(V, H, generator=g)

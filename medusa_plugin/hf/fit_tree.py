@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from medusa_plugin.core.tree_fit import TreeFitError, accuracy_from_topk, expected_accept_length, fit_tree
-from medusa_plugin.hf.base_model import DTYPES, last_hidden_state, lm_head_of, load_model, resolve_device, root_embeds_of
+from medusa_plugin.hf.base_model import (DTYPES, last_hidden_state, lm_head_of, load_model, resolve_device,
+                                         root_embeds_of)
 from medusa_plugin.hf.distill import self_distill
 from medusa_plugin.hf.errors import TrainError
 from medusa_plugin.hf.samples import distill_prompts, load_samples, read_jsonl

@@ -150,13 +150,13 @@ class MedusaTreeProposer:
 
     def _input_embedding(self, target_model: torch.nn.Module) -> Tensor:
         """The target's input-embedding table ``[V, H]`` (the rows root-input heads read, as in training:
-        ``hf.base_model.root_embeds_of``): the weight of ``target_model.model.embed_tokens`` (compat: ``embed_tokens``)."""
+        ``hf.base_model.root_embeds_of``): the weight of ``target_model.model.embed_tokens`` (a compat contract)."""
         if self.vllm_config.parallel_config.tensor_parallel_size != 1:
             raise MedusaProposerError("Medusa heads that read the root token (root_input) need tensor_parallel_size=1")
         weight = getattr(getattr(getattr(target_model, "model", None), "embed_tokens", None), "weight", None)
         if weight is None or weight.dim() != 2 or weight.shape[1] != self.heads.hidden_size:
-            raise MedusaProposerError("these Medusa heads read the root token (root_input), but the target model has no "
-                                      "input-embedding table model.embed_tokens of hidden size "
+            raise MedusaProposerError("these Medusa heads read the root token (root_input), but the target model has "
+                                      "no input-embedding table model.embed_tokens of hidden size "
                                       f"{self.heads.hidden_size}: use heads trained without --root-input")
         return weight[: self.vocab_size]
 
