@@ -47,7 +47,7 @@ class _FixedNodes:
 def _reference_topk(proposer, hidden, roots=None):
     """v0.1's draft path: all heads, full-vocabulary logits (``MedusaHeads.forward``), top-k of each."""
     logits = proposer.heads(hidden, lm_head=proposer._lm_head,
-                            root_embeds=None if roots is None else proposer.root_embeds(roots))[..., : proposer.vocab_size]
+                            root_embeds=proposer.root_embeds(roots))[..., : proposer.vocab_size]
     return logits.topk(proposer.tree.topk, dim=-1).indices
 
 

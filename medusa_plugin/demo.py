@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 SHIPPED_HEADS = "smollm2-135m-instruct"
+_SHORT = {"bfloat16": "bf16", "float32": "fp32"}
 # The settings of the command that trained the shipped heads (README "medusa-plugin train"); --retrain reruns it.
 RETRAIN_ARGS = dict(num_prompts=1600, written_per_topic=0, eval_prompts=32, answer_tokens=128, vocab_size=4096,
                     steps=1000, batch_size=512, gen_dtype="float32", train_projection="shared", root_input=True)
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = R.demo_methods(str(heads_dir), tree)
     dtype, why = resolve_dtype(args.dtype)
-    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    short = _SHORT[dtype]
     identical = None
     if args.fp32_prompts:  # before the ngram engine: see demo_runs.run_order
         _say(f"[2/4] fp32 identity: plain vs Medusa tree and hybrid, {args.fp32_prompts} prompts x {args.fp32_tokens} tokens, "
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_report(out: dict, request: str, answer: str) -> str:
     top1 = out.get("head_top1_held_out")
-    short = {"bfloat16": "bf16", "float32": "fp32"}.get(out.get("dtype"), out.get("dtype"))
+    short = _SHORT.get(out.get("dtype"), out.get("dtype"))
     lines = ["", f"model:  {out['model']} ({short}: {out.get('dtype_reason')}), vLLM engine on CPU",
              f"heads:  {out['heads_dir']}" + ("; held-out top-1 per head " + " ".join(f"{a:.2f}" for a in top1)
                                               if top1 else ""),

@@ -152,9 +152,7 @@ def distilled_chats(model_dir, tokenizer, request_sets: dict[str, list[str]], wo
         out[name] = [{"request": r, "prompt_ids": prompt_ids[name][i], "answer_tokens": answer_tokens,
                       "answer_ids": fresh[(name, i)] if (name, i) in fresh else known[r]["answer_ids"]}
                      for i, r in enumerate(reqs)]
-        path = work / f"{name}.jsonl"
-        if not path.is_file() or [r["request"] for r in _read_jsonl(path)] != list(reqs) or todo:
-            _write_jsonl(path, out[name])
+        _write_jsonl(work / f"{name}.jsonl", out[name])
     return out, seconds
 
 

@@ -131,18 +131,15 @@ def _assemble(rows: list[Tensor], answers: list[list[int]], keys: list[int]) -> 
     return HiddenStateCache(torch.cat(rows), next_token, segment_end, torch.tensor(keys, dtype=torch.int64))
 
 
-def _rows_by_key(cache: HiddenStateCache, prompts, answers) -> dict[int, Tensor]:
-    """The cached rows of each sample, by :func:`sample_hash`. A cache written without keys is matched to
-    ``prompts``/``answers`` only when its tokens are exactly theirs (then it was computed from them)."""
+def _rows_by_key(cache: HiddenStateCache, items: list[tuple[list[int], list[int]]], keys: list[int]
+                 ) -> dict[int, Tensor]:
+    """The cached rows of each sample, by :func:`sample_hash`. A cache written without keys is matched to ``items``
+    (with their ``keys``) only when its tokens are exactly theirs (then it was computed from them)."""
     segs = cache.segments()
-    keys = cache.sample_keys.tolist() if cache.sample_keys is not None else None
-    if keys is None or len(keys) != len(segs):
-        items = [(list(p), list(a)) for p, a in zip(prompts, answers) if len(p) and len(a)]
-        same = (len(items) == len(segs) and sum(len(a) for _, a in items) == len(cache)
-                and cache.next_token.tolist() == [t for _, a in items for t in a])
-        if not same:
-            return {}
-        keys = [sample_hash(p, a) for p, a in items]
+    if cache.sample_keys is not None and cache.sample_keys.numel() == len(segs):
+        keys = cache.sample_keys.tolist()
+    elif not (len(items) == len(segs) and cache.next_token.tolist() == [t for _, a in items for t in a]):
+        return {}
     return {k: cache.hidden[s:e] for k, (s, e) in zip(keys, segs)}
 
 
@@ -158,7 +155,7 @@ def load_or_compute(path: Path, model, prompts, answers, **kw) -> tuple[HiddenSt
     keys = [sample_hash(p, a) for p, a in items]
     if old is not None and old.sample_keys is not None and old.sample_keys.tolist() == keys:
         return old, 0.0
-    known = _rows_by_key(old, prompts, answers) if old is not None else {}
+    known = _rows_by_key(old, items, keys) if old is not None else {}
     missing = [i for i, k in enumerate(keys) if k not in known]
     t0 = time.perf_counter()
     if missing:

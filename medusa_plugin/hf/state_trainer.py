@@ -94,12 +94,11 @@ def draft_logits(heads, hidden: Tensor, k: int) -> Tensor:
 def head_inputs(heads, cache: HiddenStateCache, rows: Tensor, embed_weight: Tensor | None) -> Tensor:
     """``heads.head_input`` at cached ``rows`` [B]: the hidden states, plus the root token's embedding
     (``embed_weight[next_token[rows]]``) for root-input heads. TrainError if those lack ``embed_weight``."""
-    hidden = cache.hidden[rows].to(heads.dtype)
     if not heads.root_input:
-        return hidden
+        return heads.head_input(cache.hidden[rows])
     if embed_weight is None:
         raise TrainError("root-input heads need the target model's input embedding (embed_weight)")
-    return heads.head_input(hidden, embed_weight[cache.next_token[rows]])
+    return heads.head_input(cache.hidden[rows], embed_weight[cache.next_token[rows]])
 
 
 def _lr(step: int, warmup: int, total: int) -> float:

@@ -160,9 +160,10 @@ class MedusaTreeProposer:
                                       f"{self.heads.hidden_size}: use heads trained without --root-input")
         return weight[: self.vocab_size]
 
-    def root_embeds(self, roots: Tensor) -> Tensor | None:
-        """``[B]`` root token ids -> ``[B, H]`` input-embedding rows for root-input heads; None for other heads."""
-        if self._embed is None:
+    def root_embeds(self, roots: Tensor | None) -> Tensor | None:
+        """``[B]`` root token ids -> ``[B, H]`` input-embedding rows for root-input heads; None for other heads
+        (or no roots)."""
+        if self._embed is None or roots is None:
             return None
         return self._embed[roots.to(self._embed.device)]
 
@@ -292,7 +293,7 @@ class MedusaTreeProposer:
         (only the heads the prefix needs)."""
         heads = self.heads_for(hidden.shape[0] * num_heads)
         return heads.draft_topk(hidden, self.tree.topk, num_heads, lm_head=self._lm_head, vocab_size=self.vocab_size,
-                                root_embeds=None if roots is None else self.root_embeds(roots))
+                                root_embeds=self.root_embeds(roots))
 
     def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
         """Draft tokens of the first ``num_nodes`` nodes per request (one host copy)."""
