@@ -104,7 +104,13 @@ def test_requests_finishing_inside_a_path_and_mixed_batches(results, name):
     ref, got = results["ref"], results[name]
     assert got["stops"] == ref["stops"] == [p["expect"] for p in ref["plan"]]
     assert got["mixed"] == ref["mixed"] and len(got["mixed"]) == 5
-    assert got["stats"].mixed_batches > 0
+    if name == "scheduled":
+        # the schedule drafts only where the step cost measured on this machine pays for it, so whether the three
+        # steps with a prefill draft is the machine's call (0 of them on CI's 2 cores, 1 here); "dynamic" and
+        # "hybrid" always draft and pin the mixed batch, this one its identity when the schedule decides
+        assert got["stats"].tree_batches > 0
+    else:
+        assert got["stats"].mixed_batches > 0
 
 
 def test_preempted_requests_resume_identically(results):
