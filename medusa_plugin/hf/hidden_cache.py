@@ -143,11 +143,13 @@ def _rows_by_key(cache: HiddenStateCache, items: list[tuple[list[int], list[int]
     return {k: cache.hidden[s:e] for k, (s, e) in zip(keys, segs)}
 
 
-def load_or_compute(path: Path, model, prompts, answers, **kw) -> tuple[HiddenStateCache, float]:
+def load_or_compute(path: Path, model, prompts, answers, *, known: dict[int, Tensor] | None = None,
+                    **kw) -> tuple[HiddenStateCache, float]:
     """The hidden states of ``prompts``/``answers`` (as :func:`compute_hidden_states`), reusing the rows of every
     sample already cached at ``path`` (matched by :func:`sample_hash`, so a run with more prompts computes only the
-    new ones, and a stale cache is never used for other chats); the result is saved to ``path``. Returns
-    (cache, seconds spent computing)."""
+    new ones, and a stale cache is never used for other chats) or given in ``known`` ({:func:`sample_hash`:
+    ``[len(answer), H]`` rows}, e.g. captured while vLLM generated the answers); the result is saved to ``path``.
+    Returns (cache, seconds spent computing)."""
     items = [(list(p), list(a)) for p, a in zip(prompts, answers) if len(p) and len(a)]
     if not items:
         raise TrainError("no sample has both a prompt and an answer token")
@@ -155,7 +157,13 @@ def load_or_compute(path: Path, model, prompts, answers, **kw) -> tuple[HiddenSt
     keys = [sample_hash(p, a) for p, a in items]
     if old is not None and old.sample_keys is not None and old.sample_keys.tolist() == keys:
         return old, 0.0
+    given = known or {}
     known = _rows_by_key(old, items, keys) if old is not None else {}
+    for k, (_, a) in zip(keys, items):
+        if k not in known and k in given:
+            if given[k].shape[0] != len(a):
+                raise TrainError(f"{given[k].shape[0]} hidden-state rows given for an answer of {len(a)} tokens")
+            known[k] = given[k]
     missing = [i for i, k in enumerate(keys) if k not in known]
     t0 = time.perf_counter()
     if missing:

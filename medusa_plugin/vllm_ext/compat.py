@@ -222,6 +222,8 @@ _WHEN_WORKER = "when vLLM selects a model-runner class per speculative method (n
 _WHEN_TREE_ATTENTION = ("when vLLM ships a tree-attention backend again (removed in PR #42121) whose metadata "
                         "carries the tree mask")
 _WHEN_CUDA = _WHEN_TREE_ATTENTION + ", or when the EXPERIMENTAL CUDA path is dropped"
+_WHEN_CAPTURE = ("when vLLM returns the final hidden states of generated tokens itself (an offline API for "
+                 "drafter training data)")
 _WHEN_PUBLIC = "public API used by offline.py, tests and examples: only when vLLM renames it"
 
 _GMR = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
@@ -339,7 +341,8 @@ CONTRACTS: tuple[Contract, ...] = (
                  "runs the target model's forward over num_tokens rows (dummy inputs): the measured forward cost of "
                  "each row count in the tree_schedule: auto table",
                  _params("num_tokens")),
-        Contract(f"{_GMR}.get_model", "calibrate", "the target model, whose compute_logits the auto table times"),
+        Contract(f"{_GMR}.get_model", "calibrate, hidden_capture",
+                 "the target model, whose compute_logits the auto table times (and whose forward is hooked)"),
         Contract("vllm.model_executor.models.llama.LlamaForCausalLM.compute_logits", "calibrate",
                  "the vocabulary projection over hidden rows (the dummy batch stops before it; tree rows pay it)",
                  _params("hidden_states")),
@@ -508,6 +511,20 @@ CONTRACTS: tuple[Contract, ...] = (
         Contract("vllm.model_executor.layers.attention.attention.Attention.__init__", "kv_layout",
                  "static_forward_context[layer].head_size / head_size_v size the K|V split of a CUDA cache",
                  _source("self.head_size = ", "self.head_size_v = "), upstream="RFC #42082 (logical KV layout)"),
+    ),
+    # ---- hidden states captured while the chat recipe generates (hidden_capture.py)
+    *_section(_WHEN_CAPTURE,
+        Contract("vllm.LLM.collective_rpc", "hidden_capture",
+                 "runs the hook installer on the in-process worker (worker.model_runner)", _params("method")),
+        Contract(f"{_GMR}._model_forward", "hidden_capture",
+                 "the model is called with positions= (the hook reads the positions of the step's rows)",
+                 _source("self.model(", "positions=positions")),
+        Contract("vllm.v1.worker.gpu_input_batch.InputBatch", "hidden_capture",
+                 "num_reqs and req_ids: the requests of the step, in the row order of query_start_loc",
+                 _attrs("num_reqs", "req_ids")),
+        Contract("vllm.v1.worker.gpu_input_batch.CachedRequestState", "hidden_capture",
+                 "runner.requests[req_id].prompt_token_ids: which prompt a row belongs to, and its length",
+                 _fields("prompt_token_ids")),
     ),
     # ---- offline generation and metrics (offline.py, tests)
     *_section(_WHEN_PUBLIC,
