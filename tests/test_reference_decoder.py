@@ -12,7 +12,16 @@ from medusa_plugin.core.tree import MedusaTree, shipped_tree_names
 from medusa_plugin.hf.generate import MedusaGenerateError, baseline_generate, medusa_generate
 from medusa_plugin.testing import tiny_prompts
 
-TREES = shipped_tree_names() + ["chain:4"]
+# "+acceptance-order": mc_sim_7b_63 in order of expected acceptance (what a scheduled proposer verifies)
+TREES = shipped_tree_names() + ["chain:4", "mc_sim_7b_63+acceptance-order"]
+
+
+def _tree(spec: str) -> MedusaTree:
+    from medusa_plugin.core.schedule import default_accuracy
+
+    name, _, order = spec.partition("+")
+    tree = MedusaTree.load(name)
+    return tree.in_acceptance_order(default_accuracy()) if order else tree
 ARCHS = ["llama", "qwen2"]
 MAX_NEW = 32  # trained heads (long accepted paths)
 MAX_NEW_RANDOM = 16  # random heads: about one token per step, so steps are what costs
@@ -48,13 +57,13 @@ def setup(tiny_medusa):
 def test_greedy_equals_generate(setup, arch, kind, tree):
     model, heads, prompts, ref = setup(arch, kind)
     max_new = MAX_NEW if kind == "trained" else MAX_NEW_RANDOM
-    out = medusa_generate(model, heads, tree, prompts, max_new_tokens=max_new)
+    out = medusa_generate(model, heads, _tree(tree), prompts, max_new_tokens=max_new)
     assert out.sequences == [r[:max_new] for r in ref]
     st = out.stats
     assert st.tokens == len(prompts) * max_new
     if kind == "trained":  # long accepted paths: KV compaction is exercised
         assert st.mean_accepted_tokens_per_step > 2, st
-    assert max(max(s) for s in st.step_tokens) <= MedusaTree.load(tree).max_depth + 1
+    assert max(max(s) for s in st.step_tokens) <= _tree(tree).max_depth + 1
 
 
 def test_stats_consistent(setup):

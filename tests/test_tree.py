@@ -10,9 +10,11 @@ import torch
 from medusa_plugin.core.tree import MedusaTree, MedusaTreeError, shipped_tree_names
 
 
-def brute_force_buffers(choices, topk):
-    """Everything from first principles: node order, prefixes as ancestors."""
-    paths = sorted((tuple(p) for p in choices), key=lambda p: (len(p), p))
+def brute_force_buffers(choices, topk, order=None):
+    """Everything from first principles: node order (upstream's, or the paths ``order`` lists), prefixes as
+    ancestors."""
+    paths = [tuple(p) for p in order] if order is not None else sorted((tuple(p) for p in choices),
+                                                                        key=lambda p: (len(p), p))
     nodes = [()] + paths
     n1, d = len(nodes), max(len(p) for p in paths)
     idx = {p: i for i, p in enumerate(nodes)}
@@ -200,3 +202,81 @@ def test_describe_and_to():
     assert "├── 0  (node 1: head 0 rank 0)" in text and "0.0.0.1  (node 63: head 3 rank 1)" in text
     t2 = t.to("cpu")
     assert t2 == t and torch.equal(t2.retrieve_indices, t.retrieve_indices)
+
+
+def _random_topological_order(rng, choices):
+    """The paths in a random order in which every parent precedes its children."""
+    left, placed, out = [tuple(p) for p in choices], set(), []
+    while left:
+        ready = [p for p in left if len(p) == 1 or p[:-1] in placed]
+        p = rng.choice(ready)
+        left.remove(p)
+        placed.add(p)
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("name,choices,topk", _trees(), ids=[c[0] for c in _trees()])
+def test_keep_order_buffers_equal_brute_force(name, choices, topk):
+    rng = random.Random(name)
+    order = _random_topological_order(rng, choices)
+    t = MedusaTree(order, topk=topk, keep_order=True)
+    ref = brute_force_buffers(choices, topk, order=order)
+    assert t.choices == order
+    for field in ("depth", "parent", "ancestor_mask", "tree_indices", "retrieve_indices", "child_index"):
+        assert getattr(t, field).tolist() == ref[field], field
+    assert t.prefix_depth == [max([0] + [len(p) for p in order[:n]]) for n in range(len(order) + 1)]
+    # candidates of each prefix = the first columns of the full tree's
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, t.max_depth, max(topk, 12), generator=g)
+    root = torch.tensor([1, 2, 3])
+    full = t.build_candidates(root, logits)
+    top = logits.topk(topk, dim=-1).indices
+    for n in range(t.num_nodes + 1):
+        assert torch.equal(t.candidates_from_topk(root, top[:, : t.prefix_depth[n]], n), full[:, : n + 1])
+
+
+def test_keep_order_refuses_a_child_before_its_parent():
+    with pytest.raises(MedusaTreeError, match=r"tree path \[0, 1\] comes before its parent \[0\]"):
+        MedusaTree([[1], [0, 1], [0]], keep_order=True)
+
+
+def _best_closed_subset_sum(paths, prob, n):
+    """Brute force: the largest total probability of ``n`` nodes that form a tree (every parent included)."""
+    import itertools
+
+    best = 0.0
+    for sub in itertools.combinations(range(len(paths)), n):
+        chosen = {paths[i] for i in sub}
+        if all(len(p) == 1 or p[:-1] in chosen for p in chosen):
+            best = max(best, sum(prob[i] for i in sub))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_acceptance_order_prefixes_are_the_best_trees_of_their_size(seed):
+    rng = random.Random(seed)
+    topk = 3
+    choices = random_tree(rng, topk=topk, max_depth=4, n_paths=5)[:10]
+    choices = [p for p in choices if all(p[:k] in choices for k in range(1, len(p)))] or [[0]]
+    acc = [[rng.random() * 0.6 for _ in range(topk)] for _ in range(4)]
+    if seed == 0:
+        acc[1] = [0.0] * topk  # ties at probability 0: parents still first
+    t = MedusaTree(choices, topk=topk)
+    ordered = t.in_acceptance_order(acc)
+    assert sorted(ordered.choices) == sorted(t.choices)
+    parent = ordered.parent.tolist()
+    assert all(parent[i] < i for i in range(1, ordered.num_nodes + 1))
+    prob = ordered.path_probabilities(acc)
+    assert prob == sorted(prob, reverse=True)
+    for n in range(1, ordered.num_nodes + 1):
+        assert sum(prob[:n]) == pytest.approx(_best_closed_subset_sum(ordered.choices, prob, n))
+
+
+def test_acceptance_order_puts_the_chain_before_the_second_rank():
+    acc = [[0.48, 0.10, 0.05], [0.29, 0.08, 0.04], [0.2, 0.07, 0.03]]
+    t = MedusaTree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]], topk=3)
+    assert t.choices[:2] == [(0,), (1,)]  # upstream order: breadth first
+    ordered = t.in_acceptance_order(acc)
+    assert ordered.choices[:3] == [(0,), (0, 0), (1,)]  # 0.48, 0.139, 0.10
+    assert ordered.prefix_depth[:4] == [0, 1, 2, 2]

@@ -39,6 +39,25 @@ def _schedule_yaml(path: Path) -> Path:
     return path
 
 
+def _chain_schedule_yaml(path: Path) -> Path:
+    """Overheads that make a 2-node prefix best at batch 1 and 2: in order of expected acceptance that is the chain
+    [0], [0, 0] (breadth first it was ranks 0 and 1 of head 0)."""
+    sched = TreeSchedule(batch_sizes=[1, 2], query_tokens=[1, 3, 4, 64],
+                         overhead=[[1.0, 1.0, 5.0, 50.0], [1.0, 1.0, 5.0, 50.0]], accept_lengths=[1.0] * 64)
+    sched.to_yaml(path)
+    return path
+
+
+def _proposer_tree(heads_dir):
+    """The tree as a scheduled proposer orders it (expected acceptance under the heads' recorded accuracy)."""
+    from medusa_plugin.core.head_files import recorded_accuracy
+    from medusa_plugin.core.schedule import default_accuracy
+    from medusa_plugin.core.tree import MedusaTree
+
+    acc = recorded_accuracy(heads_dir)
+    return MedusaTree.load(TREE).in_acceptance_order(acc or default_accuracy()), acc
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from transformers import AutoTokenizer
@@ -50,7 +69,8 @@ def runs(tmp_path_factory):
     schedule_path = _schedule_yaml(tmp_path_factory.mktemp("sched") / "schedule.yaml")
     batches = {1: prompts[:1], 2: prompts[:2], 3: prompts[:3]}
 
-    out: dict = {"schedule": TreeSchedule.resolve(str(schedule_path), TREE)}
+    tree, acc = _proposer_tree(heads_dir)
+    out: dict = {"schedule": TreeSchedule.resolve(str(schedule_path), tree, accuracy=acc), "tree": tree}
     llm = offline.build_llm(str(model_dir), max_model_len=256)
     try:
         out["plain"] = {b: offline.run(llm, p, MAX_TOKENS, ignore_eos=True) for b, p in batches.items()}
@@ -61,6 +81,15 @@ def runs(tmp_path_factory):
     llm = offline.build_llm(str(model_dir), medusa=medusa, max_model_len=256)
     try:
         out["medusa"] = {b: offline.run(llm, p, MAX_TOKENS, ignore_eos=True) for b, p in batches.items()}
+    finally:
+        offline.shutdown(llm)
+        del llm
+    chain_path = _chain_schedule_yaml(schedule_path.with_name("chain.yaml"))
+    out["chain_schedule"] = TreeSchedule.resolve(str(chain_path), tree, accuracy=acc)
+    llm = offline.build_llm(str(model_dir), medusa={**medusa, "tree_schedule": str(chain_path)}, max_model_len=256)
+    try:
+        out["chain"] = {b: offline.run(llm, batches[b], MAX_TOKENS, ignore_eos=True) for b in (1, 2)}
+        out["chain_stats"] = llm.collective_rpc(lambda self: self.model_runner.medusa_stats)[0]
     finally:
         offline.shutdown(llm)
     return out
@@ -95,3 +124,17 @@ def test_two_requests_verify_the_smaller_scheduled_prefix(runs):
 
 def test_no_speculation_above_max_batch_size(runs):
     assert runs["medusa"][3].metrics == {}
+
+
+def test_a_chain_prefix_is_verified_as_a_chain(runs):
+    """In order of expected acceptance the schedule's 2-node prefix is the chain [0], [0, 0]: those steps take the
+    chain path (stock attention, no moved positions, no KV compaction) and stay identical to plain decoding."""
+    assert runs["tree"].choices[:2] == [(0,), (0, 0)] and runs["tree"].chain_prefix >= 2
+    assert runs["chain_schedule"].num_nodes(1) == runs["chain_schedule"].num_nodes(2) == 2
+    for b in (1, 2):
+        assert runs["chain"][b].token_ids == runs["plain"][b].token_ids
+        m = runs["chain"][b].metrics
+        assert m["num_draft_tokens"] == 2 * m["num_drafts"] and m["mean_tokens_per_step"] > 1.0
+    stats = runs["chain_stats"]
+    assert stats.tree_batches > 0 and stats.chain_batches == stats.tree_batches
+    assert stats.accepted_per_depth[1] > 0  # paths of two draft tokens accepted in place

@@ -106,10 +106,7 @@ def prefix_accept_lengths(tree, accuracy: Sequence[Sequence[float]] | None = Non
         raise TreeScheduleError("accuracy must be a non-empty [K, R] table of probabilities in [0, 1] "
                                 "(marginal per-rank accuracy; convert cumulative top-k accuracy by differencing)")
     out = [1.0]
-    for path in tree.choices:
-        p = 1.0
-        for k, r in enumerate(path):
-            p *= acc[k][r] if k < len(acc) and r < len(acc[k]) else 0.0
+    for p in tree.path_probabilities(acc):
         out.append(out[-1] + p)
     return out
 

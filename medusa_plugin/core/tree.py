@@ -4,6 +4,12 @@ A tree is a set of *paths*; a path ``(r0, r1, ..., r_{d-1})`` is the node reache
 then rank ``r1`` of head 1, ... (ranks are positions in each head's top-k). Node order is upstream Medusa's:
 ``sorted(choices, key=lambda p: (len(p), p))``; node 0 is the root (the last emitted token), node ``i >= 1`` is
 ``choices[i - 1]``. Every ancestor precedes its descendants, so any prefix ``[0, q)`` of the node order is a tree.
+
+A batch-aware schedule verifies such prefixes, and a breadth-first prefix is a poor one: its first two nodes are
+ranks 0 and 1 of head 0, never the chain ``[0], [0, 0]`` that usually accepts more. :meth:`MedusaTree.
+in_acceptance_order` puts the nodes in order of expected acceptance instead (still ancestors first), so every
+prefix is the best tree of its size under the independence model; ``keep_order=True`` builds a tree in a given
+ancestor-closed order.
 """
 
 from __future__ import annotations
@@ -100,14 +106,28 @@ class MedusaTree:
             (leaves in reverse node order).
         node_paths: [N+1, D+1] int64, row i = root..i node indices padded with -1 (``retrieve_indices`` rows are
             ``node_paths[leaf]``).
-        children: list[list[int]], children of each node in node order (= increasing rank).
+        children: list[list[int]], children of each node in node order (= increasing rank in upstream order).
         child_index: [N+1, topk] int64, (node, rank) -> child node or -1.
         is_leaf: [N+1] bool.
+        prefix_depth: N+1 ints, the depth of the prefix ``[0, n]`` of node order (the heads it needs).
+        chain_prefix: the largest ``c`` whose prefix ``[0, c]`` is a chain (node ``i``'s parent is ``i - 1``).
     """
 
-    def __init__(self, choices: Sequence[Sequence[int]], *, num_heads: int | None = None, topk: int = DEFAULT_TOPK):
-        paths = sorted(_normalise(choices, topk), key=lambda p: (len(p), p))
-        max_depth = len(paths[-1])
+    def __init__(self, choices: Sequence[Sequence[int]], *, num_heads: int | None = None, topk: int = DEFAULT_TOPK,
+                 keep_order: bool = False):
+        """``keep_order``: node order is the order of ``choices`` (every parent must come before its children;
+        MedusaTreeError otherwise) instead of upstream's (depth, path) order."""
+        paths = _normalise(choices, topk)
+        if keep_order:
+            seen: set[tuple[int, ...]] = set()
+            for p in paths:
+                if len(p) > 1 and p[:-1] not in seen:
+                    raise MedusaTreeError(f"tree path {_fmt(p)} comes before its parent {_fmt(p[:-1])}: with "
+                                          f"keep_order every parent must be listed before its children")
+                seen.add(p)
+        else:
+            paths = sorted(paths, key=lambda p: (len(p), p))
+        max_depth = max(map(len, paths))
         if num_heads is not None and max_depth > num_heads:
             raise MedusaTreeError(
                 f"tree depth {max_depth} needs at least {max_depth} heads, the checkpoint has {num_heads}: "
@@ -147,8 +167,14 @@ class MedusaTree:
         child_index[self.parent[1:], self.rank[1:]] = torch.arange(1, n + 1)
         self.child_index = child_index
         self.is_leaf = torch.tensor([not c for c in children], dtype=torch.bool)
-        # prefix_depth[n]: depth of the prefix [0, n] of node order (nodes are sorted by depth): heads it needs.
-        self.prefix_depth = [0] + [len(p) for p in paths]
+        # prefix_depth[n]: depth of the prefix [0, n] of node order: the heads it needs.
+        self.prefix_depth = [0] + np.maximum.accumulate([len(p) for p in paths]).tolist()
+        # chain_prefix: the longest prefix [0, c] that is a chain (node i's parent is i - 1): verifying it needs no
+        # tree mask, no moved positions and no KV compaction
+        c = 0
+        while c < n and parent[c + 1] == c:
+            c += 1
+        self.chain_prefix = c
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -229,6 +255,31 @@ class MedusaTree:
         if s.lower().endswith((".yaml", ".yml", ".json")) or os.path.sep in s or Path(s).is_file():
             return cls.from_yaml(s, **kw)
         return cls.from_name(s, **kw)
+
+    # ---------------------------------------------------------------- acceptance order
+    def path_probabilities(self, accuracy: Sequence[Sequence[float]]) -> list[float]:
+        """Independence model (upstream Medusa's tree construction): ``N`` floats, node ``i``'s probability of being
+        on the accepted path, ``prod_d accuracy[d][path_i[d]]``.
+
+        Args:
+            accuracy: ``[K][R]`` marginal accuracy, ``accuracy[k][r]`` = P(rank ``r`` of head ``k`` is the target's
+                token); heads and ranks outside the table count as never right.
+        """
+        out = []
+        for path in self.choices:
+            p = 1.0
+            for k, r in enumerate(path):
+                p *= float(accuracy[k][r]) if k < len(accuracy) and r < len(accuracy[k]) else 0.0
+            out.append(p)
+        return out
+
+    def in_acceptance_order(self, accuracy: Sequence[Sequence[float]]) -> "MedusaTree":
+        """The same paths in order of decreasing :meth:`path_probabilities` (ties: upstream order), so each prefix
+        ``[0, n]`` holds the ``n`` nodes most likely to be accepted. Ancestors still come first: a node's probability
+        never exceeds its parent's, and on a tie the shallower node wins."""
+        prob = self.path_probabilities(accuracy)
+        order = sorted(range(self.num_nodes), key=lambda i: (-prob[i], len(self.choices[i]), self.choices[i]))
+        return MedusaTree([self.choices[i] for i in order], topk=self.topk, keep_order=True)
 
     # ---------------------------------------------------------------- tensors
     def to(self, device: torch.device | str) -> "MedusaTree":

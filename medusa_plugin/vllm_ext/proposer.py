@@ -27,7 +27,7 @@ from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, obser
 from medusa_plugin.core.heads import MedusaHeads, native_half_matmul
 from medusa_plugin.core.node_allocation import allocate_nodes
 from medusa_plugin.core.head_files import recorded_accuracy
-from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, prefix_accept_lengths
+from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, default_accuracy, prefix_accept_lengths
 from medusa_plugin.core.step_time_fit import StepTimeFit
 from medusa_plugin.core.tree import MedusaTree
 
@@ -61,7 +61,8 @@ class MedusaTreeProposer:
         heads: :class:`MedusaHeads` (after ``load_model``).
         schedule: the batch-aware :class:`TreeSchedule` from the ``tree_schedule`` setting, or None (full tree at
             every batch size). With a schedule, each step drafts the first ``schedule.num_nodes(batch)`` nodes (a
-            prefix of node order is itself a tree; 0 = no speculation for that step).
+            prefix of node order is itself a tree; 0 = no speculation for that step), and ``tree`` is in order of
+            expected acceptance (``MedusaTree.in_acceptance_order``, the heads' recorded accuracy).
         dynamic: for ``tree: dynamic`` the :class:`~medusa_plugin.core.dynamic_tree.DynamicTreeSpec` (``tree`` is
             then a chain as long as the budget, used only for its node count), else None.
         trees: ``tree: dynamic``: the tree drafted for each request id at the last :meth:`propose_tree` call.
@@ -79,17 +80,23 @@ class MedusaTreeProposer:
         self._observed = 0
         self.tree = (MedusaTree.chain(self.dynamic.budget, topk=self.config.topk) if self.dynamic is not None
                      else MedusaTree.load(self.config.tree, topk=self.config.topk))
+        # the heads' own held-out accuracy when their training recorded it (None: Vicuna-7B's)
+        accuracy = recorded_accuracy(self.config.heads)
+        if self.dynamic is None and self.config.tree_schedule is not None:
+            # a schedule verifies prefixes of node order: the nodes most likely to be accepted first (a 2-node
+            # prefix is then the chain [0], [0, 0] rather than ranks 0 and 1 of head 0)
+            self.tree = self.tree.in_acceptance_order(accuracy or default_accuracy())
         # tree: dynamic has no table of prefixes: with tree_schedule: auto each step's node count comes from the
         # measured step cost and the trees' own path scores (propose_dynamic)
         self.schedule = (None if self.dynamic is not None
-                         else TreeSchedule.resolve(self.config.tree_schedule, self.tree))
+                         else TreeSchedule.resolve(self.config.tree_schedule, self.tree, accuracy=accuracy))
         # tree_schedule: auto without a shipped table for this device (every CPU): measured in the engine
         # (calibrate(), called by the runner once the KV cache exists).
         self.needs_calibration = self.config.tree_schedule == "auto" and self.schedule is None
         # E[L](n) as observed in serving (observe(), called by the runner with each step's accepted paths).
         # Before any observation: the heads' own held-out accuracy when their training recorded it, else Vicuna-7B's.
         prior = (self.schedule.accept_lengths if self.schedule is not None
-                 else prefix_accept_lengths(self.tree, recorded_accuracy(self.config.heads)))
+                 else prefix_accept_lengths(self.tree, accuracy))
         self.acceptance = AcceptanceEstimator(self.tree, prior[: self.tree.num_nodes + 1]
                                               if len(prior) >= self.tree.num_nodes + 1
                                               else prefix_accept_lengths(self.tree))

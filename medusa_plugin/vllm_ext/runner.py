@@ -75,6 +75,7 @@ class MedusaStats:
     nodes_verified: int = 0         # tree nodes (drafts) verified
     tree_batches: int = 0           # engine steps with at least one tree request
     mixed_batches: int = 0          # ... of which also prefilled another request (query length > 1, no drafts)
+    chain_batches: int = 0          # ... of which verified chains only (a static tree's chain prefix): stock attention
     truncated_trees: int = 0        # tree requests whose drafts vLLM cut to a prefix (token budget, max_model_len)
     accepted_per_depth: list[int] = field(default_factory=list)
 
@@ -109,6 +110,7 @@ class MedusaRunnerMixin:
         self._m_is_chain = tree.num_nodes == tree.max_depth and not self._m_dynamic
         self._m_trees: list | None = None                 # tree: dynamic: the step's trees (one per tree request)
         self._m_step: tree_step.TreeStep | None = None   # this step's tree requests; None if no request has drafts
+        self._m_chain_step = False                        # this step's drafts are all chains (no mask, no compaction)
         self._m_kv_layers: tuple | None = None           # (kv_cache_config, [(group id, [layers])]) for compaction
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
@@ -147,6 +149,7 @@ class MedusaRunnerMixin:
             spec_md.num_draft_tokens, num_scheduled_tokens, self.query_start_loc.np, self._m_tree.ancestor_mask,
             scheduler_output.total_num_scheduled_tokens)
         self._m_step = step
+        self._m_chain_step = False
         if step is None:
             return out
         stats, n1 = self.medusa_stats, self._m_tree.num_nodes + 1
@@ -172,7 +175,12 @@ class MedusaRunnerMixin:
             req = torch.from_numpy(np.repeat(np.arange(step.rows.size), step.num_valid)).to(dev)
             self.positions[tok] = self.positions[tok - node] + depth[req, node]
             tree_step.publish(step)
-        elif not self._m_is_chain:
+        elif self._m_is_chain or int(step.num_valid.max()) - 1 <= self._m_tree.chain_prefix:
+            # Every request verifies a chain (the whole tree is one, or the schedule's prefix is): linear positions,
+            # the causal mask and in-place accepted KV are already right, so stock attention and no compaction.
+            stats.chain_batches += 1
+            self._m_chain_step = True
+        else:
             # Root rows keep their linear position num_computed; node i moves to num_computed + depth[i].
             tok, node = step.token_index, step.token_node
             self.positions[tok] = self.positions[tok - node] + self._m_tree.depth[node]
@@ -257,7 +265,7 @@ class MedusaRunnerMixin:
 
     def _medusa_compact(self, step: tree_step.TreeStep, result: AcceptanceResult) -> None:
         """Move each accepted path's K/V to consecutive slots in every full-attention layer."""
-        if self._m_is_chain or int(result.accept_len.max()) == 0:
+        if self._m_is_chain or self._m_chain_step or int(result.accept_len.max()) == 0:
             return
         for gid, layers in self._medusa_kv_layers():
             slot_mapping = self.input_batch.block_table.block_tables[gid].slot_mapping.gpu
