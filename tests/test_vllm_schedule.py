@@ -30,7 +30,7 @@ def _cache_dir() -> Path:  # the same cache as tests/test_vllm_engine.py, so the
 
 
 def _schedule_yaml(path: Path) -> Path:
-    """Overheads that make the full tree best at batch 1, a smaller prefix best at batch 2, and the full tree again
+    """Overheads that make the full tree (its nodes that can be accepted) best at batch 1, a smaller prefix best at batch 2, and the full tree again
     at batch 3 (where max_batch_size must win)."""
     sched = TreeSchedule(batch_sizes=[1, 2, 3], query_tokens=[1, 16, 64],
                          overhead=[[1.0, 1.0, 1.0], [1.0, 1.0, 4.0], [1.0, 1.0, 1.0]],
@@ -97,9 +97,12 @@ def runs(tmp_path_factory):
 
 def test_schedule_fixture_is_discriminating(runs):
     sched = runs["schedule"]
-    assert sched.num_nodes(1) == 63
-    assert 0 < sched.num_nodes(2) < 63
-    assert sched.num_nodes(3) == 63  # only max_batch_size turns speculation off at batch 3
+    full, el = sched.num_nodes(1), sched.accept_lengths
+    # batch 1: every node that can be accepted (in order of expected acceptance the nodes of probability 0 come
+    # last, and a free node that adds nothing is not drafted)
+    assert el[full] == pytest.approx(el[-1]) and el[full - 1] < el[-1] - 1e-9
+    assert 0 < sched.num_nodes(2) < full
+    assert sched.num_nodes(3) == full  # only max_batch_size turns speculation off at batch 3
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
