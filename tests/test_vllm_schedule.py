@@ -30,8 +30,8 @@ def _cache_dir() -> Path:  # the same cache as tests/test_vllm_engine.py, so the
 
 
 def _schedule_yaml(path: Path) -> Path:
-    """Overheads that make the full tree (its nodes that can be accepted) best at batch 1, a smaller prefix best at batch 2, and the full tree again
-    at batch 3 (where max_batch_size must win)."""
+    """Overheads that make the full tree (its nodes that can be accepted) best at batch 1, a smaller prefix best at
+    batch 2, and the full tree again at batch 3 (where max_batch_size must win)."""
     sched = TreeSchedule(batch_sizes=[1, 2, 3], query_tokens=[1, 16, 64],
                          overhead=[[1.0, 1.0, 1.0], [1.0, 1.0, 4.0], [1.0, 1.0, 1.0]],
                          accept_lengths=[1.0] * 64)
