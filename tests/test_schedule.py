@@ -371,3 +371,22 @@ def test_measured_overhead_ignores_a_slow_outlier_below_faster_bigger_forwards()
     clean = measured_overhead({1: 10.0, 2: 10.5, 4: 11.0}, [1, 2], [1, 2])
     noisy = measured_overhead({1: 30.0, 2: 10.5, 4: 11.0}, [1, 2], [1, 2])  # first (cold) forward was slow
     assert noisy[1] == clean[1] and noisy[0][1] == pytest.approx(1.0)
+
+
+def test_tree_attention_is_charged_beyond_the_chain_prefix_only():
+    from medusa_plugin.core.schedule import measured_overhead, tree_attention_cost
+    from medusa_plugin.core.tree import MedusaTree
+
+    # [0], [0, 0] (a chain prefix of 2), then [1]: from 3 nodes on the step takes the tree-attention path
+    tree = MedusaTree([[0], [0, 0], [1], [0, 1]], keep_order=True)
+    assert tree.chain_prefix == 2
+    fwd, qs = {1: 10.0, 64: 10.0}, [1, 2, 3, 4, 5]
+    attn = {"1": {"2": 1.0, "5": 4.0}, "4": {"2": 4.0, "5": 16.0}}  # as read from JSON: string keys
+    assert tree_attention_cost(attn, 1, 3) == pytest.approx(2.0)             # linear in q
+    assert tree_attention_cost(attn, 2, 2) == pytest.approx(2.0)             # linear in B
+    assert tree_attention_cost(attn, 8, 5) == pytest.approx(32.0)            # proportional above the table
+    plain = measured_overhead(fwd, [1, 4], qs, tree=tree)
+    charged = measured_overhead(fwd, [1, 4], qs, tree=tree, tree_attention_ms=attn)
+    assert charged[0][:3] == plain[0][:3] == [1.0, 1.0, 1.0]                 # q <= 3: plain, 1 node, the chain
+    assert charged[0][3] == pytest.approx(plain[0][3] + tree_attention_cost(attn, 1, 4) / 10.0)
+    assert charged[1][4] == pytest.approx(plain[1][4] + 16.0 / 10.0)

@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
             # From here on, costs that make speculation pay at every size (the measured ones are machine-dependent),
             # so that tree steps happen and the observed acceptance must reach the schedule.
             from medusa_plugin.vllm_ext import calibrate
-            flat = dict(proposer._step_cost, forward_ms={"1": 1.0, "4096": 1.0},
+            flat = dict(proposer._step_cost, forward_ms={"1": 1.0, "4096": 1.0}, tree_attention_ms={},
                         draft_ms={k: [0.0] * len(v) for k, v in proposer._step_cost["draft_ms"].items()})
             proposer._step_cost, proposer.REFRESH_EVERY = flat, 4
             # and no learnt per-step / per-row time on top (it would price the tree steps of this machine again)
@@ -86,6 +86,11 @@ def test_auto_measures_in_the_engine_and_caches(runs):
     assert set(data["logits_ms"]) == set(data["forward_ms"])
     assert all(data["forward_ms"][r] >= data["logits_ms"][r] > 0 for r in data["forward_ms"])
     assert set(data["draft_ms"]) == {"1", "2", "4"} and all(len(v) == 4 for v in data["draft_ms"].values())
+    # the tree-attention path, timed on the engine's own KV cache: per batch size, for query lengths up to the tree
+    attn = data["tree_attention_ms"]
+    assert set(attn) == {"1", "2", "4"} and all(max(map(int, row)) == 64 for row in attn.values())
+    assert all(v > 0 for row in attn.values() for v in row.values())
+    assert attn["4"]["64"] > attn["1"]["2"]
     sched = runs["initial"]
     assert isinstance(sched, TreeSchedule) and "measured in the engine" in sched.meta["source"]
     assert sched.max_batch_size == 4

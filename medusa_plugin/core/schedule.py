@@ -43,7 +43,7 @@ import torch
 import yaml
 
 __all__ = ["TreeSchedule", "TreeScheduleError", "RooflineParams", "GPU_SPECS", "prefix_accept_lengths",
-           "AcceptanceEstimator", "interpolate_ms", "measured_overhead",
+           "AcceptanceEstimator", "interpolate_ms", "measured_overhead", "tree_attention_cost",
            "VICUNA_7B_TOPK_ACCURACY", "default_accuracy", "normalise_gpu_name"]
 
 SCHEDULE_VERSION = 1
@@ -210,20 +210,37 @@ def interpolate_ms(points: Mapping[int, float], rows: float) -> float:
     return float(points[x0] + w * (points[x1] - points[x0]))
 
 
+def tree_attention_cost(table: Mapping[Any, Mapping[Any, float]], batch_size: float, query_tokens: float) -> float:
+    """Time (ms) of the tree-attention path of one step from a measured ``{B: {q: ms}}`` table (keys may be
+    strings, as read from JSON): interpolated in ``q`` (:func:`interpolate_ms`) at the tabulated batch sizes, then
+    in ``B``; above the largest tabulated ``B``, proportional to ``B`` (one request's rows cost the same)."""
+    per_b = {int(b): interpolate_ms({int(q): float(v) for q, v in row.items()}, query_tokens)
+             for b, row in table.items()}
+    if not per_b:
+        return 0.0
+    top = max(per_b)
+    if batch_size > top:
+        return per_b[top] * batch_size / top
+    return interpolate_ms(per_b, batch_size)
+
+
 def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int], query_tokens: Sequence[int],
                       draft_ms: Mapping[int, Sequence[float]] | None = None, tree=None,
-                      step_fixed_ms: float = 0.0, tree_row_ms: float = 0.0) -> list[list[float]]:
+                      step_fixed_ms: float = 0.0, tree_row_ms: float = 0.0,
+                      tree_attention_ms: Mapping[Any, Mapping[Any, float]] | None = None) -> list[list[float]]:
     """The ``overhead`` table of a :class:`TreeSchedule` from measured step times.
 
-    ``overhead[B][q] = (f(B * q) + c + a * B * (q - 1) + draft(B, depth(q - 1))) / (f(B) + c)``,
+    ``overhead[B][q] = (f(B * q) + c + a * B * (q - 1) + draft(B, depth(q - 1)) + t(B, q)) / (f(B) + c)``,
     ``overhead[B][1] = 1``, with ``f`` the measured forward time over a number of rows (:func:`interpolate_ms` of
     ``forward_ms``), ``c = step_fixed_ms`` the per-step time outside the forward (same with and without a tree),
     ``a = tree_row_ms`` the extra time of a draft row beyond its forward (both learnt while serving:
     :class:`~medusa_plugin.core.step_time_fit.StepTimeFit`), and ``draft(B, d)`` the
     time of the heads a prefix of depth ``d`` needs at batch ``B`` (``draft_ms[B][d - 1]``, interpolated in ``B``;
-    ``tree`` gives the depth of each prefix; 0 without ``draft_ms``). The forward times are first made
-    non-decreasing in rows (``f(r) = min_{r' >= r} f(r')``: a forward over fewer rows is not slower, so a high point
-    below a lower one is warm-up or noise); the heads' times likewise in depth.
+    ``tree`` gives the depth of each prefix; 0 without ``draft_ms``). ``t(B, q)`` is the tree-attention path's
+    time (:func:`tree_attention_cost` of ``tree_attention_ms``) for prefixes that are not a chain (``q - 1 >
+    tree.chain_prefix``: a chain prefix is verified by the stock attention), 0 without the table. The forward times
+    are first made non-decreasing in rows (``f(r) = min_{r' >= r} f(r')``: a forward over fewer rows is not slower,
+    so a high point below a lower one is warm-up or noise); the heads' times likewise in depth.
     """
     xs = sorted(forward_ms)
     mono, low = {}, float("inf")
@@ -242,6 +259,8 @@ def measured_overhead(forward_ms: Mapping[int, float], batch_sizes: Sequence[int
                 row.append(1.0)
                 continue
             t = interpolate_ms(forward_ms, b * q) + step_fixed_ms + tree_row_ms * b * (q - 1)
+            if tree_attention_ms and (tree is None or q - 1 > tree.chain_prefix):
+                t += tree_attention_cost(tree_attention_ms, b, q)
             if draft_ms:
                 depth = tree.prefix_depth[min(q - 1, tree.num_nodes)] if tree is not None else 1
                 per_b = {bb: v[min(depth, len(v)) - 1] for bb, v in draft_ms.items()}

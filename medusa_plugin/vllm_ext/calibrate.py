@@ -8,9 +8,15 @@ Measured at engine start (after the KV cache exists, before the first request), 
   (``GPUModelRunner._dummy_run(num_tokens)``), best of ``repeats`` — plus ``model.compute_logits`` over the same
   rows (the dummy batch stops at the hidden states, but every tree row is scored: on SmolLM2-135M the vocabulary
   projection is a fifth of a row's weights);
-* the Medusa heads (``MedusaTreeProposer.draft_topk``) for each batch size and number of heads.
+* the Medusa heads (``MedusaTreeProposer.draft_topk``) for each batch size and number of heads;
+* on a CPU, the tree-attention path a step takes when its drafts are not a chain (``core.paged_attention`` on this
+  engine's own KV cache, one layer timed and multiplied by the number of attention layers, plus the per-step plan;
+  ``TREE_ATTENTION_CONTEXT`` context tokens per request) for batch sizes up to 16 and a few query lengths: the
+  dummy batch runs the stock attention only, and on SmolLM2-135M (fp32, 2 cores) the tree path added 10-14 ms to a
+  90 ms step, so without it the schedule chose trees where the tree's own chain prefix was faster.
 
-``overhead[B][q] = (f(B*q) + draft(B, depth)) / f(B)`` (:func:`~medusa_plugin.core.schedule.measured_overhead`).
+``overhead[B][q] = (f(B*q) + draft(B, depth) + tree attention) / f(B)``
+(:func:`~medusa_plugin.core.schedule.measured_overhead`).
 The cache file is ``<cache>/step_cost/<key>.json`` with ``<cache>`` = ``$MEDUSA_PLUGIN_CACHE`` or
 ``$XDG_CACHE_HOME|~/.cache/medusa_plugin``; the key hashes the model path, dtype, heads, tree, max_num_seqs, CPU
 model / GPU name, thread count, and the torch / vLLM versions. ``medusa-plugin bench step-cost --engine vllm``
@@ -41,7 +47,8 @@ __all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_m
 # Speculate only where the expected speed-up exceeds 3 %: measured costs and observed acceptance carry a few per
 # cent of error, and a marginal predicted win lost about as often as it won in the engine (demo, 8 at once).
 MIN_GAIN = 0.03
-MEASURE_VERSION = 3  # 3: forward_ms includes compute_logits
+MEASURE_VERSION = 4  # 3: forward_ms includes compute_logits; 4: tree_attention_ms
+TREE_ATTENTION_CONTEXT = 256  # context tokens per request of the tree-attention timing (chat turns: 100-500)
 
 
 def cache_dir() -> Path:
@@ -120,6 +127,53 @@ def _logits_ms(runner, grid: list[int], repeats: int) -> dict[int, float]:
         return {r: _best_ms(lambda r=r: model.compute_logits(h[:r]), repeats) for r in grid}
 
 
+def _tree_attention_ms(runner, proposer, batch_sizes: list[int], repeats: int) -> dict[int, dict[int, float]]:
+    """``{B: {q: ms}}``: the tree-attention path of one step (plan + every attention layer) with ``B`` requests of
+    ``q`` query rows each over :data:`TREE_ATTENTION_CONTEXT` cached tokens. Empty where steps never take it (a
+    chain tree) or off the CPU (the CUDA path is experimental)."""
+    from medusa_plugin.core.paged_attention import paged_tree_attention_planned, plan_paged_tree_attention
+
+    from .tree_attention import TreeAttentionImplMixin
+
+    tree = proposer.tree
+    if runner.device.type != "cpu" or (proposer.dynamic is None and tree.chain_prefix >= tree.num_nodes):
+        return {}
+    layers = [layer for layer in runner.compilation_config.static_forward_context.values()
+              if isinstance(getattr(layer, "impl", None), TreeAttentionImplMixin)
+              and isinstance(getattr(layer, "kv_cache", None), torch.Tensor) and layer.kv_cache.numel()]
+    if not layers:
+        return {}
+    layer = layers[0]
+    key_cache, value_cache = layer.impl.kv_views(layer, layer.kv_cache)
+    num_blocks, block_size, hkv, dh = key_cache.shape
+    cfg = runner.vllm_config
+    hq = cfg.model_config.get_num_attention_heads(cfg.parallel_config)
+    n1 = tree.num_nodes + 1
+    qs = sorted({q for q in (2, 3, 5, 9, 17) if q < n1} | {n1})
+    out: dict[int, dict[int, float]] = {}
+    for b in [b for b in batch_sizes if b <= 16]:
+        out[b] = {}
+        for q in qs:
+            ctx = max(1, min(TREE_ATTENTION_CONTEXT, cfg.model_config.max_model_len - q))
+            per_req = -(-(ctx + q) // block_size)
+            table = (torch.arange(b * per_req, dtype=torch.int32) % num_blocks).view(b, per_req)
+            seq = torch.full((b,), ctx + q, dtype=torch.int32)
+            qsl = torch.arange(b + 1, dtype=torch.int32) * q
+            mask = tree.ancestor_mask[:q, :q].cpu()
+
+            def plan(table=table, seq=seq, qsl=qsl, mask=mask, b=b, q=q):
+                return plan_paged_tree_attention(table, seq, qsl, mask, torch.ones(b, dtype=torch.bool),
+                                                 num_tokens=b * q, block_size=block_size, num_kv_heads=hkv,
+                                                 num_q_heads=hq, head_dim=dh)
+
+            p = plan()
+            query = torch.randn(b * q, hq, dh, dtype=key_cache.dtype)
+            layer_ms = _best_ms(lambda p=p, query=query: paged_tree_attention_planned(
+                query, key_cache, value_cache, p, 0.125), repeats)
+            out[b][q] = round(_best_ms(plan, repeats) + len(layers) * layer_ms, 4)
+    return out
+
+
 def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) -> dict[str, Any]:
     """Time the forward over each :func:`row_grid` count and the heads per batch size and depth; returns
     ``{"forward_ms": {rows: ms}, "batch_sizes": [...], "draft_ms": {B: [ms per depth 1..D]}, ...}``."""
@@ -144,8 +198,11 @@ def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) 
             roots = torch.randint(0, proposer.vocab_size, (b,), device=dev)
             draft_ms[b] = [round(_best_ms(lambda h=h, d=d: proposer.draft_topk(h, d, roots), repeats), 4)
                            for d in range(1, min(proposer.tree.max_depth, heads.num_heads) + 1)]
+    with torch.inference_mode():
+        tree_attention_ms = _tree_attention_ms(runner, proposer, batch_sizes, repeats)
     return {**_key(runner, proposer), "forward_ms": forward_ms,
             "logits_ms": {r: round(v, 4) for r, v in logits_ms.items()}, "batch_sizes": batch_sizes, "draft_ms": draft_ms,
+            "tree_attention_ms": tree_attention_ms, "tree_attention_context": TREE_ATTENTION_CONTEXT,
             "repeats": repeats, "timing": "best of repeats after one warm-up",
             "seconds": round(time.perf_counter() - t0, 2),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -161,7 +218,7 @@ def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms:
     draft = {int(k): [float(x) for x in v] for k, v in data["draft_ms"].items()}
     qs = list(range(1, tree.num_nodes + 2))
     overhead = measured_overhead(fwd, data["batch_sizes"], qs, draft, tree, step_fixed_ms=step_fixed_ms,
-                                 tree_row_ms=tree_row_ms)
+                                 tree_row_ms=tree_row_ms, tree_attention_ms=data.get("tree_attention_ms"))
     src = (f"measured in the engine on {data['machine']} ({data['model']}, {data['dtype']}, {data['time']}); "
            f"model forward + logits via vLLM's dummy batch + Medusa heads; learnt while serving: fixed step time "
            f"{step_fixed_ms:.2f} ms, {tree_row_ms:.2f} ms per draft row")
@@ -171,21 +228,27 @@ def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms:
 
 
 def predicted_ms(data: dict[str, Any], tree, batch_size: int, num_nodes: int) -> float:
-    """Forward + heads time of a step with ``num_nodes`` nodes per request at ``batch_size`` (no fixed part)."""
-    depth = tree.prefix_depth[min(num_nodes, tree.num_nodes)] if num_nodes > 0 else 0
-    return predicted_rows_ms(data, batch_size, batch_size * num_nodes, depth)
+    """Forward + heads (+ tree attention) time of a step with ``num_nodes`` nodes per request at ``batch_size`` (no
+    fixed part)."""
+    n = min(num_nodes, tree.num_nodes)
+    depth = tree.prefix_depth[n] if num_nodes > 0 else 0
+    return predicted_rows_ms(data, batch_size, batch_size * num_nodes, depth, tree_step=n > tree.chain_prefix)
 
 
-def predicted_rows_ms(data: dict[str, Any], batch_size: int, draft_rows: int, depth: int) -> float:
+def predicted_rows_ms(data: dict[str, Any], batch_size: int, draft_rows: int, depth: int,
+                      tree_step: bool = False) -> float:
     """Forward + heads time of a step of ``batch_size`` requests verifying ``draft_rows`` draft nodes in all, whose
-    drafting ran heads ``0..depth-1`` (``depth`` 0: none; capped at the heads measured). No fixed part."""
-    from medusa_plugin.core.schedule import interpolate_ms
+    drafting ran heads ``0..depth-1`` (``depth`` 0: none; capped at the heads measured), plus the measured
+    tree-attention path when ``tree_step`` (drafts that are not a chain). No fixed part."""
+    from medusa_plugin.core.schedule import interpolate_ms, tree_attention_cost
 
     fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
     t = interpolate_ms(fwd, batch_size + draft_rows)
     if depth > 0:
         per_b = {int(k): float(v[min(depth, len(v)) - 1]) for k, v in data["draft_ms"].items()}
         t += interpolate_ms(per_b, batch_size)
+    if tree_step and draft_rows > 0 and data.get("tree_attention_ms"):
+        t += tree_attention_cost(data["tree_attention_ms"], batch_size, 1 + draft_rows / batch_size)
     return t
 
 

@@ -109,7 +109,7 @@ class MedusaTreeProposer:
         self._step_cost: dict | None = None
         self.step_time = StepTimeFit()
         self._spec_steps = 0
-        self._last_call: tuple[float, int, int, int] | None = None
+        self._last_call: tuple[float, int, int, int, bool] | None = None
         # tree: dynamic: drafting time (heads + trees, ms) per batch size, a moving average of the measured calls;
         # the node allocation charges it to speculating steps
         self.dynamic_draft_ms: dict[int, float] = {}
@@ -246,34 +246,38 @@ class MedusaTreeProposer:
         """Engine-step time outside the model forward and the heads (ms), learnt from recent steps."""
         return self.step_time.fixed_ms
 
-    def _time_step(self, batch_size: int, draft_rows: int, depth: int, draft_ms: float | None = None) -> None:
+    def _time_step(self, batch_size: int, draft_rows: int, depth: int, draft_ms: float | None = None,
+                   tree_step: bool = False) -> None:
         """Called once per engine step with what it drafted (``draft_rows`` nodes in all, heads ``0..depth-1``): the
         time since the previous call is one engine step of the previous call's drafts (plus this call's drafting);
         minus its predicted forward and heads it is a residual for :attr:`step_time`. ``draft_ms``: this call's
-        drafting as measured (dynamic trees), instead of the measured table's heads time for ``depth``."""
+        drafting as measured (dynamic trees), instead of the measured table's heads time for ``depth``.
+        ``tree_step``: the drafts are not a chain, so the step takes the tree-attention path (predicted too)."""
         now = time.perf_counter()
-        last, self._last_call = self._last_call, (now, batch_size, draft_rows, depth)
+        last, self._last_call = self._last_call, (now, batch_size, draft_rows, depth, tree_step)
         if last is None or self._step_cost is None:
             return
         from . import calibrate
 
         period = (now - last[0]) * 1e3
         if draft_ms is None:
-            pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], last[3])
+            pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], last[3], tree_step=last[4])
         else:
-            pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], 0) + draft_ms
+            pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], 0, tree_step=last[4]) + draft_ms
         if period < 4 * pred + 50:  # not an idle gap between requests
             self.step_time.add(last[2], period - pred)
 
     def dynamic_step_ms(self, batch_size: int) -> Callable[[int], float]:
         """``tree: dynamic`` with a measured step cost: step time (ms) of ``batch_size`` requests as a function of
-        the draft rows verified (forward + logits over all rows, the learnt fixed and per-row time; drafting is
-        charged apart, :attr:`dynamic_draft_ms`)."""
-        from medusa_plugin.core.schedule import interpolate_ms
+        the draft rows verified (forward + logits over all rows, the measured tree-attention path, the learnt fixed
+        and per-row time; drafting is charged apart, :attr:`dynamic_draft_ms`)."""
+        from medusa_plugin.core.schedule import interpolate_ms, tree_attention_cost
 
         fwd = {int(k): float(v) for k, v in self._step_cost["forward_ms"].items()}
         fixed, per_row = self.step_time.fixed_ms, self.step_time.tree_row_ms
-        return lambda m: interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
+        attn = self._step_cost.get("tree_attention_ms") or {}
+        return lambda m: (interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
+                          + (tree_attention_cost(attn, batch_size, 1 + m / batch_size) if m > 0 and attn else 0.0))
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
@@ -357,7 +361,7 @@ class MedusaTreeProposer:
             out[i] = t.tokens[1:].tolist()
             rows += len(out[i])
         self._since_empty = 0 if rows == 0 and self._step_cost is not None else -1
-        self._time_step(b, rows, 0, draft_ms=draft_ms)
+        self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
         return out
 
     def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
@@ -396,7 +400,8 @@ class MedusaTreeProposer:
             raise MedusaProposerError("propose_tree called before load_model")
         b = hidden.shape[0]
         num_nodes = self.num_nodes_for(b)
-        self._time_step(b, b * num_nodes, self.tree.prefix_depth[num_nodes] if num_nodes else 0)
+        self._time_step(b, b * num_nodes, self.tree.prefix_depth[num_nodes] if num_nodes else 0,
+                        tree_step=num_nodes > self.tree.chain_prefix)
         out: list[list[int]] = [[] for _ in range(b)]
         if num_nodes <= 0:
             return out
