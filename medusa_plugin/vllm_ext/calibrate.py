@@ -92,8 +92,18 @@ def _batch_grid(max_seqs: int) -> list[int]:
     return out
 
 
+LONG_CALL_MS = 250.0  # a call this slow is timed once after its warm-up (bf16 forwards over 100+ rows on a CPU)
+
+
 def _best_ms(fn, repeats: int) -> float:
+    """Best of ``repeats`` timed calls after one warm-up call; of one when the warm-up took over LONG_CALL_MS (the
+    relative noise of a long call is small, and the bf16 table of a 2-core CPU took 2 minutes with 3 repeats)."""
+    t0 = time.perf_counter()
     fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if (time.perf_counter() - t0) * 1e3 > LONG_CALL_MS:
+        repeats = 1
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
