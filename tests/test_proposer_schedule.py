@@ -100,6 +100,33 @@ def test_underpriced_draft_rows_are_learnt_and_shrink_the_tree(monkeypatch):
     assert p.schedule.num_nodes(1) < n0
 
 
+def test_a_schedule_stopped_by_a_noisy_row_cost_resumes_on_plain_steps(monkeypatch):
+    """A per-row time learnt too high stops speculation; the plain steps and probes that follow show rows are cheap,
+    and the schedule resumes without waiting for REFRESH_EVERY observed tree steps (about 1000 steps of probes)."""
+    import torch
+
+    p = _proposer()
+    p.schedule = calibrate.schedule_from(STEP_COST, p, [1.0, 1.6, 2.0, 2.2, 2.3])
+    now = [0.0]
+    monkeypatch.setattr("medusa_plugin.vllm_ext.proposer.time.perf_counter", lambda: now[0] / 1e3)
+
+    def run(steps: int, row_ms: float) -> list[int]:
+        chosen = []
+        for _ in range(steps):
+            n = p.num_nodes_for(1)
+            chosen.append(n)
+            p._time_step(1, n, p.tree.prefix_depth[n] if n else 0)
+            now[0] += calibrate.predicted_ms(STEP_COST, p.tree, 1, n) + 2.0 + row_ms * n
+            if n:  # as the runner: only steps with drafts are observed
+                p.observe(torch.tensor([1]), torch.tensor([n]))
+        return chosen
+
+    run(p.PROBE_EVERY * 2, row_ms=40.0)  # rows that seem to cost 4x a plain step: speculation stops
+    assert p.schedule.num_nodes(1) == 0
+    later = run(p.PROBE_EVERY * 4, row_ms=0.5)  # then cheap rows, seen on the probes
+    assert sum(n > 0 for n in later[-p.PROBE_EVERY:]) > p.PROBE_EVERY // 2  # speculating again
+
+
 def _dynamic_proposer(cost_per_row: float):
     import torch
 

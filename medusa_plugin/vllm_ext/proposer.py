@@ -227,19 +227,23 @@ class MedusaTreeProposer:
             self._pending.clear()
         if self.schedule is not None and self._steps_since_refresh == 0:
             if self._step_cost is not None and len(self.step_time):
-                from . import calibrate
-
-                old = self.schedule.ranges()
-                self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths(),
-                                                        step_fixed_ms=self.step_time.fixed_ms,
-                                                        tree_row_ms=self.step_time.tree_row_ms)
-                if self.schedule.ranges() != old:
-                    _log_debug(f"Medusa tree schedule now {self.schedule.ranges()} (fixed step time "
-                               f"{self.step_time.fixed_ms:.1f} ms, {self.step_time.tree_row_ms:.2f} ms per draft "
-                               f"row, E[L] {[round(x, 2) for x in self.acceptance.accept_lengths()[:6]]})")
+                self._refresh_schedule()
             else:
                 self.schedule = self.schedule.with_accept_lengths(self.acceptance.accept_lengths(),
                                                                   tree=self.schedule.meta.get("tree"))
+
+    def _refresh_schedule(self) -> None:
+        """Re-derive the schedule from the measured step cost, the learnt step time and the observed acceptance."""
+        from . import calibrate
+
+        old = self.schedule.ranges()
+        self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths(),
+                                                step_fixed_ms=self.step_time.fixed_ms,
+                                                tree_row_ms=self.step_time.tree_row_ms)
+        if self.schedule.ranges() != old:
+            _log_debug(f"Medusa tree schedule now {self.schedule.ranges()} (fixed step time "
+                       f"{self.step_time.fixed_ms:.1f} ms, {self.step_time.tree_row_ms:.2f} ms per draft "
+                       f"row, E[L] {[round(x, 2) for x in self.acceptance.accept_lengths()[:6]]})")
 
     @property
     def step_fixed_ms(self) -> float:
@@ -283,12 +287,17 @@ class MedusaTreeProposer:
     def num_nodes_for(self, batch_size: int) -> int:
         """Tree nodes (a prefix of node order) to draft per request at ``batch_size``: the schedule's choice, or
         the whole tree without a schedule. While the schedule says 0 within its table, every
-        :attr:`PROBE_EVERY`-th step drafts one node, so a rise in acceptance is noticed."""
+        :attr:`PROBE_EVERY`-th step drafts one node, so a rise in acceptance is noticed, and every
+        :attr:`REFRESH_EVERY`-th step re-derives the schedule from the step time learnt meanwhile."""
         if self.schedule is None:
             return self.tree.num_nodes
         n = min(self.schedule.num_nodes(batch_size), self.tree.num_nodes)
         if n == 0 and 0 < batch_size <= self.schedule.max_batch_size:
             self._idle_steps += 1
+            # observe() re-derives the schedule only after steps with drafts; without them the step time learnt
+            # from plain steps must still reach it, or a noisy per-row estimate keeps speculation off for ~1000 steps
+            if self._idle_steps % self.REFRESH_EVERY == 0 and self._step_cost is not None and len(self.step_time):
+                self._refresh_schedule()
             if self._idle_steps % self.PROBE_EVERY == 0:
                 return 1
         elif n > 0 and self._step_cost is not None:
