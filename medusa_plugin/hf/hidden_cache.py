@@ -158,18 +158,16 @@ def load_or_compute(path: Path, model, prompts, answers, *, known: dict[int, Ten
     if old is not None and old.sample_keys is not None and old.sample_keys.tolist() == keys:
         return old, 0.0
     given = known or {}
-    known = _rows_by_key(old, items, keys) if old is not None else {}
     for k, (_, a) in zip(keys, items):
-        if k not in known and k in given:
-            if given[k].shape[0] != len(a):
-                raise TrainError(f"{given[k].shape[0]} hidden-state rows given for an answer of {len(a)} tokens")
-            known[k] = given[k]
-    missing = [i for i, k in enumerate(keys) if k not in known]
+        if k in given and given[k].shape[0] != len(a):
+            raise TrainError(f"{given[k].shape[0]} hidden-state rows given for an answer of {len(a)} tokens")
+    rows = {**given, **(_rows_by_key(old, items, keys) if old is not None else {})}
+    missing = [i for i, k in enumerate(keys) if k not in rows]
     t0 = time.perf_counter()
     if missing:
         new = compute_hidden_states(model, [items[i][0] for i in missing], [items[i][1] for i in missing], **kw)
         for k, (s, e) in zip(new.sample_keys.tolist(), new.segments()):
-            known[k] = new.hidden[s:e]
-    cache = _assemble([known[k] for k in keys], [a for _, a in items], keys)
+            rows[k] = new.hidden[s:e]
+    cache = _assemble([rows[k] for k in keys], [a for _, a in items], keys)
     cache.save(path)
     return cache, time.perf_counter() - t0

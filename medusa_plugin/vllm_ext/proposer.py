@@ -279,9 +279,11 @@ class MedusaTreeProposer:
 
         fwd = {int(k): float(v) for k, v in self._step_cost["forward_ms"].items()}
         fixed, per_row = self.step_time.fixed_ms, self.step_time.tree_row_ms
+        # the tree-attention curve at this batch size, once: the node allocation calls the result for every m
         attn = self._step_cost.get("tree_attention_ms") or {}
+        at_b = {q: tree_attention_cost(attn, batch_size, q) for q in sorted({int(q) for r in attn.values() for q in r})}
         return lambda m: (interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
-                          + (tree_attention_cost(attn, batch_size, 1 + m / batch_size) if m > 0 and attn else 0.0))
+                          + (interpolate_ms(at_b, 1 + m / batch_size) if m > 0 and at_b else 0.0))
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:

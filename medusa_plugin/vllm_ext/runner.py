@@ -107,7 +107,7 @@ class MedusaRunnerMixin:
         # A chain's tree mask is the causal mask and its depths are linear positions: stock attention is exact, and
         # its accepted nodes already sit in consecutive slots (no compaction).
         self._m_dynamic = self._medusa.dynamic is not None
-        self._m_is_chain = tree.num_nodes == tree.max_depth and not self._m_dynamic
+        self._m_is_chain = tree.chain_prefix == tree.num_nodes and not self._m_dynamic
         self._m_trees: list | None = None                 # tree: dynamic: the step's trees (one per tree request)
         self._m_step: tree_step.TreeStep | None = None   # this step's tree requests; None if no request has drafts
         self._m_chain_step = False                        # this step's drafts are all chains (no mask, no compaction)
@@ -175,7 +175,7 @@ class MedusaRunnerMixin:
             req = torch.from_numpy(np.repeat(np.arange(step.rows.size), step.num_valid)).to(dev)
             self.positions[tok] = self.positions[tok - node] + depth[req, node]
             tree_step.publish(step)
-        elif self._m_is_chain or int(step.num_valid.max()) - 1 <= self._m_tree.chain_prefix:
+        elif int(step.num_valid.max()) - 1 <= self._m_tree.chain_prefix:
             # Every request verifies a chain (the whole tree is one, or the schedule's prefix is): linear positions,
             # the causal mask and in-place accepted KV are already right, so stock attention and no compaction.
             stats.chain_batches += 1
@@ -265,7 +265,7 @@ class MedusaRunnerMixin:
 
     def _medusa_compact(self, step: tree_step.TreeStep, result: AcceptanceResult) -> None:
         """Move each accepted path's K/V to consecutive slots in every full-attention layer."""
-        if self._m_is_chain or self._m_chain_step or int(result.accept_len.max()) == 0:
+        if self._m_chain_step or int(result.accept_len.max()) == 0:
             return
         for gid, layers in self._medusa_kv_layers():
             slot_mapping = self.input_batch.block_table.block_tables[gid].slot_mapping.gpu
