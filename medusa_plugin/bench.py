@@ -34,6 +34,7 @@ STEP_COST_DEFAULTS = dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64], query_tokens=[1,
                           repeats=20, warmup=3)
 STEP_COST_TINY = dict(batch_sizes=[1, 2, 4], query_tokens=[1, 5, 16], context=32, repeats=3, warmup=1)
 E2E_DEFAULTS = dict(concurrency=[1, 2, 4, 8, 16], max_tokens=64, repeats=1)
+E2E_VLLM_REPEATS = 3  # interleaved rounds with the vLLM engine (paired ratios; see _e2e_vllm)
 E2E_TINY = dict(concurrency=[1, 4], max_tokens=16, repeats=3)
 ATTENTION_NOTE = ("transformers eager forward, SDPA attention with our 4D tree mask (past keys + tree ancestor mask) "
                   "and depth-based positions; plain decode: q = 1, no mask; no CUDA graphs")
@@ -330,7 +331,10 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
 
     engine: "vllm" (``vllm_ext.offline``), "reference" (``hf.generate`` + :func:`plain_generate`) or "auto" (vllm
     when importable). Concurrency C: C prompts submitted together, ``max_tokens`` new tokens each (eos ignored);
-    each point runs ``repeats`` times (default 3 with ``tiny``, else 1) and keeps the median time.
+    each point runs ``repeats`` times (default 3 with ``tiny`` or the vLLM engine, else 1) and keeps the median time.
+    With the vLLM engine every mode's engine stays up in its own process and the repeats are interleaved rounds
+    (plain, Medusa, ngram back to back at each concurrency); ``speedup`` (and ``ratios``) is then the median over the
+    rounds of plain's time / the mode's time in the same round (``speedup_runs`` lists them).
 
     With the vLLM engine and ``schedule`` (e.g. ``"auto"``) the modes are plain, Medusa with that ``tree_schedule``
     and vLLM's ngram (k=4), and the result has ``ratios`` / ``ngram_ratios``: concurrency -> output tok/s of
@@ -344,13 +348,13 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
     d = E2E_TINY if tiny else E2E_DEFAULTS
     concurrency = sorted(set(concurrency or d["concurrency"]))
     max_tokens = max_tokens or d["max_tokens"]
-    repeats = repeats or d["repeats"]
     if engine == "auto":
         try:
             import vllm  # noqa: F401
             engine = "vllm"
         except ImportError:
             engine = "reference"
+    repeats = repeats or (E2E_VLLM_REPEATS if engine == "vllm" and not tiny else d["repeats"])
     if engine not in ("vllm", "reference"):
         raise BenchError(f"unknown engine {engine!r}: use vllm, reference or auto")
     if (model_dir is None) != (heads_dir is None):
@@ -422,14 +426,19 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
             r, base = runs[mode][c], runs["plain"][c]
             n_tok = sum(len(s) for s in r["token_ids"])
             per_req = n_tok / c
-            rows.append({
+            row = {
                 "mode": mode, "tree": label, "concurrency": c, "requests": c, "output_tokens": n_tok,
                 "elapsed_s": round(r["elapsed_s"], 4), "tokens_per_step": round(r["tokens_per_step"], 4),
                 "tpot_ms": round(r["elapsed_s"] / per_req * 1e3, 4),
                 "output_tokens_per_s": round(n_tok / r["elapsed_s"], 2),
                 "speedup": round(base["elapsed_s"] / r["elapsed_s"], 4),
                 "matches_plain": sum(a == b for a, b in zip(r["token_ids"], base["token_ids"])) / c,
-            })
+            }
+            if "elapsed_runs" in r:  # interleaved rounds: the median of each round's plain time / this time
+                paired = [b / m for b, m in zip(base["elapsed_runs"], r["elapsed_runs"])]
+                row.update(elapsed_runs=[round(x, 6) for x in r["elapsed_runs"]],
+                           speedup_runs=[round(x, 4) for x in paired], speedup=round(statistics.median(paired), 4))
+            rows.append(row)
     def ratios(mode: str) -> dict[str, float]:
         return {str(r["concurrency"]): r["speedup"] for r in rows if r["mode"] == mode}
 
@@ -447,58 +456,76 @@ NGRAM_K = 4
 def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens, repeats: int, *,
               schedule: str | None = None, dtype: str | None = None, log: Callable[[str], None] = print
               ) -> tuple[dict, dict]:
-    """One engine per mode (plain / Medusa / chain / ngram / vLLM's Medusa), all concurrencies on it; greedy, eos
-    ignored. Returns (runs, notes); a mode whose engine cannot start is left out with a note."""
+    """Every mode's engine (plain / Medusa / chain / ngram / vLLM's Medusa) started once in its own process
+    (:class:`~medusa_plugin.engine_workers.EngineWorker`), then ``repeats`` rounds; each round runs every mode at
+    each concurrency back to back (the mode order rotating from round to round), so the machine's drift hits the
+    modes of a round alike. Greedy, eos ignored. Returns (runs, notes): ``runs[mode][c]`` holds the median
+    ``elapsed_s``, every round's time in ``elapsed_runs`` (round order), the first round's ``token_ids`` and the
+    mean ``tokens_per_step``; a mode whose engine cannot start (vLLM's Medusa) is left out with a note."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from .core.tree import MedusaTree
-    from .vllm_ext import offline
+    from .engine_workers import EngineWorker, EngineWorkerError
 
     extra = {"dtype": dtype} if dtype else {}
-    runs: dict[str, dict[int, dict]] = {}
     notes: dict[str, str] = {}
-    for mode, spec, _label in modes:
-        medusa, spec_cfg, nodes = None, None, 0
-        if spec == "ngram":
-            spec_cfg = {"method": "ngram", "num_speculative_tokens": NGRAM_K, "prompt_lookup_max": 4,
-                        "prompt_lookup_min": 2}
-            nodes = NGRAM_K
-        elif spec == "vllm-medusa":
-            from .vllm_ext.convert import to_vllm_medusa
+    workers: dict[str, EngineWorker] = {}
+    spec_modes: set[str] = set()
+    try:
+        for mode, spec, _label in modes:
+            medusa, spec_cfg, nodes = None, None, 0
+            if spec == "ngram":
+                spec_cfg = {"method": "ngram", "num_speculative_tokens": NGRAM_K, "prompt_lookup_max": 4,
+                            "prompt_lookup_min": 2}
+                nodes = NGRAM_K
+            elif spec == "vllm-medusa":
+                from .vllm_ext.convert import to_vllm_medusa
 
-            vdir = Path(tempfile.mkdtemp(prefix="medusa_vllm_"))
-            num_heads = to_vllm_medusa(heads_dir, vdir, base_model=str(model_dir))
-            spec_cfg = {"method": "medusa", "model": str(vdir), "num_speculative_tokens": num_heads}
-            nodes = num_heads
-        elif spec is not None:
-            choices = [list(p) for p in spec.choices] if not isinstance(spec, str) else spec
-            medusa = {"heads": heads_dir, "tree": choices}
-            if schedule and mode == "tree":
-                medusa["tree_schedule"] = schedule
-            nodes = MedusaTree.load(choices).num_nodes
-        # room for the prompt, the output and a full tree of drafts (vLLM drops drafts that would not fit)
-        max_len = max(len(p) for p in prompts) + max_tokens + nodes + 8
-        kwargs = dict(max_num_seqs=max(concurrency), max_model_len=max(512, max_len), **extra)
-        if spec_cfg is not None:
-            kwargs["speculative_config"] = spec_cfg
-        try:
-            llm = offline.build_llm(str(model_dir), medusa=medusa, **kwargs)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
-            if spec != "vllm-medusa":
-                raise
-            notes[mode] = f"cannot run on this vLLM: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            log(f"e2e: {mode}: {notes[mode]}")
-            continue
-        try:
-            offline.run(llm, prompts[:1], 2, ignore_eos=True)  # warm-up
-            runs[mode] = {}
+                vdir = Path(tempfile.mkdtemp(prefix="medusa_vllm_"))
+                num_heads = to_vllm_medusa(heads_dir, vdir, base_model=str(model_dir))
+                spec_cfg = {"method": "medusa", "model": str(vdir), "num_speculative_tokens": num_heads}
+                nodes = num_heads
+            elif spec is not None:
+                choices = [list(p) for p in spec.choices] if not isinstance(spec, str) else spec
+                medusa = {"heads": heads_dir, "tree": choices}
+                if schedule and mode == "tree":
+                    medusa["tree_schedule"] = schedule
+                nodes = MedusaTree.load(choices).num_nodes
+            # room for the prompt, the output and a full tree of drafts (vLLM drops drafts that would not fit)
+            max_len = max(len(p) for p in prompts) + max_tokens + nodes + 8
+            kwargs = dict(max_num_seqs=max(concurrency), max_model_len=max(512, max_len), **extra)
+            if spec_cfg is not None:
+                kwargs["speculative_config"] = spec_cfg
+            log(f"e2e: starting the {mode} engine")
+            try:
+                workers[mode] = EngineWorker(str(model_dir), medusa=medusa, **kwargs)
+            except EngineWorkerError as e:
+                if spec != "vllm-medusa":  # a peer that cannot run here is reported; our own modes must run
+                    raise BenchError(f"the {mode} engine failed to start: {e}") from None
+                notes[mode] = f"cannot run on this vLLM: {e}"
+                log(f"e2e: {mode}: {notes[mode]}")
+                continue
+            if spec is not None:
+                spec_modes.add(mode)
+        outs: dict[str, dict[int, list]] = {m: {c: [] for c in concurrency} for m in workers}
+        names = list(workers)
+        for r in range(repeats):
             for c in concurrency:
-                outs = [offline.run(llm, prompts[:c], max_tokens, ignore_eos=True) for _ in range(repeats)]
-                tps = statistics.mean(o.metrics.get("mean_tokens_per_step", 1.0) for o in outs) if spec else 1.0
-                runs[mode][c] = dict(elapsed_s=statistics.median(o.elapsed_s for o in outs),
-                                     token_ids=outs[0].token_ids, tokens_per_step=tps)
-                log(f"e2e: {mode} c={c}: {statistics.median(o.elapsed_s for o in outs):.2f} s")
-        finally:
-            offline.shutdown(llm)
+                for mode in names[r % len(names):] + names[:r % len(names)]:
+                    out = workers[mode].run(prompts[:c], max_tokens)
+                    outs[mode][c].append(out)
+                    log(f"e2e: round {r + 1}/{repeats} {mode} c={c}: {out.elapsed_s:.2f} s")
+    finally:
+        for w in workers.values():
+            w.close()
+    runs: dict[str, dict[int, dict]] = {}
+    for mode, per_c in outs.items():
+        runs[mode] = {}
+        for c, res in per_c.items():
+            tps = (statistics.mean(o.metrics.get("mean_tokens_per_step", 1.0) for o in res)
+                   if mode in spec_modes else 1.0)
+            runs[mode][c] = dict(elapsed_s=statistics.median(o.elapsed_s for o in res),
+                                 elapsed_runs=[o.elapsed_s for o in res], token_ids=res[0].token_ids,
+                                 tokens_per_step=tps)
     return runs, notes
 
 
@@ -568,7 +595,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "<tmp>/medusa_plugin_test_cache)")
     p.add_argument("--train-steps", type=int, default=300, help="head training steps of the tiny model")
     p.add_argument("--distill-prompts", type=int, default=48, help="self-distillation prompts of the tiny model")
-    p.add_argument("--repeats", type=int, help="runs per point, median time (default 1; 3 with --tiny)")
+    p.add_argument("--repeats", type=int, help="runs per point, median time (default 1; 3 with --tiny or --engine vllm, "
+                                                 "where they are interleaved rounds: see benchmarks/README.md)")
     p.add_argument("--device", help="reference engine: cuda | cpu (default: cuda if available)")
     p.add_argument("--schedule", default=None,
                    help="vllm engine: Medusa with this tree_schedule (e.g. auto) next to plain and vLLM's ngram; "

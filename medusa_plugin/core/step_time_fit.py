@@ -36,13 +36,15 @@ class StepTimeFit:
         window: steps kept (the oldest are forgotten, so the fit follows a changing load).
         min_steps: observations needed before :attr:`fixed_ms` is reported (0.0 before).
         min_spread: distinct tree-row counts needed before :attr:`tree_row_ms` is fitted (else 0.0).
+        min_group: steps a tree-row count needs before it counts towards ``min_spread``.
     """
 
-    def __init__(self, window: int = 128, min_steps: int = 4, min_spread: int = 2) -> None:
-        if window < 2 or min_steps < 1 or min_spread < 2:
-            raise ValueError(f"window={window} (>= 2), min_steps={min_steps} (>= 1), min_spread={min_spread} (>= 2)")
+    def __init__(self, window: int = 128, min_steps: int = 4, min_spread: int = 2, min_group: int = 3) -> None:
+        if window < 2 or min_steps < 1 or min_spread < 2 or min_group < 1:
+            raise ValueError(f"window={window} (>= 2), min_steps={min_steps} (>= 1), min_spread={min_spread} (>= 2), "
+                             f"min_group={min_group} (>= 1)")
         self._obs: deque[tuple[int, float]] = deque(maxlen=window)
-        self.min_steps, self.min_spread = min_steps, min_spread
+        self.min_steps, self.min_spread, self.min_group = min_steps, min_spread, min_group
         self._fit: tuple[float, float] | None = None
 
     def __len__(self) -> int:
@@ -72,6 +74,9 @@ class StepTimeFit:
         groups: dict[int, list[float]] = {}
         for x, y in obs:
             groups.setdefault(x, []).append(y)
+        # a row count seen only once or twice has a noisy median: one slow step there once tilted the line by
+        # several ms per row and turned speculation off; such counts join the least squares, not the start
+        groups = {x: ys for x, ys in groups.items() if len(ys) >= self.min_group}
         if len(obs) < self.min_steps:
             fit = (0.0, 0.0)
         elif len(groups) < self.min_spread:
@@ -84,7 +89,7 @@ class StepTimeFit:
             med_abs = statistics.median(abs(y) for _, y in obs)
             scale = max(1.4826 * statistics.median(abs(r) for r in res), 0.05 * med_abs, 0.1)
             inliers = [pt for pt, r in zip(obs, res) if abs(r) <= 3 * scale]
-            if len({x for x, _ in inliers}) >= self.min_spread:
+            if len({x for x, _ in inliers if x in groups}) >= self.min_spread:
                 a, b = self._line(inliers)
             fit = (a, b)
         self._fit = (max(0.0, fit[0]), max(0.0, fit[1]))
