@@ -80,7 +80,10 @@ def test_underpriced_draft_rows_are_learnt_and_shrink_the_tree(monkeypatch):
     from speculative steps and the plain probes between them, and the schedule drafts fewer nodes."""
     import torch
 
+    from medusa_plugin.core.observed_step_cost import ObservedStepCost
+
     p = _proposer()
+    p.observed_cost = ObservedStepCost(min_steps=10**6)  # the per-row fit alone (the observed ratio: below)
     p.schedule = calibrate.schedule_from(STEP_COST, p, [1.0, 1.9, 2.2, 2.3, 2.35])
     n0 = p.schedule.num_nodes(1)
     assert n0 > 0
@@ -245,3 +248,31 @@ def test_root_input_heads_get_the_embedding_of_each_requests_root(tmp_path, tree
     assert got != heads.draft_topk(hidden, 1, 2, root_embeds=torch.zeros(3, 16))[..., 0].tolist()
     with pytest.raises(Exception, match="input-embedding table"):
         p.load_model(torch.nn.Linear(2, 2))
+
+
+def test_drafting_that_the_engine_runs_dear_at_one_batch_size_stops_there_only(monkeypatch):
+    """The table prices draft rows cheap at every batch size; the engine's steps at 4 requests cost twice a plain
+    step with drafts. The observed step-time ratio (plain probes come fast while it is unknown) stops drafting at 4
+    requests and leaves 1 request drafting. The per-row fit is switched off, so only the observed ratio can act."""
+    import torch
+
+    from medusa_plugin.core.step_time_fit import StepTimeFit
+
+    p = _proposer()
+    p.step_time = StepTimeFit(min_steps=10**9)
+    p.schedule = calibrate.schedule_from(STEP_COST, p, [1.0, 1.9, 2.2, 2.3, 2.35])
+    assert p.schedule.num_nodes(1) > 0 and p.schedule.num_nodes(4) > 0
+    now = [0.0]
+    monkeypatch.setattr("medusa_plugin.vllm_ext.proposer.time.perf_counter", lambda: now[0] / 1e3)
+    chosen = []
+    for _ in range(p.PROBE_EVERY):
+        n = p.num_nodes_for(4)
+        chosen.append(n)
+        p._time_step(4, 4 * n, p.tree.prefix_depth[n] if n else 0)
+        now[0] += 20.0 * (2.0 if n else 1.0)
+        if n:
+            p.observe(torch.tensor([1] * 4), torch.tensor([n] * 4))
+    assert 0 in chosen[: 2 * p.PROBE_FAST]  # plain probes come fast while the ratio is unobserved
+    assert p.observed_cost.ratio(4, chosen[0]) == pytest.approx(2.0)
+    assert p.schedule.num_nodes(4) == 0 and p.schedule.num_nodes(1) > 0
+    assert "observed in serving B=4" in p.schedule.meta["source"]

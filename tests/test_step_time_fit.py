@@ -48,13 +48,12 @@ def test_too_few_steps_and_bad_arguments():
         StepTimeFit(window=1)
 
 
-@pytest.mark.parametrize("min_group, tilted", [(3, False), (1, True)])
-def test_a_rare_row_count_with_slow_steps_does_not_tilt_the_per_row_time(min_group, tilted):
-    # two slow steps at a row count seen twice once set the line's start and read as ~4 ms per row
+@pytest.mark.parametrize("min_group, tilted", [(2, False), (1, True)])
+def test_a_rare_row_count_with_a_slow_step_does_not_tilt_the_per_row_time(min_group, tilted):
+    # one slow step at a row count seen once set the line's start and read as ~4 ms per row
     fit = StepTimeFit(min_group=min_group)
     _steps(fit, fixed=4.0, per_row=0.5, rows=[2, 4], n=100)
     fit.add(16, 60.0)
-    fit.add(16, 58.0)
     assert (fit.tree_row_ms > 1.0) is tilted
     if not tilted:
         assert fit.tree_row_ms == pytest.approx(0.5, abs=0.1) and fit.fixed_ms == pytest.approx(4.0, abs=0.4)

@@ -39,7 +39,7 @@ class StepTimeFit:
         min_group: steps a tree-row count needs before it counts towards ``min_spread``.
     """
 
-    def __init__(self, window: int = 128, min_steps: int = 4, min_spread: int = 2, min_group: int = 3) -> None:
+    def __init__(self, window: int = 128, min_steps: int = 4, min_spread: int = 2, min_group: int = 2) -> None:
         if window < 2 or min_steps < 1 or min_spread < 2 or min_group < 1:
             raise ValueError(f"window={window} (>= 2), min_steps={min_steps} (>= 1), min_spread={min_spread} (>= 2), "
                              f"min_group={min_group} (>= 1)")
@@ -74,7 +74,7 @@ class StepTimeFit:
         groups: dict[int, list[float]] = {}
         for x, y in obs:
             groups.setdefault(x, []).append(y)
-        # a row count seen only once or twice has a noisy median: one slow step there once tilted the line by
+        # a row count seen only once has no median to speak of: one slow step there once tilted the line by
         # several ms per row and turned speculation off; such counts join the least squares, not the start
         groups = {x: ys for x, ys in groups.items() if len(ys) >= self.min_group}
         if len(obs) < self.min_steps:

@@ -219,10 +219,11 @@ def measure(runner, proposer, *, repeats: int = 3, max_rows: int | None = None) 
 
 
 def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms: float = 0.0,
-                  tree_row_ms: float = 0.0) -> TreeSchedule:
+                  tree_row_ms: float = 0.0, observed=None) -> TreeSchedule:
     """The :class:`TreeSchedule` of a measurement (``overhead[B][q] = (f(B*q) + c + a*B*(q-1) + draft) / (f(B) +
     c)``, ``c = step_fixed_ms``: the engine step's time outside the forward, ``a = tree_row_ms``: a draft row's
-    time beyond its forward; both learnt while serving)."""
+    time beyond its forward; both learnt while serving), corrected where ``observed``
+    (:class:`~medusa_plugin.core.observed_step_cost.ObservedStepCost`) has seen the engine's own step-time ratios."""
     tree = proposer.tree
     fwd = {int(k): float(v) for k, v in data["forward_ms"].items()}
     draft = {int(k): [float(x) for x in v] for k, v in data["draft_ms"].items()}
@@ -232,6 +233,11 @@ def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms:
     src = (f"measured in the engine on {data['machine']} ({data['model']}, {data['dtype']}, {data['time']}); "
            f"model forward + logits via vLLM's dummy batch + Medusa heads; learnt while serving: fixed step time "
            f"{step_fixed_ms:.2f} ms, {tree_row_ms:.2f} ms per draft row")
+    if observed is not None and observed.ratios():
+        overhead = observed.apply(data["batch_sizes"], qs, overhead)
+        src += "; step-time ratios observed in serving " + ", ".join(
+            f"B={b}: " + "/".join(f"{n}:{r:.2f}" for n, r in sorted(per.items()))
+            for b, per in sorted(observed.ratios().items()))
     return TreeSchedule(data["batch_sizes"], qs, overhead, accept_lengths,
                         meta={"source": src, "gpu": data["machine"], "tree": proposer.config.tree_name},
                         min_gain=MIN_GAIN)

@@ -28,6 +28,7 @@ from medusa_plugin.core.heads import MedusaHeads, native_half_matmul
 from medusa_plugin.core.node_allocation import allocate_nodes
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, default_accuracy, prefix_accept_lengths
+from medusa_plugin.core.observed_step_cost import ObservedStepCost
 from medusa_plugin.core.step_time_fit import StepTimeFit
 from medusa_plugin.core.tree import MedusaTree
 
@@ -108,6 +109,7 @@ class MedusaTreeProposer:
         # time between consecutive propose_tree calls (one engine step each)
         self._step_cost: dict | None = None
         self.step_time = StepTimeFit()
+        self.observed_cost = ObservedStepCost()  # engine steps' own times by (batch size, nodes per request)
         self._spec_steps = 0
         self._last_call: tuple[float, int, int, int, bool] | None = None
         # tree: dynamic: drafting time (heads + trees, ms) per batch size, a moving average of the measured calls;
@@ -194,6 +196,7 @@ class MedusaTreeProposer:
     # ------------------------------------------------------------------ schedule: measured cost, observed acceptance
     REFRESH_EVERY = 16      # engine steps between re-derivations of the schedule from the observed acceptance
     PROBE_EVERY = 64        # steps without speculation between single-node probes (keeps acceptance observed)
+    PROBE_FAST = 8          # ... and between probes while the step-time ratio at this batch size is still unobserved
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
 
     def calibrate(self, runner) -> None:
@@ -239,7 +242,7 @@ class MedusaTreeProposer:
         old = self.schedule.ranges()
         self.schedule = calibrate.schedule_from(self._step_cost, self, self.acceptance.accept_lengths(),
                                                 step_fixed_ms=self.step_time.fixed_ms,
-                                                tree_row_ms=self.step_time.tree_row_ms)
+                                                tree_row_ms=self.step_time.tree_row_ms, observed=self.observed_cost)
         if self.schedule.ranges() != old:
             _log_debug(f"Medusa tree schedule now {self.schedule.ranges()} (fixed step time "
                        f"{self.step_time.fixed_ms:.1f} ms, {self.step_time.tree_row_ms:.2f} ms per draft "
@@ -270,6 +273,8 @@ class MedusaTreeProposer:
             pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], 0, tree_step=last[4]) + draft_ms
         if period < 4 * pred + 50:  # not an idle gap between requests
             self.step_time.add(last[2], period - pred)
+            if self.dynamic is None and last[2] % last[1] == 0:  # every request drafted the same prefix
+                self.observed_cost.add(last[1], last[2] // last[1], period)
 
     def dynamic_step_ms(self, batch_size: int) -> Callable[[int], float]:
         """``tree: dynamic`` with a measured step cost: step time (ms) of ``batch_size`` requests as a function of
@@ -300,15 +305,24 @@ class MedusaTreeProposer:
             # from plain steps must still reach it, or a noisy per-row estimate keeps speculation off for ~1000 steps
             if self._idle_steps % self.REFRESH_EVERY == 0 and self._step_cost is not None and len(self.step_time):
                 self._refresh_schedule()
-            if self._idle_steps % self.PROBE_EVERY == 0:
+            if self._idle_steps % self._probe_every(batch_size, 1, 0) == 0:
                 return 1
         elif n > 0 and self._step_cost is not None:
             # one plain step now and then: steps with and without draft rows separate the fixed step time from
-            # the per-row time (StepTimeFit)
+            # the per-row time (StepTimeFit) and give the observed step-time ratio its plain steps
             self._spec_steps += 1
-            if self._spec_steps % self.PROBE_EVERY == 0:
+            if self._spec_steps % self._probe_every(batch_size, 0, n) == 0:
                 return 0
         return n
+
+    def _probe_every(self, batch_size: int, probe: int, current: int) -> int:
+        """Steps between probes of ``probe`` nodes per request while the schedule drafts ``current``:
+        :attr:`PROBE_FAST` while the engine's step times at this batch size are observed for ``current`` but not
+        yet for ``probe`` (the observed step-time ratio needs both), else :attr:`PROBE_EVERY`."""
+        o = self.observed_cost
+        if self._step_cost is not None and o.count(batch_size, probe) < o.min_steps <= o.count(batch_size, current):
+            return self.PROBE_FAST
+        return self.PROBE_EVERY
 
     def draft_topk(self, hidden: Tensor, num_heads: int, roots: Tensor | None = None) -> Tensor:
         """``[B, H]`` hidden (and ``[B]`` root ids, read by root-input heads) -> ``[B, num_heads, topk]`` token ids

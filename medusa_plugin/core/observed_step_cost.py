@@ -1,0 +1,115 @@
+"""The cost of a speculative step relative to a plain one, as observed in serving, per batch size.
+
+The batch-aware schedule prices a step with ``n`` draft nodes per request at batch size ``B`` from a table measured
+at engine start (vLLM's dummy batch over ``B * (n + 1)`` rows) plus a per-row time learnt while serving
+(:class:`~medusa_plugin.core.step_time_fit.StepTimeFit`, one slope for all batch sizes). On SmolLM2-135M in fp32 on a
+2-core AVX-512 CPU that underpriced wide steps. At 16 requests the table put one draft node per request at 1.40x a
+plain step; the engine ran `chain:1` at 0.88-0.92x of plain decoding with 1.44 tokens per step, so its steps cost
+about 1.6x. At 4 requests a profile read 21.8 ms per plain step and 29.5 ms with one draft each (1.35x), where the
+table said 1.12x. So the schedule drafted where it lost.
+
+:class:`ObservedStepCost` keeps the engine steps' own wall times by ``(B, n)`` (the last ``window`` of each, none older than ``max_age`` steps) and,
+where both a plain and a drafted step count have ``min_steps`` observations at the same ``B``, reports their ratio
+(median over median, robust to the odd slow step). :meth:`apply` turns those ratios into a correction of a
+measured ``overhead[B][q]`` table (``q = n + 1`` query tokens per request): the observed ratio where it was
+observed, and at the other ``q`` of that batch size the measured extra cost scaled by the observed / measured extra
+cost of the nearest observed ``q``. Batch sizes of the table without observations keep the measured values.
+
+The observations come for free: plain steps happen whenever the schedule does not speculate, or as the proposer's
+periodic plain probe while it does; drafted steps at ``n`` whenever it speculates, or as its periodic one-node probe
+while it does not. Plain Python; no engine import.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Sequence
+
+__all__ = ["ObservedStepCost"]
+
+
+class ObservedStepCost:
+    """Engine step wall times by (batch size, draft nodes per request).
+
+    Args:
+        window: steps kept per ``(B, n)``: the last few, so that a few probes after a change of load outvote the
+            steps before it (a drafted prefix is seen only on probes while the schedule does not draft it).
+        min_steps: observations each of ``(B, 0)`` and ``(B, n)`` needs before their ratio is reported.
+        max_age: observations older than this many steps (of any kind) are dropped, so a prefix that stopped being
+            drafted under a passing load is priced by the table again.
+    Raises:
+        ValueError: ``window``, ``min_steps`` or ``max_age`` < 1.
+    """
+
+    def __init__(self, window: int = 5, min_steps: int = 3, max_age: int = 2048) -> None:
+        if window < 1 or min_steps < 1 or max_age < 1:
+            raise ValueError(f"window={window}, min_steps={min_steps} and max_age={max_age} must all be >= 1")
+        self.window, self.min_steps, self.max_age = window, min_steps, max_age
+        self._steps: dict[tuple[int, int], deque[tuple[int, float]]] = {}
+        self._clock = 0
+
+    def add(self, batch_size: int, nodes: int, step_ms: float) -> None:
+        """One engine step of ``batch_size`` requests, each verifying ``nodes`` draft nodes (0: a plain step), that
+        took ``step_ms`` wall milliseconds. Raises ValueError for ``batch_size < 1``, ``nodes < 0`` or a time <= 0."""
+        if batch_size < 1 or nodes < 0 or not step_ms > 0:
+            raise ValueError(f"batch_size={batch_size} (>= 1), nodes={nodes} (>= 0), step_ms={step_ms} (> 0)")
+        self._clock += 1
+        self._steps.setdefault((int(batch_size), int(nodes)), deque(maxlen=self.window)).append(
+            (self._clock, float(step_ms)))
+
+    def _recent(self, batch_size: int, nodes: int) -> list[float]:
+        return [ms for t, ms in self._steps.get((batch_size, nodes), ()) if t > self._clock - self.max_age]
+
+    def count(self, batch_size: int, nodes: int) -> int:
+        """Observations kept (and not too old) for ``(batch_size, nodes)``."""
+        return len(self._recent(batch_size, nodes))
+
+    def ratio(self, batch_size: int, nodes: int) -> float | None:
+        """Median step time with ``nodes`` draft nodes per request over the median plain step time at
+        ``batch_size``; None until both have ``min_steps`` observations."""
+        a, b = self._recent(batch_size, nodes), self._recent(batch_size, 0)
+        if nodes == 0 or len(a) < self.min_steps or len(b) < self.min_steps:
+            return None
+        return statistics.median(a) / statistics.median(b)
+
+    def ratios(self) -> dict[int, dict[int, float]]:
+        """``{B: {n: ratio}}`` for every pair with enough observations."""
+        out: dict[int, dict[int, float]] = {}
+        for b, n in self._steps:
+            r = self.ratio(b, n)
+            if r is not None:
+                out.setdefault(b, {})[n] = r
+        return out
+
+    def apply(self, batch_sizes: Sequence[int], query_tokens: Sequence[int],
+              overhead: Sequence[Sequence[float]]) -> list[list[float]]:
+        """A copy of ``overhead`` (``[len(batch_sizes)][len(query_tokens)]``, ``overhead[i][j]`` = step time with
+        ``query_tokens[j]`` tokens per request over a plain step at ``batch_sizes[i]``) corrected by the observed
+        ratios. An observation at a batch size outside ``batch_sizes`` counts for the nearest one (in log scale);
+        several observed node counts at one batch size: each ``q`` takes the correction of the nearest observed
+        one. Values stay >= 1e-6."""
+        import math
+
+        out = [list(map(float, row)) for row in overhead]
+        qs = list(query_tokens)
+        by_b: dict[int, dict[int, float]] = {}
+        for b, per_n in self.ratios().items():
+            i = min(range(len(batch_sizes)), key=lambda k: (abs(math.log(batch_sizes[k] / b)), k))
+            for n, r in per_n.items():
+                if n + 1 in qs:
+                    by_b.setdefault(i, {})[n + 1] = r  # a later (nearer) B overwrites: close enough
+        for i, seen in by_b.items():
+            row = out[i]
+            for j, q in enumerate(qs):
+                if q == 1:
+                    continue
+                if q in seen:
+                    row[j] = max(seen[q], 1e-6)
+                    continue
+                near = min(seen, key=lambda s: (abs(s - q), s))
+                measured_extra = float(overhead[i][qs.index(near)]) - 1.0
+                observed_extra = seen[near] - 1.0
+                scale = observed_extra / measured_extra if measured_extra > 1e-9 else 1.0
+                row[j] = max(1.0 + (float(overhead[i][j]) - 1.0) * max(scale, 0.0), 1e-6)
+        return out

@@ -1,0 +1,59 @@
+"""ObservedStepCost: the engine's own step-time ratio (drafted / plain) per batch size, and the correction it makes to
+a measured overhead table."""
+import pytest
+
+from medusa_plugin.core.observed_step_cost import ObservedStepCost
+
+
+def test_ratio_needs_both_sides_and_is_robust_to_a_slow_step():
+    o = ObservedStepCost(min_steps=3)
+    for t in (20.0, 21.0, 19.0):
+        o.add(4, 0, t)
+    assert o.ratio(4, 1) is None
+    for t in (30.0, 31.0, 29.0, 300.0):  # one step with a prefill chunk or a pause
+        o.add(4, 1, t)
+    assert o.ratio(4, 1) == pytest.approx(30.5 / 20.0)
+    assert o.ratio(2, 1) is None and o.ratio(4, 0) is None
+    assert o.ratios() == {4: {1: pytest.approx(30.5 / 20.0)}}
+
+
+def test_window_and_age_forget_old_steps():
+    o = ObservedStepCost(window=4, min_steps=2, max_age=100)
+    for _ in range(4):
+        o.add(1, 0, 10.0)
+        o.add(1, 2, 30.0)
+    for _ in range(4):
+        o.add(1, 2, 12.0)
+    assert o.count(1, 2) == 4 and o.ratio(1, 2) == pytest.approx(1.2)
+    for _ in range(100):  # 100 plain steps later the drafted ones are too old to price anything
+        o.add(1, 0, 10.0)
+    assert o.count(1, 2) == 0 and o.ratio(1, 2) is None
+
+
+def test_apply_replaces_observed_points_and_scales_the_rest_of_their_batch_size():
+    o = ObservedStepCost(min_steps=1)
+    o.add(4, 0, 10.0)
+    o.add(4, 1, 16.0)  # observed 1.6 where the table said 1.2: its extra cost is 3x the measured one
+    o.add(3, 0, 10.0)  # batch size 3 maps to the table's 4 (nearest in log scale): no ratio yet, nothing changes
+    batch_sizes, qs = [1, 2, 4], [1, 2, 3]
+    table = [[1.0, 1.1, 1.2], [1.0, 1.15, 1.3], [1.0, 1.2, 1.4]]
+    got = o.apply(batch_sizes, qs, table)
+    assert got[0] == table[0] and got[1] == table[1]  # not observed: as measured
+    assert got[2] == pytest.approx([1.0, 1.6, 1.0 + 0.4 * 3.0])
+    assert table[2] == [1.0, 1.2, 1.4]  # a copy
+    fast = ObservedStepCost(min_steps=1)
+    fast.add(16, 0, 10.0)
+    fast.add(16, 2, 9.0)  # faster with drafts than without (noise): taken as observed; no negative extra cost
+    assert fast.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.0, 0.9])  # B=16 -> 4; q=2 from q=3
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="window"):
+        ObservedStepCost(window=0)
+    with pytest.raises(ValueError, match="max_age"):
+        ObservedStepCost(max_age=0)
+    o = ObservedStepCost()
+    with pytest.raises(ValueError, match="batch_size"):
+        o.add(0, 1, 5.0)
+    with pytest.raises(ValueError, match="step_ms"):
+        o.add(1, 1, 0.0)
