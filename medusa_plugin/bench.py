@@ -434,6 +434,8 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
                 "speedup": round(base["elapsed_s"] / r["elapsed_s"], 4),
                 "matches_plain": sum(a == b for a, b in zip(r["token_ids"], base["token_ids"])) / c,
             }
+            if "medusa_state" in r:
+                row["medusa_state"] = r["medusa_state"]
             if "elapsed_runs" in r:  # interleaved rounds: the median of each round's plain time / this time
                 paired = [b / m for b, m in zip(base["elapsed_runs"], r["elapsed_runs"])]
                 row.update(elapsed_runs=[round(x, 6) for x in r["elapsed_runs"]],
@@ -507,6 +509,7 @@ def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens
             if spec is not None:
                 spec_modes.add(mode)
         outs: dict[str, dict[int, list]] = {m: {c: [] for c in concurrency} for m in workers}
+        states: dict[int, list] = {}  # concurrency -> the Medusa proposer's state after each of its runs
         names = list(workers)
         for r in range(repeats):
             for c in concurrency:
@@ -514,6 +517,11 @@ def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens
                     out = workers[mode].run(prompts[:c], max_tokens)
                     outs[mode][c].append(out)
                     log(f"e2e: round {r + 1}/{repeats} {mode} c={c}: {out.elapsed_s:.2f} s")
+                    if mode == "tree" and schedule:
+                        state = workers[mode].collective_rpc("medusa_state")[0]
+                        states.setdefault(c, []).append(state)
+                        log(f"e2e:   Medusa schedule {state['schedule']}, E[L] {state['accept_lengths'][:4]}, "
+                            f"observed step-time ratios {state['observed_step_ratios']}")
     finally:
         for w in workers.values():
             w.close()
@@ -526,6 +534,8 @@ def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens
             runs[mode][c] = dict(elapsed_s=statistics.median(o.elapsed_s for o in res),
                                  elapsed_runs=[o.elapsed_s for o in res], token_ids=res[0].token_ids,
                                  tokens_per_step=tps)
+            if mode == "tree" and c in states:
+                runs[mode][c]["medusa_state"] = states[c]
     return runs, notes
 
 

@@ -151,6 +151,8 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     from .bench import plain_generate
     from .core.calibration import AcceptanceCalibration
     from .core.dynamic_tree import DynamicTreeSpec
+    from .core.successor_prior import FILE_NAME as SUCCESSORS_FILE
+    from .core.successor_prior import SuccessorCounts
     from .core.tree_fit import expected_accept_length, fit_tree
     from .hf.generate import medusa_generate
 
@@ -175,6 +177,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         "topk": topk, "ngram_branches": ngram_branches, "static_accuracy_source": acc_source,
         "static_tokens_per_step": {}, "static_expected_tokens_per_step": {}, "dynamic_tokens_per_step": {},
         "dynamic_uncalibrated_tokens_per_step": {}, "dynamic_warm_tokens_per_step": {}, "hybrid_tokens_per_step": {},
+        "dynamic_heads_only_tokens_per_step": {},
         "ngram_tokens_per_step": simulate_ngram_tokens_per_step(prompts, ref),
         "tok_s": {"plain": tokens / plain_s}, "identical": {}, "calibration": {},
         "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
@@ -182,11 +185,18 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     log(f"plain: {tokens / plain_s:.1f} tok/s; vLLM ngram (k=4, simulated) {result['ngram_tokens_per_step']:.3f} "
         f"tokens/step")
 
-    def run(name: str, budget: int, tree, cal=None, warm: bool = False) -> None:
+    succ_path = Path(heads_dir) / SUCCESSORS_FILE
+    succ = SuccessorCounts.load(succ_path) if succ_path.is_file() else None
+    result["successors"] = (f"{succ_path} ({succ.tokens} tokens)" if succ is not None else
+                            "none (the heads directory has no successors.safetensors)")
+
+    def run(name: str, budget: int, tree, cal=None, warm: bool = False, successors=None) -> None:
         if warm:  # the calibration first serves the training-side prompts (a server that has seen traffic)
-            medusa_generate(m, h, tree, fit_prompts, max_new_tokens=max_new_tokens, calibration=cal)
+            medusa_generate(m, h, tree, fit_prompts, max_new_tokens=max_new_tokens, calibration=cal,
+                            successors=successors)
         t = time.perf_counter()
-        out = medusa_generate(m, h, tree, prompts, max_new_tokens=max_new_tokens, calibration=cal)
+        out = medusa_generate(m, h, tree, prompts, max_new_tokens=max_new_tokens, calibration=cal,
+                              successors=successors)
         s = time.perf_counter() - t
         tps = out.stats.mean_accepted_tokens_per_step
         same = sum(a == b for a, b in zip(out.sequences, ref))
@@ -205,11 +215,14 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         result["static_expected_tokens_per_step"][str(n)] = expected_accept_length(paths, acc)
         run("static", n, [list(p) for p in paths])
         run("dynamic_uncalibrated", n, DynamicTreeSpec(budget=n, topk=topk))
-        run("dynamic", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads))
-        run("dynamic_warm", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), warm=True)
+        if succ is not None:
+            run("dynamic_heads_only", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads))
+        run("dynamic", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), successors=succ)
+        run("dynamic_warm", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), warm=True,
+            successors=succ)
         if ngram_branches:
             run("hybrid", n, DynamicTreeSpec(budget=n, topk=topk, ngram_branches=ngram_branches),
-                AcceptanceCalibration(h.num_heads))
+                AcceptanceCalibration(h.num_heads), successors=succ)
     result["dynamic_over_static"] = {b: result["dynamic_tokens_per_step"][b] / result["static_tokens_per_step"][b]
                                      for b in result["static_tokens_per_step"]}
     if ngram_branches:

@@ -43,8 +43,11 @@ def _serve(conn, model_dir: str, medusa: Mapping | None, llm_kwargs: dict) -> No
             cmd = conn.recv()
             if cmd is None:
                 break
-            prompts, max_tokens = cmd
             try:
+                if cmd[0] == "rpc":
+                    conn.send(("ok", llm.collective_rpc(cmd[1]), None))
+                    continue
+                prompts, max_tokens = cmd
                 out = offline.run(llm, prompts, max_tokens, ignore_eos=True)
                 conn.send(("ok", (out.token_ids, out.elapsed_s, out.metrics), None))
             except Exception as e:  # noqa: BLE001
@@ -106,6 +109,12 @@ class EngineWorker:
         self._conn.send(([[int(t) for t in p] for p in prompts], int(max_tokens)))
         token_ids, elapsed, metrics = self._receive(timeout_s, "run")
         return RunResult(token_ids, elapsed, metrics)
+
+    def collective_rpc(self, method: str, *, timeout_s: float | None = 600.0) -> list:
+        """``LLM.collective_rpc(method)`` on this engine (a worker method's name, e.g. ``"medusa_state"`` of the
+        Medusa workers); returns one result per worker."""
+        self._conn.send(("rpc", method))
+        return self._receive(timeout_s, "answer")
 
     def close(self) -> None:
         """Stop the engine and its process (idempotent)."""

@@ -55,3 +55,13 @@ def test_an_engine_that_cannot_start_is_one_line(tmp_path):
         EngineWorker(str(tmp_path), start_timeout_s=600)
     assert "\n" not in str(err.value) and str(err.value)
 
+
+
+def test_a_multiprocess_medusa_engine_reports_what_its_schedule_learnt():
+    model_dir, heads_dir = build_tiny_medusa(_cache_dir())
+    with EngineWorker(str(model_dir), medusa={"heads": str(heads_dir), "tree": "chain:2", "tree_schedule": "auto"},
+                      max_model_len=256) as w:
+        w.run([[1, 2, 3, 4]], 8)
+        (state,) = w.collective_rpc("medusa_state")
+    assert state["schedule"] and all(len(r) == 3 for r in state["schedule"])  # (from B, to B, nodes)
+    assert state["accept_lengths"][0] == 1.0 and "tree steps" in state["stats"]

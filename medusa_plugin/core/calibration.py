@@ -15,6 +15,12 @@ are the likely ones. Its probability is therefore calibrated separately for node
 (the root, or rank 0 of every head above) and for the others ("off-path"); on the shipped heads, head 1 accepted 57 %
 of its mean probability on the top path and 18 % off it.
 
+With successor counts (:mod:`~medusa_plugin.core.successor_prior`) a Medusa node also has a *successor level* (how
+often the target's text continues its parent tokens with it); the factor is then multiplied by a per (head, on / off
+the top path, level) multiplier ``(hits + w) / (predicted + w)`` (``predicted``: the sum of ``s_k * q ** a_k`` over
+the observed nodes of that cell, ``w = level_prior_weight``), i.e. how much more or less than its head probability
+says such a node is accepted (1 before observations).
+
 n-gram branch nodes have no head probability: their acceptance is a per-position rate (position ``j`` = the ``j``-th token of a continuation), ``(hits + w * prior) / (tried + w)``.
 
 This is the calibration step of dynamic draft trees (EAGLE-2: Li et al. 2024, "EAGLE-2: Faster Inference of
@@ -27,6 +33,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from .successor_prior import NUM_LEVELS
 
 __all__ = ["CalibrationError", "AcceptanceCalibration"]
 
@@ -50,6 +58,7 @@ class AcceptanceCalibration:
         decay: forgetting factor per observed request-step, in (0, 1].
         bins: log-probability bins per head (``q`` in ``[1e-6, 1]``).
         min_observations: a head keeps ``a = 1`` until it has this many (decayed) observations.
+        level_prior_weight: pseudo-observations behind a successor-level multiplier of 1.
     Attributes:
         exponent: ``[2K]`` float64, the current ``a``: index ``k`` for head ``k`` on the top path, ``K + k`` off it.
         scale: ``[2K]`` float64, the current ``s``, indexed the same way.
@@ -58,7 +67,8 @@ class AcceptanceCalibration:
     """
 
     def __init__(self, num_heads: int, *, ngram_positions: int = 8, ngram_prior: float = 0.5,
-                 prior_weight: float = 8.0, decay: float = 0.999, bins: int = 24, min_observations: float = 64.0):
+                 prior_weight: float = 8.0, decay: float = 0.999, bins: int = 24, min_observations: float = 64.0,
+                 level_prior_weight: float = 4.0):
         if num_heads < 1 or ngram_positions < 1 or bins < 2:
             raise CalibrationError(f"num_heads, ngram_positions must be >= 1 and bins >= 2, got {num_heads}, "
                                    f"{ngram_positions}, {bins}")
@@ -77,6 +87,10 @@ class AcceptanceCalibration:
         self._ng_prior, self._ng_weight = float(ngram_prior), float(prior_weight)
         self._ng_tried = torch.zeros(ngram_positions, dtype=torch.float64)
         self._ng_hits = torch.zeros(ngram_positions, dtype=torch.float64)
+        self._lv_weight = float(level_prior_weight)
+        self._lv_hits = torch.zeros(groups, NUM_LEVELS, dtype=torch.float64)
+        self._lv_pred = torch.zeros(groups, NUM_LEVELS, dtype=torch.float64)
+        self._lv_mult: list[list[float]] = [[1.0] * NUM_LEVELS for _ in range(groups)]
 
     # ------------------------------------------------------------------ mapping
     def head_acceptance(self, probs: Tensor, *, off_path: bool = False) -> Tensor:
@@ -91,6 +105,11 @@ class AcceptanceCalibration:
         s = self.scale[first:first + k].to(probs.device).view(k, 1)
         return s * probs.to(torch.float64).clamp(0.0, 1.0) ** a
 
+    def level_multipliers(self) -> list[list[float]]:
+        """``[2K][NUM_LEVELS]`` multipliers of the head factor by successor level (group index as
+        :attr:`exponent`), as of the last :meth:`refit`."""
+        return self._lv_mult
+
     def ngram_acceptance(self) -> list[float]:
         """Acceptance per n-gram continuation position (``ngram_positions`` floats in [0, 1])."""
         w = self._ng_weight
@@ -99,7 +118,7 @@ class AcceptanceCalibration:
 
     # ------------------------------------------------------------------ observations
     def observe(self, head: Tensor, prob: Tensor, accepted: Tensor, *, off_path: Tensor | None = None,
-                ngram_position: Tensor | None = None) -> None:
+                ngram_position: Tensor | None = None, level: Tensor | None = None) -> None:
         """Record verified nodes whose parent was accepted (only those say anything about the node).
 
         Args:
@@ -108,7 +127,8 @@ class AcceptanceCalibration:
             accepted: ``[M]`` bool, the node is on the accepted path.
             off_path: ``[M]`` bool, its parent is off the top path (default: all on it).
             ngram_position: ``[M]`` int64 position of the node in an n-gram continuation (-1: none), optional.
-        Call :meth:`refit` to update the exponents.
+            level: ``[M]`` int64 successor level of each Medusa node (-1: none), optional.
+        Call :meth:`refit` to update the exponents and the level multipliers.
         """
         head = torch.as_tensor(head, dtype=torch.int64).cpu().reshape(-1)
         prob = torch.as_tensor(prob, dtype=torch.float64).cpu().reshape(-1)
@@ -116,7 +136,8 @@ class AcceptanceCalibration:
         if not head.numel() == prob.numel() == acc.numel():
             raise CalibrationError("head, prob and accepted must have the same length")
         if self.decay < 1.0:
-            for t in (self._tried, self._hits, self._sum_logq, self._ng_tried, self._ng_hits):
+            for t in (self._tried, self._hits, self._sum_logq, self._ng_tried, self._ng_hits, self._lv_hits,
+                      self._lv_pred):
                 t.mul_(self.decay)
         if bool((head >= self.num_heads).any()):
             raise CalibrationError(f"head index >= num_heads={self.num_heads}")
@@ -131,6 +152,17 @@ class AcceptanceCalibration:
             self._tried += torch.bincount(flat, minlength=n).view_as(self._tried).to(torch.float64)
             self._hits += torch.bincount(flat, weights=acc[m], minlength=n).view_as(self._hits)
             self._sum_logq += torch.bincount(flat, weights=logq, minlength=n).view_as(self._sum_logq)
+            if level is not None:
+                lv = torch.as_tensor(level, dtype=torch.int64).cpu().reshape(-1)[m]
+                if bool((lv >= NUM_LEVELS).any()):
+                    raise CalibrationError(f"successor level >= {NUM_LEVELS}")
+                g = head[m] + self.num_heads * off[m].to(torch.int64)
+                pred = self.scale[g] * prob[m].clamp(0.0, 1.0) ** self.exponent[g]
+                keep = lv >= 0
+                cell = (g * NUM_LEVELS + lv)[keep]
+                size = 2 * self.num_heads * NUM_LEVELS
+                self._lv_hits += torch.bincount(cell, weights=acc[m][keep], minlength=size).view_as(self._lv_hits)
+                self._lv_pred += torch.bincount(cell, weights=pred[keep], minlength=size).view_as(self._lv_pred)
         if ngram_position is not None:
             pos = torch.as_tensor(ngram_position, dtype=torch.int64).cpu().reshape(-1)
             g = pos >= 0
@@ -156,6 +188,8 @@ class AcceptanceCalibration:
             best = int(ll.argmax())
             self.scale[k] = _SCALES[best // _EXPONENTS.numel()]
             self.exponent[k] = _EXPONENTS[best % _EXPONENTS.numel()]
+        w = self._lv_weight
+        self._lv_mult = ((self._lv_hits + w) / (self._lv_pred + w)).tolist()
         return self.exponent
 
     def describe(self) -> str:

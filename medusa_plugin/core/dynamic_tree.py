@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .calibration import AcceptanceCalibration
 from .ngram_branches import ngram_continuations
+from .successor_prior import SuccessorCounts
 from .tree import MedusaTree
 
 __all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "select_nodes", "build_dynamic_tree", "restrict_tree",
@@ -57,6 +58,8 @@ class DynamicTree:
             are the top path), so its head factor came from the off-path calibration.
         score: ``[N+1]`` float64 path score (``score[0] = 1``); ``score.sum()`` is the expected tokens per step under
             the model's independence assumption.
+        level: ``[N+1]`` int64 successor level of each Medusa node (:mod:`~medusa_plugin.core.successor_prior`),
+            -1 elsewhere; None when the tree was built without successor counts.
     """
 
     tree: MedusaTree
@@ -66,6 +69,7 @@ class DynamicTree:
     ngram_position: Tensor
     score: Tensor
     off_path: Tensor
+    level: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -95,7 +99,7 @@ def restrict_tree(dt: DynamicTree, keep: Sequence[int]) -> DynamicTree | None:
     idx = torch.tensor([0] + kept, dtype=torch.int64)
     tree = MedusaTree.from_choices([dt.tree.choices[i - 1] for i in kept], topk=dt.tree.topk)
     return DynamicTree(tree, dt.tokens[idx], dt.head[idx], dt.head_prob[idx], dt.ngram_position[idx],
-                       dt.score[idx], dt.off_path[idx])
+                       dt.score[idx], dt.off_path[idx], None if dt.level is None else dt.level[idx])
 
 
 def lattice_size(num_heads: int, topk: int) -> int:
@@ -105,7 +109,9 @@ def lattice_size(num_heads: int, topk: int) -> int:
 
 def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], budget: int, *,
                  continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
-                 off_factors: Sequence[Sequence[float]] | None = None) -> list[dict]:
+                 off_factors: Sequence[Sequence[float]] | None = None,
+                 rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
+                 context: Sequence[int] = ()) -> list[dict]:
     """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches).
 
     Args:
@@ -116,10 +122,14 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         ngram_factors: acceptance of an n-gram node at depth ``d+1`` is ``ngram_factors[min(d, len - 1)]``.
         off_factors: ``[K][topk]`` the head factors for children of nodes off the top path (default ``factors``);
             the top path is the root and the chain of rank-0 Medusa nodes under it.
+        rescore: ``(prev2, prev1, head, off, token) -> (multiplier, level)`` for a Medusa child after the tokens
+            ``prev2, prev1`` (its grandparent's and parent's; ``prev2`` None when unknown): the head factor is
+            multiplied (capped at 1) and ``level`` recorded (:mod:`~medusa_plugin.core.successor_prior`).
+        context: the request's last tokens up to the root (the root last), for ``rescore``.
     Returns:
         ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
         child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth - 1),
-        ``off`` (the parent is off the top path).
+        ``off`` (the parent is off the top path), ``level`` (``rescore``'s level, -1 without it).
     Raises:
         DynamicTreeError: ``budget < 1`` or a factor outside [0, 1].
     """
@@ -136,16 +146,24 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
     if any(not 0.0 <= g <= 1.0 for g in ngram_factors):
         raise DynamicTreeError("n-gram acceptance factors must lie in [0, 1]")
     conts = [list(c) for c in continuations]
-    # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path)
+    ctx = [int(t) for t in context[-2:]]
+    # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path, level)
     heap: list = []
 
     def push_children(score: float, slots: tuple, toks: tuple, on: tuple, top: bool) -> None:
         d = len(slots)
-        kids: dict[int, list] = {}  # token -> [factor, slot, head, ngram, conts]
+        kids: dict[int, list] = {}  # token -> [factor, slot, head, ngram, conts, level]
         table = factors if top else off_factors
         if d < k_heads:
-            for r in range(topk):
-                kids[tokens[d][r]] = [table[d][r], r, d, -1, ()]
+            if rescore is not None and (toks or ctx):
+                prev = (ctx + list(toks))[-2:]
+                p2, p1 = (prev[0] if len(prev) == 2 else None), prev[-1]
+                for r in range(topk):
+                    m, lv = rescore(p2, p1, d, not top, tokens[d][r])
+                    kids[tokens[d][r]] = [min(1.0, table[d][r] * m), r, d, -1, (), lv]
+            else:
+                for r in range(topk):
+                    kids[tokens[d][r]] = [table[d][r], r, d, -1, (), -1]
         for j in on:
             c = conts[j]
             if d >= len(c):
@@ -153,28 +171,30 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
             g = ngram_factors[min(d, len(ngram_factors) - 1)]
             kid = kids.get(c[d])
             if kid is None:
-                kids[c[d]] = [g, topk + j, -1, d, (j,)]
+                kids[c[d]] = [g, topk + j, -1, d, (j,), -1]
             else:
                 if kid[3] < 0:
                     kid[0] = max(kid[0], g)
                     kid[3] = d
                 kid[4] = kid[4] + (j,)
-        for tok, (f, slot, head, ng, c_on) in kids.items():
+        for tok, (f, slot, head, ng, c_on, lv) in kids.items():
             heapq.heappush(heap, (-(score * f), d + 1, slots + (slot,), toks + (tok,), head, ng, not top,
-                                  top and slot == 0, c_on))
+                                  top and slot == 0, c_on, lv))
 
     push_children(1.0, (), (), tuple(range(len(conts))), True)
     out: list[dict] = []
     while heap and len(out) < budget:
-        neg, _, slots, toks, head, ng, off, top, on = heapq.heappop(heap)
-        out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off})
+        neg, _, slots, toks, head, ng, off, top, on, lv = heapq.heappop(heap)
+        out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off,
+                    "level": lv})
         push_children(-neg, slots, toks, on, top)
     return out
 
 
 def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budget: int, *,
                        calibration: AcceptanceCalibration | None = None,
-                       continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None) -> DynamicTree:
+                       continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None,
+                       successors: SuccessorCounts | None = None, prev_token: int | None = None) -> DynamicTree:
     """One request's dynamic (or hybrid) tree.
 
     Args:
@@ -187,6 +207,10 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         continuations: n-gram continuations (token lists) to merge in.
         num_branches: slots reserved for n-gram branches (``M``; default ``len(continuations)``), so every tree of a
             configuration has the same slot width ``topk + M``.
+        successors: token n-gram counts of the target's text: each Medusa node's factor is multiplied by the
+            calibration's multiplier of its successor level (:meth:`AcceptanceCalibration.level_multiplier`; 1
+            without a calibration) and the level recorded in :attr:`DynamicTree.level`.
+        prev_token: the token before the root (the trigram context of depth-1 nodes), if any.
     Returns:
         :class:`DynamicTree` with ``min(N, candidates)`` nodes.
     Raises:
@@ -207,8 +231,17 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         factors, ngram_factors = top_probs.to(torch.float64).clamp(0.0, 1.0).tolist(), [0.5]
         off_factors = None
     probs = top_probs.to(torch.float64).tolist()
+    rescore = None
+    if successors is not None:
+        mult = calibration.level_multipliers() if calibration is not None else None
+        k_all = calibration.num_heads if calibration is not None else k_heads
+
+        def rescore(p2, p1, head, off, token):
+            lv = successors.level(p2, p1, token)
+            return (1.0 if mult is None else mult[head + k_all * off][lv]), lv
+    context = [int(root_token)] if prev_token is None else [int(prev_token), int(root_token)]
     nodes = select_nodes(factors, top_ids.tolist(), budget, continuations=continuations,
-                         ngram_factors=ngram_factors, off_factors=off_factors)
+                         ngram_factors=ngram_factors, off_factors=off_factors, rescore=rescore, context=context)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
     n1 = tree.num_nodes + 1
@@ -218,6 +251,7 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
     ngram = [-1] * n1
     score = [1.0] * n1
     off = [False] * n1
+    level = [-1] * n1
     for i, path in enumerate(tree.choices, start=1):
         node = index[path]
         tokens[i] = node["tokens"][-1]
@@ -227,9 +261,11 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         ngram[i] = node["ngram"]
         score[i] = node["score"]
         off[i] = node["off"]
+        level[i] = node["level"]
     return DynamicTree(tree, torch.tensor(tokens, dtype=torch.int64), torch.tensor(head, dtype=torch.int64),
                        torch.tensor(head_prob, dtype=torch.float64), torch.tensor(ngram, dtype=torch.int64),
-                       torch.tensor(score, dtype=torch.float64), torch.tensor(off, dtype=torch.bool))
+                       torch.tensor(score, dtype=torch.float64), torch.tensor(off, dtype=torch.bool),
+                       torch.tensor(level, dtype=torch.int64) if successors is not None else None)
 
 
 @dataclass(frozen=True)
@@ -290,7 +326,8 @@ class DynamicTreeSpec:
         return self.topk + self.ngram_branches
 
     def build(self, root_tokens: Tensor, head_logits: Tensor, contexts: Sequence[Sequence[int]] | None = None, *,
-              calibration: AcceptanceCalibration | None = None) -> list[DynamicTree]:
+              calibration: AcceptanceCalibration | None = None,
+              successors: SuccessorCounts | None = None) -> list[DynamicTree]:
         """One tree per request.
 
         Args:
@@ -299,7 +336,8 @@ class DynamicTreeSpec:
                 num_heads``, extra heads are ignored (all K are used when ``num_heads`` is None).
             contexts: per request, its tokens so far (prompt + output, ending with the root); required when
                 ``ngram_branches > 0``.
-            calibration: see :func:`build_dynamic_tree`.
+            calibration, successors: see :func:`build_dynamic_tree` (the token before each root comes from
+                ``contexts`` when given).
         Returns:
             ``list[DynamicTree]`` of length B, each with exactly ``budget`` nodes.
         Raises:
@@ -323,8 +361,11 @@ class DynamicTreeSpec:
             conts = (ngram_continuations(contexts[b], self.ngram_branches, min_n=self.ngram_min_n,
                                          max_n=self.ngram_max_n, length=self.ngram_length)
                      if self.ngram_branches else [])
+            prev = int(contexts[b][-2]) if successors is not None and contexts is not None \
+                and len(contexts[b]) >= 2 else None
             out.append(build_dynamic_tree(roots[b], values[b], ids[b], self.budget, calibration=calibration,
-                                          continuations=conts, num_branches=self.ngram_branches))
+                                          continuations=conts, num_branches=self.ngram_branches,
+                                          successors=successors, prev_token=prev))
         return out
 
     def describe(self) -> str:
@@ -347,7 +388,7 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         path_nodes: ``[B, W]`` int64 accepted node indices per request, root first, -1 padded
             (``AcceptanceResult.path_nodes``).
     """
-    heads, probs, acc, ngram, off = [], [], [], [], []
+    heads, probs, acc, ngram, off, level = [], [], [], [], [], []
     rows = path_nodes.cpu().tolist()
     for t, row in zip(trees, rows):
         on = torch.zeros(t.tree.num_nodes + 1, dtype=torch.bool)
@@ -360,8 +401,9 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         acc.append(on[seen])
         ngram.append(t.ngram_position[seen])
         off.append(t.off_path[seen])
+        level.append(t.level[seen] if t.level is not None else torch.full_like(t.head[seen], -1))
     calibration.observe(torch.cat(heads), torch.cat(probs), torch.cat(acc), off_path=torch.cat(off),
-                        ngram_position=torch.cat(ngram))
+                        ngram_position=torch.cat(ngram), level=torch.cat(level))
 
 
 def draw_dynamic_tree(dt: DynamicTree, decode=None) -> str:

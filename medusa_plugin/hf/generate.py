@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..core.acceptance import accept, probs_from_logits
 from ..core.calibration import AcceptanceCalibration
+from ..core.successor_prior import SuccessorCounts
 from ..core.dynamic_tree import DynamicTreeSpec, observe_step
 from ..core.heads import MedusaHeads
 from .base_model import root_embeds_of
@@ -121,7 +122,8 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
                     temperature=0.0, top_p=None, top_k=None, posterior_threshold: float = 0.09,
                     posterior_alpha: float = 0.3, eos_token_id: int | None = None,
                     generator: torch.Generator | None = None,
-                    calibration: AcceptanceCalibration | None = None) -> MedusaGenerateOutput:
+                    calibration: AcceptanceCalibration | None = None,
+                    successors: SuccessorCounts | None = None) -> MedusaGenerateOutput:
     """Medusa tree decoding with ``model`` (a transformers causal LM) and ``heads``.
 
     Args:
@@ -137,6 +139,8 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
         eos_token_id: a request stops after emitting it (tokens after it in an accepted path are dropped).
         calibration: dynamic trees only: head probability -> acceptance, updated online from every step's accepted
             paths (refitted every 8 steps); None: raw head probabilities.
+        successors: dynamic trees only: the target text's token n-gram counts; each Medusa node's factor is
+            re-scored by its successor level (``core.successor_prior``), with multipliers learnt by ``calibration``.
     Returns:
         MedusaGenerateOutput(sequences=list[list[int]] new tokens per request, stats=MedusaStats).
     """
@@ -213,8 +217,10 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
             tree_tokens = tree.build_candidates(root, heads(h_last, lm_head, root_embeds(root)))  # [nb, N+1]
             bias = tree_bias.expand(nb, n1, n1)
         else:  # one tree per request
-            contexts = [prompts[i] + out[i] for i in active] if spec.ngram_branches else None
-            dyn = spec.build(root, heads(h_last, lm_head, root_embeds(root)), contexts, calibration=calibration)
+            contexts = ([prompts[i] + out[i] for i in active] if spec.ngram_branches or successors is not None
+                        else None)
+            dyn = spec.build(root, heads(h_last, lm_head, root_embeds(root)), contexts, calibration=calibration,
+                             successors=successors)
             trees = [d.tree for d in dyn]
             tree_tokens = torch.stack([d.tokens for d in dyn]).to(dev)
             bias, depth = stack_attn_bias(trees, dtype, dev).clamp(min=neg), stack_depth(trees, dev)

@@ -60,6 +60,23 @@ def runner_of(llm) -> Any:
     return engine.model_executor.driver_worker.worker.model_runner
 
 
+def medusa_state(worker) -> dict[str, Any] | None:
+    """What the Medusa proposer of one engine worker has learnt (the Medusa workers' ``medusa_state`` method, so
+    ``LLM.collective_rpc("medusa_state")`` reaches a multiprocess engine too): its schedule's nodes per batch-size range, the observed acceptance
+    ``E[L]`` per prefix, the step-time ratios observed in serving and the runner's counters. None without Medusa."""
+    runner = getattr(worker, "model_runner", worker)
+    p = getattr(runner, "drafter", None)
+    if p is None or not hasattr(p, "observed_cost"):
+        return None
+    stats = getattr(runner, "medusa_stats", None)
+    return {"schedule": p.schedule.ranges() if p.schedule is not None else None,
+            "accept_lengths": [round(x, 3) for x in p.acceptance.accept_lengths()[:8]],
+            "observed_step_ratios": {b: {n: round(r, 3) for n, r in v.items()}
+                                     for b, v in p.observed_cost.ratios().items()},
+            "step_fixed_ms": round(p.step_time.fixed_ms, 3), "tree_row_ms": round(p.step_time.tree_row_ms, 3),
+            "stats": stats.summary() if stats is not None else None}
+
+
 class StepProfiler:
     """Exclusive phase timers around one in-process engine; ``records`` holds one :class:`StepRecord` per step.
 

@@ -27,7 +27,17 @@ def _refuse_v2(worker) -> None:
             "speculation selects V1 automatically)")
 
 
+def _state(worker):
+    from .profiling import medusa_state
+
+    return medusa_state(worker)
+
+
 class MedusaCPUWorker(CPUWorker):
+    def medusa_state(self):
+        """:func:`.profiling.medusa_state` of this worker (``LLM.collective_rpc("medusa_state")``)."""
+        return _state(self)
+
     def init_device(self) -> None:
         super().init_device()
         _refuse_v2(self)
@@ -39,6 +49,10 @@ class MedusaCPUWorker(CPUWorker):
 
 
 class MedusaWorker(Worker):
+    def medusa_state(self):
+        """:func:`.profiling.medusa_state` of this worker (``LLM.collective_rpc("medusa_state")``)."""
+        return _state(self)
+
     def _make_model_runner(self):
         _refuse_v2(self)
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
