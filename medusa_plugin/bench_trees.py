@@ -4,10 +4,13 @@ greedy (engine-independent: tokens per step depend only on the trees and the tar
 
 * static ``n``: the tree of ``n`` nodes fitted to the heads' held-out per-rank accuracy (``recipe.json``'s
   ``accuracy`` when the heads have one, else measured on training-side prompts), ``core.tree_fit.fit_tree``.
-* dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, topk 10, calibrated online from the accepted paths
-  (``core.calibration``, fresh at the start of each run); ``dynamic_uncalibrated``: raw head probabilities;
-  ``dynamic_warm``: a calibration that first served 16 training-side prompts (not counted).
-* hybrid ``n``: the same plus ``--ngram-branches`` prompt-lookup branches (n = 2..4, 4 tokens, vLLM's rule).
+* dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, topk 10, as a server runs it: starting from the heads'
+  calibration prior (``calibration.json`` next to the heads, fitted on training-side prompts; else fresh) and
+  re-scored by successor levels (``successors.safetensors``, ``core.successor_prior``), calibrated online from the
+  accepted paths. Ablations: ``dynamic_heads_only`` (a fresh calibration, no successor counts: the head
+  probabilities alone), ``dynamic_uncalibrated`` (raw head probabilities), ``dynamic_warm`` (a fresh calibration
+  that first served 16 training-side prompts, not counted, with the successor counts).
+* hybrid ``n``: dynamic ``n`` plus ``--ngram-branches`` prompt-lookup branches (n = 2..4, 4 tokens, vLLM's rule).
 * ngram: vLLM's ngram proposer (k=4, n = 2..4: the demo's setting) simulated on the plain greedy output (exact for
   greedy: a draft is accepted up to its first token that differs from the target's greedy token).
 
@@ -149,7 +152,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     import torch
 
     from .bench import plain_generate
-    from .core.calibration import AcceptanceCalibration
+    from .core.calibration import AcceptanceCalibration, calibration_for
     from .core.dynamic_tree import DynamicTreeSpec
     from .core.successor_prior import FILE_NAME as SUCCESSORS_FILE
     from .core.successor_prior import SuccessorCounts
@@ -189,6 +192,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     succ = SuccessorCounts.load(succ_path) if succ_path.is_file() else None
     result["successors"] = (f"{succ_path} ({succ.tokens} tokens)" if succ is not None else
                             "none (the heads directory has no successors.safetensors)")
+    result["calibration_prior"] = calibration_for(heads_dir, h.num_heads)[1]
 
     def run(name: str, budget: int, tree, cal=None, warm: bool = False, successors=None) -> None:
         if warm:  # the calibration first serves the training-side prompts (a server that has seen traffic)
@@ -217,12 +221,13 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         run("dynamic_uncalibrated", n, DynamicTreeSpec(budget=n, topk=topk))
         if succ is not None:
             run("dynamic_heads_only", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads))
-        run("dynamic", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), successors=succ)
+        run("dynamic", n, DynamicTreeSpec(budget=n, topk=topk), calibration_for(heads_dir, h.num_heads)[0],
+            successors=succ)
         run("dynamic_warm", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), warm=True,
             successors=succ)
         if ngram_branches:
             run("hybrid", n, DynamicTreeSpec(budget=n, topk=topk, ngram_branches=ngram_branches),
-                AcceptanceCalibration(h.num_heads), successors=succ)
+                calibration_for(heads_dir, h.num_heads)[0], successors=succ)
     result["dynamic_over_static"] = {b: result["dynamic_tokens_per_step"][b] / result["static_tokens_per_step"][b]
                                      for b in result["static_tokens_per_step"]}
     if ngram_branches:

@@ -36,9 +36,11 @@ from torch import Tensor
 
 from .successor_prior import NUM_LEVELS
 
-__all__ = ["CalibrationError", "AcceptanceCalibration"]
+__all__ = ["CalibrationError", "AcceptanceCalibration", "CALIBRATION_FILE", "calibration_for"]
 
-_EXPONENTS = torch.exp(torch.linspace(math.log(0.2), math.log(5.0), 81, dtype=torch.float64))
+CALIBRATION_FILE = "calibration.json"  # a prior next to the heads (written by the chat recipe)
+
+_EXPONENTS = torch.exp(torch.linspace(math.log(0.6), math.log(5.0), 61, dtype=torch.float64))
 _SCALES = torch.exp(torch.linspace(math.log(0.02), 0.0, 61, dtype=torch.float64))
 
 
@@ -192,6 +194,53 @@ class AcceptanceCalibration:
         self._lv_mult = ((self._lv_hits + w) / (self._lv_pred + w)).tolist()
         return self.exponent
 
+    # ------------------------------------------------------------------ prior
+    _STATE = ("exponent", "scale", "_tried", "_hits", "_sum_logq", "_ng_tried", "_ng_hits", "_lv_hits", "_lv_pred")
+
+    def state(self) -> dict:
+        """A JSON-ready snapshot (counts, fitted values, settings) that :meth:`from_state` restores: a calibration
+        fitted on training-side prompts and shipped next to the heads (``calibration.json``) is the prior of a fresh
+        server, which then follows its own traffic (the counts decay)."""
+        out = {"format": "medusa_plugin acceptance calibration", "num_heads": self.num_heads, "bins": self.bins,
+               "levels": NUM_LEVELS, "ngram_positions": int(self._ng_tried.numel())}
+        out.update({k.lstrip("_"): getattr(self, k).tolist() for k in self._STATE})
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict, *, max_weight: float | None = 2000.0, **kwargs) -> "AcceptanceCalibration":
+        """The calibration of :meth:`state`, refitted, with its Medusa observations scaled down to at most
+        ``max_weight`` (so live traffic outweighs the prior within a few hundred steps; None: as saved).
+        ``kwargs``: the other :class:`AcceptanceCalibration` settings.
+
+        Raises:
+            CalibrationError: a state of another shape or format (the message names what differs).
+        """
+        if not isinstance(state, dict) or state.get("format") != "medusa_plugin acceptance calibration":
+            raise CalibrationError("not a calibration state (expected the 'format' written by "
+                                   "AcceptanceCalibration.state)")
+        k = int(state.get("num_heads", 0))
+        out = cls(k, ngram_positions=int(state.get("ngram_positions", 8)), bins=int(state.get("bins", 24)), **kwargs)
+        if int(state.get("levels", -1)) != NUM_LEVELS:
+            raise CalibrationError(f"calibration state has {state.get('levels')} successor levels, this version "
+                                   f"{NUM_LEVELS}: refit it")
+        for name in cls._STATE:
+            cur = getattr(out, name)
+            try:
+                val = torch.tensor(state[name.lstrip("_")], dtype=torch.float64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CalibrationError(f"calibration state: bad or missing '{name.lstrip('_')}' ({e})") from None
+            if val.shape != cur.shape:
+                raise CalibrationError(f"calibration state: '{name.lstrip('_')}' has shape {tuple(val.shape)}, "
+                                       f"expected {tuple(cur.shape)}")
+            cur.copy_(val)
+        total = float(out._tried.sum())
+        if max_weight is not None and total > max_weight:
+            f = max_weight / total
+            for t in (out._tried, out._hits, out._sum_logq, out._lv_hits, out._lv_pred):
+                t.mul_(f)
+        out.refit()
+        return out
+
     def describe(self) -> str:
         """One line: the scales, exponents and the n-gram rates."""
         sa = [f"{s:.2f}*q^{a:.2f}" for s, a in zip(self.scale.tolist(), self.exponent.tolist())]
@@ -199,3 +248,28 @@ class AcceptanceCalibration:
         g = " ".join(f"{x:.2f}" for x in self.ngram_acceptance()[:4])
         return (f"head acceptance on the top path {' '.join(sa[:k])}, off it (heads 1..) {' '.join(sa[k + 1:])}; "
                 f"n-gram acceptance per position {g}")
+
+
+def calibration_for(heads_dir, num_heads: int, **kwargs) -> tuple[AcceptanceCalibration, str]:
+    """A calibration for the heads in ``heads_dir``: their shipped prior (``calibration.json``,
+    :meth:`AcceptanceCalibration.from_state`) when there is one, else a fresh one; and a one-line description.
+
+    Raises:
+        CalibrationError: the prior is unreadable or made for another number of heads (the message names the file
+            and the fix).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(str(heads_dir)) / CALIBRATION_FILE
+    if not path.is_file():
+        return AcceptanceCalibration(num_heads, **kwargs), "fresh (no calibration.json next to the heads)"
+    try:
+        cal = AcceptanceCalibration.from_state(json.loads(path.read_text()), **kwargs)
+    except (OSError, ValueError) as e:  # CalibrationError is a ValueError; so is bad JSON
+        raise CalibrationError(f"{path}: {e}; rewrite it (medusa-plugin train --recipe chat writes it) or delete "
+                               f"it") from None
+    if cal.num_heads != num_heads:
+        raise CalibrationError(f"{path} calibrates {cal.num_heads} heads, the checkpoint has {num_heads}: rewrite "
+                               f"it for these heads or delete it")
+    return cal, f"prior from {path}"

@@ -9,6 +9,8 @@ it takes inside vLLM's ``--additional-config``)::
     topk: 10                                     # ranks per head the tree may use (tree ranks must be < topk)
     budget: 16                                   # tree: dynamic only: nodes per request and step (default 16)
     ngram_branches: 0                            # tree: dynamic only: n-gram (prompt lookup) branches merged in
+    successors: true                             # tree: dynamic only: re-score nodes by the successors.safetensors
+                                                 # next to the heads, when there is one (core.successor_prior)
     acceptance:
       rule: lossless                             # lossless (default) | typical
       posterior_threshold: 0.09                  # typical only
@@ -170,6 +172,7 @@ class MedusaConfig:
     heads_revision: str | None = None
     budget: int | None = None
     ngram_branches: int = 0
+    successors: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, os.PathLike):
@@ -231,6 +234,9 @@ class MedusaConfig:
             raise MedusaConfigError("with 'tree: dynamic' only 'tree_schedule: auto' applies (each step's node count "
                                     "from the measured step cost and the trees' own path scores; a schedule table "
                                     "picks prefixes of one static tree): use 'auto' or remove 'tree_schedule'")
+        if not isinstance(self.successors, bool):
+            raise MedusaConfigError(f"'successors' must be true or false (tree: dynamic: re-score nodes by the "
+                                    f"successor counts next to the heads), got {_describe(self.successors)}")
         if self.ngram_branches and not self.is_dynamic:
             raise MedusaConfigError("'ngram_branches' needs 'tree: dynamic' (n-gram branches are merged into a tree "
                                     "built per request): set 'tree: dynamic' or remove 'ngram_branches'")

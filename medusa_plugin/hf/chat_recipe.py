@@ -14,7 +14,8 @@ prompts generates and embeds only the new ones):
 6. evaluation on held-out prompts: per-rank accuracy, and a tree of ``tree_budget`` nodes fitted to it.
 
 Outputs in ``out_dir``: the heads (canonical format, ``token_map``, bf16 by default), ``tree.json`` (the fitted
-tree's paths) and ``recipe.json`` (settings, data sizes, timings, accuracies).
+tree's paths), ``successors.safetensors`` and ``calibration.json`` (what ``tree: dynamic`` starts from,
+:mod:`.dynamic_priors`) and ``recipe.json`` (settings, data sizes, timings, accuracies).
 """
 
 from __future__ import annotations
@@ -258,6 +259,22 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
 
     heads.base_model_name_or_path = str(model_dir)
     heads.to(getattr(torch, recipe.heads_dtype)).save_pretrained(out)
+
+    # 7. what dynamic trees start from: successor counts of the training chats and a calibration prior fitted by
+    # decoding 32 training-side prompts with the saved heads
+    from medusa_plugin.core.heads import MedusaHeads
+
+    from .dynamic_priors import write_dynamic_priors
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    saved = MedusaHeads.from_pretrained(out, dtype=torch.float32).eval()
+    report.data["dynamic_priors"] = write_dynamic_priors(
+        out, model, saved, [r["prompt_ids"] + r["answer_ids"] for r in train_rows],
+        [r["prompt_ids"] for r in train_rows[:32]], budget=recipe.tree_budget)
+    del model
+    report.timings_s["dynamic_priors"] = time.perf_counter() - t0
+    report.timings_s["total"] = time.perf_counter() - t_all
     (out / TREE_FILE).write_text(json.dumps(report.tree) + "\n")
     (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=1) + "\n")
     return report

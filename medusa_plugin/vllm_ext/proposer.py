@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from medusa_plugin.core.calibration import AcceptanceCalibration
+from medusa_plugin.core.calibration import AcceptanceCalibration, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
 from medusa_plugin.core.heads import MedusaHeads, native_half_matmul
@@ -30,6 +31,8 @@ from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, default_accuracy, prefix_accept_lengths
 from medusa_plugin.core.observed_step_cost import ObservedStepCost
 from medusa_plugin.core.step_time_fit import StepTimeFit
+from medusa_plugin.core.successor_prior import FILE_NAME as SUCCESSORS_FILE
+from medusa_plugin.core.successor_prior import SuccessorCounts
 from medusa_plugin.core.tree import MedusaTree
 
 from .settings import medusa_settings
@@ -78,6 +81,7 @@ class MedusaTreeProposer:
         self.dynamic = self.config.dynamic_spec() if self.config.is_dynamic else None
         self.trees: dict[str, DynamicTree] = {}
         self.calibration: AcceptanceCalibration | None = None
+        self.successors: SuccessorCounts | None = None  # tree: dynamic: successor counts next to the heads
         self._observed = 0
         self.tree = (MedusaTree.chain(self.dynamic.budget, topk=self.config.topk) if self.dynamic is not None
                      else MedusaTree.load(self.config.tree, topk=self.config.topk))
@@ -121,6 +125,20 @@ class MedusaTreeProposer:
         self._embed: Tensor | None = None  # root-input heads: the target's input-embedding table [V, H]
         self.vocab_size = vllm_config.model_config.get_vocab_size()
 
+    def _load_dynamic_priors(self) -> None:
+        """``tree: dynamic``: the calibration (the heads' ``calibration.json`` prior, else fresh) and, with
+        ``successors: true``, the successor counts (``successors.safetensors``) of a local heads directory."""
+        heads_dir = Path(self.config.heads)
+        local = heads_dir.is_dir()
+        if local:
+            self.calibration, how = calibration_for(heads_dir, self.heads.num_heads)
+        else:
+            self.calibration, how = AcceptanceCalibration(self.heads.num_heads), "fresh"
+        path = heads_dir / SUCCESSORS_FILE
+        self.successors = SuccessorCounts.load(path) if self.config.successors and local and path.is_file() else None
+        _log_info(f"Medusa dynamic trees: calibration {how}; successor counts "
+                  f"{f'{path} ({self.successors.tokens} tokens)' if self.successors is not None else 'off'}")
+
     # ------------------------------------------------------------------ vLLM hooks
     def load_model(self, target_model: torch.nn.Module) -> None:
         """Load the heads onto the target's device and dtype (v2 heads project with the target's lm_head)."""
@@ -133,7 +151,7 @@ class MedusaTreeProposer:
         try:  # the same check and message as `medusa-plugin validate --check-files`
             if self.dynamic is not None:
                 self.dynamic.check_heads(self.heads.num_heads)
-                self.calibration = AcceptanceCalibration(self.heads.num_heads)
+                self._load_dynamic_priors()
             else:
                 check_tree_depth(self.tree, self.heads.num_heads, tree_name=self.config.tree_name,
                                  heads=self.config.heads)
@@ -371,8 +389,9 @@ class MedusaTreeProposer:
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
         logits = self.heads_for(len(idx) * self.heads.num_heads)(
             hidden[sel], self._lm_head, self.root_embeds(root))[..., : self.vocab_size]
-        ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches else None
-        trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration))
+        ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None else None
+        trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration,
+                                                                  successors=self.successors))
         draft_ms = (time.perf_counter() - t0) * 1e3
         prev = self.dynamic_draft_ms.get(b)
         self.dynamic_draft_ms[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
