@@ -5,16 +5,19 @@ import pytest
 from medusa_plugin.core.observed_step_cost import ObservedStepCost
 
 
-def test_ratio_needs_both_sides_and_is_robust_to_a_slow_step():
-    o = ObservedStepCost(min_steps=3)
+@pytest.mark.parametrize("z", [0.0, 1.0])
+def test_ratio_needs_both_sides_and_is_robust_to_a_slow_step(z):
+    o = ObservedStepCost(min_steps=3, z=z)
     for t in (20.0, 21.0, 19.0):
         o.add(4, 0, t)
     assert o.ratio(4, 1) is None
     for t in (30.0, 31.0, 29.0, 300.0):  # one step with a prefill chunk or a pause
         o.add(4, 1, t)
-    assert o.ratio(4, 1) == pytest.approx(30.5 / 20.0)
+    # median over median, raised by z robust standard errors (1.4826 * MAD / median / sqrt(n), per side)
+    se = ((1.4826 * 1.0 / 20.0 / 3 ** 0.5) ** 2 + (1.4826 * 1.0 / 30.5 / 4 ** 0.5) ** 2) ** 0.5
+    assert o.ratio(4, 1) == pytest.approx(30.5 / 20.0 * (1 + z * se))
     assert o.ratio(2, 1) is None and o.ratio(4, 0) is None
-    assert o.ratios() == {4: {1: pytest.approx(30.5 / 20.0)}}
+    assert o.ratios() == {4: {1: pytest.approx(30.5 / 20.0 * (1 + z * se))}}
 
 
 def test_window_and_age_forget_old_steps():

@@ -23,7 +23,9 @@ BUDGET = 16
 # "scheduled": each step's nodes chosen across the batch from a step cost (measured in the engine at start, then
 # pinned by _pin_step_cost: how much a machine speculates is its own call, the allocation's correctness is not)
 CONFIGS = {"dynamic": {"ngram_branches": 0}, "hybrid": {"ngram_branches": 2},
-           "scheduled": {"ngram_branches": 2, "tree_schedule": "auto"}}
+           "scheduled": {"ngram_branches": 2, "tree_schedule": "auto"},
+           # heads with successor counts and a calibration prior next to them (hf.dynamic_priors)
+           "successors": {"ngram_branches": 2}}
 ROW_MS = 0.3  # pinned cost of one more row, against a 10 ms step: nodes of low path score are not drafted
 
 
@@ -84,10 +86,31 @@ def _run(model_dir, heads_dir, medusa, prompts, plan=None, **overrides) -> dict:
         res["stops"] = _tokens(llm.generate(_as_inputs([p["prompt"] for p in plan]), params, use_tqdm=False))
         res["mixed"] = _mixed_batch(llm, prompts)
         res["stats"] = _runner_stats(llm, medusa)
+        if medusa:
+            res["priors"] = llm.collective_rpc(
+                lambda w: (w.model_runner.drafter.successors is not None,
+                           float(w.model_runner.drafter.calibration._lv_pred.sum())))[0]
     finally:
         del llm
         gc.collect()
     return res
+
+
+def _heads_with_priors(model_dir, heads_dir, out, prompts, ref):
+    """A copy of the heads plus successors.safetensors (counts of the trained-on prompts and their greedy answers)
+    and calibration.json (fitted by the reference decoder on two of those prompts)."""
+    import shutil
+
+    from medusa_plugin.core.heads import MedusaHeads
+    from medusa_plugin.hf.dynamic_priors import write_dynamic_priors
+    from medusa_plugin.testing.tiny import load_tiny_model
+
+    shutil.copytree(heads_dir, out, dirs_exist_ok=True)
+    model, _ = load_tiny_model(model_dir)
+    heads = MedusaHeads.from_pretrained(out).eval()
+    seqs = [list(p) + list(o) for p, o in zip(prompts["accept"], ref["accept_out"])]
+    write_dynamic_priors(out, model, heads, seqs, [list(p) for p in prompts["accept"][:2]], budget=BUDGET)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +125,10 @@ def results(tmp_path_factory):
     prompts = _prompts(AutoTokenizer.from_pretrained(model_dir))
     ref = _run(model_dir, heads_dir, None, prompts, plan=lambda r: _stop_plan(prompts, r))
     res = {"ref": ref}
+    succ_dir = _heads_with_priors(model_dir, heads_dir, tmp_path_factory.mktemp("heads_with_priors"), prompts, ref)
     for name, medusa in CONFIGS.items():
-        res[name] = _run(model_dir, heads_dir, medusa, prompts, plan=ref["plan"])
+        res[name] = _run(model_dir, succ_dir if name == "successors" else heads_dir, medusa, prompts,
+                         plan=ref["plan"])
     res["preempted"] = _run(model_dir, heads_dir, CONFIGS["hybrid"], prompts, num_gpu_blocks_override=16,
                             block_size=32)
     os.environ.pop("MEDUSA_PLUGIN_CACHE", None)
@@ -133,3 +158,8 @@ def test_preempted_requests_resume_identically(results):
     got = results["preempted"]
     assert got["preemptions"] > 0
     assert got["batch"] == results["ref"]["batch"]
+
+
+def test_successor_counts_and_the_calibration_prior_are_used(results):
+    assert results["successors"]["priors"][0] is True and results["successors"]["priors"][1] > 0
+    assert results["hybrid"]["priors"][0] is False  # the plain heads directory has none

@@ -74,6 +74,8 @@ def medusa_state(worker) -> dict[str, Any] | None:
             "observed_step_ratios": {b: {n: round(r, 3) for n, r in v.items()}
                                      for b, v in p.observed_cost.ratios().items()},
             "step_fixed_ms": round(p.step_time.fixed_ms, 3), "tree_row_ms": round(p.step_time.tree_row_ms, 3),
+            "calibration": p.calibration.describe() if p.calibration is not None else None,
+            "successor_tokens": p.successors.tokens if p.successors is not None else None,
             "stats": stats.summary() if stats is not None else None}
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from medusa_plugin.core.calibration import AcceptanceCalibration, calibration_for
+from medusa_plugin.core.calibration import AcceptanceCalibration, CalibrationError, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
 from medusa_plugin.core.heads import MedusaHeads, native_half_matmul
@@ -32,7 +32,7 @@ from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, defau
 from medusa_plugin.core.observed_step_cost import ObservedStepCost
 from medusa_plugin.core.step_time_fit import StepTimeFit
 from medusa_plugin.core.successor_prior import FILE_NAME as SUCCESSORS_FILE
-from medusa_plugin.core.successor_prior import SuccessorCounts
+from medusa_plugin.core.successor_prior import SuccessorCounts, SuccessorPriorError
 from medusa_plugin.core.tree import MedusaTree
 
 from .settings import medusa_settings
@@ -155,7 +155,7 @@ class MedusaTreeProposer:
             else:
                 check_tree_depth(self.tree, self.heads.num_heads, tree_name=self.config.tree_name,
                                  heads=self.config.heads)
-        except (MedusaConfigError, DynamicTreeError) as e:
+        except (MedusaConfigError, DynamicTreeError, CalibrationError, SuccessorPriorError) as e:
             raise MedusaProposerError(str(e)) from None
         if not self.heads.own_lm_head:
             lm_head = getattr(target_model, "lm_head", None)
