@@ -45,7 +45,7 @@ class ObservedStepCost:
         ValueError: ``window``, ``min_steps`` or ``max_age`` < 1.
     """
 
-    def __init__(self, window: int = 5, min_steps: int = 3, max_age: int = 2048, z: float = 1.0) -> None:
+    def __init__(self, window: int = 5, min_steps: int = 3, max_age: int = 2048, z: float = 2.0) -> None:
         if window < 1 or min_steps < 1 or max_age < 1 or z < 0:
             raise ValueError(f"window={window}, min_steps={min_steps} and max_age={max_age} must all be >= 1, "
                              f"z={z} >= 0")
