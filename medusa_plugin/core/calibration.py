@@ -40,7 +40,7 @@ __all__ = ["CalibrationError", "AcceptanceCalibration", "CALIBRATION_FILE", "cal
 
 CALIBRATION_FILE = "calibration.json"  # a prior next to the heads (written by the chat recipe)
 
-_EXPONENTS = torch.exp(torch.linspace(math.log(0.6), math.log(5.0), 61, dtype=torch.float64))
+_EXPONENTS = torch.exp(torch.linspace(math.log(0.5), math.log(5.0), 61, dtype=torch.float64))
 _SCALES = torch.exp(torch.linspace(math.log(0.02), 0.0, 61, dtype=torch.float64))
 
 
@@ -174,7 +174,7 @@ class AcceptanceCalibration:
                 self._ng_hits += torch.bincount(p, weights=acc[g], minlength=self._ng_tried.numel())
 
     def refit(self) -> Tensor:
-        """Maximum-likelihood ``(s_k, a_k)`` per head on a fixed grid (``a`` in 0.2 .. 5, ``s`` in 0.02 .. 1, both
+        """Maximum-likelihood ``(s_k, a_k)`` per head on a fixed grid (``a`` in 0.5 .. 5, ``s`` in 0.02 .. 1, both
         geometric) from the binned counts; heads with fewer than ``min_observations`` keep theirs. Returns
         ``exponent`` ``[2K]``."""
         for k in range(2 * self.num_heads):
