@@ -68,7 +68,7 @@ def medusa_state(worker) -> dict[str, Any] | None:
     p = getattr(runner, "drafter", None)
     if p is None or not hasattr(p, "observed_cost"):
         return None
-    stats = getattr(runner, "medusa_stats", None)
+    stats = runner.medusa_stats  # a Medusa proposer runs in the Medusa runner, which keeps these counters
     return {"schedule": p.schedule.ranges() if p.schedule is not None else None,
             "accept_lengths": [round(x, 3) for x in p.acceptance.accept_lengths()[:8]],
             "observed_step_ratios": {b: {n: round(r, 3) for n, r in v.items()}
@@ -76,7 +76,7 @@ def medusa_state(worker) -> dict[str, Any] | None:
             "step_fixed_ms": round(p.step_time.fixed_ms, 3), "tree_row_ms": round(p.step_time.tree_row_ms, 3),
             "calibration": p.calibration.describe() if p.calibration is not None else None,
             "successor_tokens": p.successors.tokens if p.successors is not None else None,
-            "stats": stats.summary() if stats is not None else None}
+            "stats": stats.summary()}
 
 
 class StepProfiler:
