@@ -276,3 +276,27 @@ def test_drafting_that_the_engine_runs_dear_at_one_batch_size_stops_there_only(m
     assert p.observed_cost.ratio(4, chosen[0]) == pytest.approx(2.0)
     assert p.schedule.num_nodes(4) == 0 and p.schedule.num_nodes(1) > 0
     assert "observed in serving B=4" in p.schedule.meta["source"]
+
+
+def test_dynamic_auto_follows_the_observed_step_time_ratio(monkeypatch):
+    """Rows priced free by the table, but the engine's steps with drafts take 3x a plain one at this batch size:
+    once both are observed (plain probes while it speculates), the allocation drafts nothing at that batch size."""
+    import torch
+
+    from medusa_plugin.core.step_time_fit import StepTimeFit
+
+    p, _ = _dynamic_proposer(cost_per_row=0.0)
+    p.step_time = StepTimeFit(min_steps=10**9)
+    hidden = torch.randn(2, 8)
+    now = [0.0]
+    monkeypatch.setattr("medusa_plugin.vllm_ext.proposer.time.perf_counter", lambda: now[0] / 1e3)
+    sizes = []
+    for _ in range(6 * p.PROBE_FAST):
+        out = p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
+        drafted = sum(map(len, out))
+        sizes.append(drafted)
+        now[0] += 3000.0 if drafted else 1000.0
+    assert sizes[0] == 8  # the table: free rows, the whole budget
+    assert p.observed_cost.ratio(2, 4) is not None and p.observed_cost.ratio(2, 4) > 2.5
+    assert p.dynamic_step_ms(2)(8) > 2.5 * p.dynamic_step_ms(2)(0)
+    assert sizes[-1] == 0  # no node is worth a 3x step

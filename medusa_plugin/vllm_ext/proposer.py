@@ -114,6 +114,7 @@ class MedusaTreeProposer:
         self._step_cost: dict | None = None
         self.step_time = StepTimeFit()
         self.observed_cost = ObservedStepCost()  # engine steps' own times by (batch size, nodes per request)
+        self._plain_probe = False  # tree: dynamic + auto: this step's drafts were dropped for a plain probe
         self._spec_steps = 0
         self._last_call: tuple[float, int, int, int, bool] | None = None
         # tree: dynamic: drafting time (heads + trees, ms) per batch size, a moving average of the measured calls;
@@ -293,11 +294,15 @@ class MedusaTreeProposer:
             self.step_time.add(last[2], period - pred)
             if self.dynamic is None and last[2] % last[1] == 0:  # every request drafted the same prefix
                 self.observed_cost.add(last[1], last[2] // last[1], period)
+            elif self.dynamic is not None:  # trees of any size: kept by draft nodes per request, rounded up
+                self.observed_cost.add(last[1], -(-last[2] // last[1]), period)
 
     def dynamic_step_ms(self, batch_size: int) -> Callable[[int], float]:
         """``tree: dynamic`` with a measured step cost: step time (ms) of ``batch_size`` requests as a function of
         the draft rows verified (forward + logits over all rows, the measured tree-attention path, the learnt fixed
-        and per-row time; drafting is charged apart, :attr:`dynamic_draft_ms`)."""
+        and per-row time; drafting is charged apart, :attr:`dynamic_draft_ms`). Where :attr:`observed_cost` has the
+        engine's step-time ratio at this batch size (steps kept by draft nodes per request, rounded up), the extra
+        cost of draft rows is scaled to match it."""
         from medusa_plugin.core.schedule import interpolate_ms, tree_attention_cost
 
         fwd = {int(k): float(v) for k, v in self._step_cost["forward_ms"].items()}
@@ -305,8 +310,24 @@ class MedusaTreeProposer:
         # the tree-attention curve at this batch size, once: the node allocation calls the result for every m
         attn = self._step_cost.get("tree_attention_ms") or {}
         at_b = {q: tree_attention_cost(attn, batch_size, q) for q in sorted({int(q) for r in attn.values() for q in r})}
-        return lambda m: (interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
-                          + (interpolate_ms(at_b, 1 + m / batch_size) if m > 0 and at_b else 0.0))
+
+        def step_ms(m: int) -> float:
+            return (interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
+                    + (interpolate_ms(at_b, 1 + m / batch_size) if m > 0 and at_b else 0.0))
+
+        # Where the engine's own steps at this batch size were observed with and without drafts, their ratio
+        # (drafting taken out: it is charged apart) rescales the predicted extra cost of draft rows.
+        seen = self.observed_cost.ratios().get(batch_size)
+        if not seen:
+            return step_ms
+        f0 = step_ms(0)
+        draft = self.dynamic_draft_ms.get(batch_size, 0.0)
+        n, r = max(seen.items())  # the widest observed trees: the allocation's decisions are about adding rows
+        observed = max(0.0, r * f0 - draft - f0)  # extra ms of n nodes per request, drafting taken out
+        predicted = step_ms(n * batch_size) - f0
+        if predicted > 1e-9:
+            return lambda m: f0 + (step_ms(m) - f0) * (observed / predicted)
+        return lambda m: f0 + observed * m / (n * batch_size)  # rows the table calls free: linear in rows
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
@@ -404,7 +425,8 @@ class MedusaTreeProposer:
             self.trees[req_ids[i]] = t
             out[i] = t.tokens[1:].tolist()
             rows += len(out[i])
-        self._since_empty = 0 if rows == 0 and self._step_cost is not None else -1
+        self._since_empty = 0 if rows == 0 and self._step_cost is not None and not self._plain_probe else -1
+        self._plain_probe = False
         self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
         return out
 
@@ -419,8 +441,10 @@ class MedusaTreeProposer:
                               draft_ms=self.dynamic_draft_ms.get(batch_size, 0.0))
         if any(keep):
             self._spec_steps += 1
-            if self._spec_steps % self.PROBE_EVERY == 0:
+            per_request = -(-sum(map(len, keep)) // batch_size)
+            if self._spec_steps % self._probe_every(batch_size, 0, per_request) == 0:
                 keep = [[] for _ in trees]
+                self._plain_probe = True  # not "nothing pays": the heads need no rest after it
         else:  # the heads run every RECHECK_EVERY steps while nothing is chosen: probe every PROBE_EVERY steps
             self._idle_steps += 1
             if self._idle_steps % max(1, self.PROBE_EVERY // self.RECHECK_EVERY) == 0:
