@@ -18,6 +18,7 @@ def test_ratio_needs_both_sides_and_is_robust_to_a_slow_step(z):
     assert o.ratio(4, 1) == pytest.approx(30.5 / 20.0 * (1 + z * se))
     assert o.ratio(2, 1) is None and o.ratio(4, 0) is None
     assert o.ratios() == {4: {1: pytest.approx(30.5 / 20.0 * (1 + z * se))}}
+    assert o.ratios_at(4) == o.ratios()[4] and o.ratios_at(2) == {}
 
 
 def test_window_and_age_forget_old_steps():

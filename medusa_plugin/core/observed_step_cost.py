@@ -83,6 +83,16 @@ class ObservedStepCost:
 
         return ma / mb * (1.0 + self.z * (rel_se(a, ma) ** 2 + rel_se(b, mb) ** 2) ** 0.5)
 
+    def ratios_at(self, batch_size: int) -> dict[int, float]:
+        """``{n: ratio}`` at one batch size, for every drafted count with enough observations."""
+        out = {}
+        for b, n in self._steps:
+            if b == batch_size and n > 0:
+                r = self.ratio(b, n)
+                if r is not None:
+                    out[n] = r
+        return out
+
     def ratios(self) -> dict[int, dict[int, float]]:
         """``{B: {n: ratio}}`` for every pair with enough observations."""
         out: dict[int, dict[int, float]] = {}

@@ -317,7 +317,7 @@ class MedusaTreeProposer:
 
         # Where the engine's own steps at this batch size were observed with and without drafts, their ratio
         # (drafting taken out: it is charged apart) rescales the predicted extra cost of draft rows.
-        seen = self.observed_cost.ratios().get(batch_size)
+        seen = self.observed_cost.ratios_at(batch_size)
         if not seen:
             return step_ms
         f0 = step_ms(0)
