@@ -605,8 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "<tmp>/medusa_plugin_test_cache)")
     p.add_argument("--train-steps", type=int, default=300, help="head training steps of the tiny model")
     p.add_argument("--distill-prompts", type=int, default=48, help="self-distillation prompts of the tiny model")
-    p.add_argument("--repeats", type=int, help="runs per point, median time (default 1; 3 with --tiny or --engine vllm, "
-                                                 "where they are interleaved rounds: see benchmarks/README.md)")
+    p.add_argument("--repeats", type=int, help="runs per point, median time (default 1; 3 with --tiny or --engine "
+                                                 "vllm, where they are interleaved rounds: see benchmarks/README.md)")
     p.add_argument("--device", help="reference engine: cuda | cpu (default: cuda if available)")
     p.add_argument("--schedule", default=None,
                    help="vllm engine: Medusa with this tree_schedule (e.g. auto) next to plain and vLLM's ngram; "

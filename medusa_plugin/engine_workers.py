@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["EngineWorkerError", "EngineWorker"]
+__all__ = ["EngineWorkerError", "EngineWorker", "RunResult"]
 
 
 class EngineWorkerError(RuntimeError):

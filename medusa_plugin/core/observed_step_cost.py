@@ -8,11 +8,12 @@ plain step; the engine ran `chain:1` at 0.88-0.92x of plain decoding with 1.44 t
 about 1.6x. At 4 requests a profile read 21.8 ms per plain step and 29.5 ms with one draft each (1.35x), where the
 table said 1.12x. So the schedule drafted where it lost.
 
-:class:`ObservedStepCost` keeps the engine steps' own wall times by ``(B, n)`` (the last ``window`` of each, none older than ``max_age`` steps) and,
-where both a plain and a drafted step count have ``min_steps`` observations at the same ``B``, reports their ratio
-(median over median, robust to the odd slow step, plus ``z`` robust standard errors: with 5 steps a side, noise
-alone moved the ratio at 16 requests between 1.33 and 1.46, and one node pays only below ~1.42 there, so the
-schedule flipped from run to run and lost 4.6 % at 16 requests in bf16). :meth:`apply` turns those ratios into a correction of a
+:class:`ObservedStepCost` keeps the engine steps' own wall times by ``(B, n)`` (the last ``window`` of each, none
+older than ``max_age`` steps) and, where both a plain and a drafted step count have ``min_steps`` observations at
+the same ``B``, reports their ratio: median over median (robust to the odd slow step) plus ``z`` robust standard
+errors. With 5 steps a side, noise alone moved the plain median ratio at 16 requests between 1.33 and 1.46, around a
+break-even of ~1.42, so the schedule flipped from run to run and lost 4.6 % at 16 requests in bf16 (z = 1: 0.954x;
+z = 2: 1.002x). :meth:`apply` turns those ratios into a correction of a
 measured ``overhead[B][q]`` table (``q = n + 1`` query tokens per request): the observed ratio where it was
 observed, and at the other ``q`` of that batch size the measured extra cost scaled by the observed / measured extra
 cost of the nearest observed ``q``. Batch sizes of the table without observations keep the measured values.

@@ -62,8 +62,9 @@ def runner_of(llm) -> Any:
 
 def medusa_state(worker) -> dict[str, Any] | None:
     """What the Medusa proposer of one engine worker has learnt (the Medusa workers' ``medusa_state`` method, so
-    ``LLM.collective_rpc("medusa_state")`` reaches a multiprocess engine too): its schedule's nodes per batch-size range, the observed acceptance
-    ``E[L]`` per prefix, the step-time ratios observed in serving and the runner's counters. None without Medusa."""
+    ``LLM.collective_rpc("medusa_state")`` reaches a multiprocess engine too): its schedule's nodes per batch-size
+    range, the observed acceptance ``E[L]`` per prefix, the step-time ratios observed in serving, the calibration,
+    the successor counts and the runner's counters. None without Medusa."""
     runner = getattr(worker, "model_runner", worker)
     p = getattr(runner, "drafter", None)
     if p is None or not hasattr(p, "observed_cost"):
