@@ -128,3 +128,12 @@ def test_dynamic_tree_levels_reach_the_calibration():
     path = torch.tensor([[0, 1, -1]])  # root, then node 1 accepted
     observe_step(cal, [dt], path)
     assert float(cal._lv_pred.sum()) > 0
+
+
+def test_the_successors_setting_is_a_boolean():
+    from medusa_plugin.core.config import MedusaConfigError, load_config
+
+    assert load_config({"heads": "h", "tree": "dynamic"}).successors is True
+    assert load_config({"heads": "h", "tree": "dynamic", "successors": False}).successors is False
+    with pytest.raises(MedusaConfigError, match="'successors' must be true or false"):
+        load_config({"heads": "h", "tree": "dynamic", "successors": "yes"})
