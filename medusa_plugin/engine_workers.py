@@ -26,6 +26,11 @@ class EngineWorkerError(RuntimeError):
     """An engine in a worker process failed to start or to run; the message is the worker's one-line reason."""
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:400] if text else ''}"
+
+
 def _serve(conn, model_dir: str, medusa: Mapping | None, llm_kwargs: dict) -> None:
     """Worker process body: build the engine, warm it up, then answer ``(prompts, max_tokens)`` until ``None``."""
     try:
@@ -34,8 +39,7 @@ def _serve(conn, model_dir: str, medusa: Mapping | None, llm_kwargs: dict) -> No
         llm = offline.build_llm(model_dir, medusa=medusa, **llm_kwargs)
         offline.run(llm, [[1, 2, 3]], 2, ignore_eos=True)  # warm-up: the first step compiles / allocates
     except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
-        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
-                   traceback.format_exc()))
+        conn.send(("error", _one_line(e), traceback.format_exc()))
         return
     conn.send(("ready", None, None))
     try:
@@ -51,8 +55,7 @@ def _serve(conn, model_dir: str, medusa: Mapping | None, llm_kwargs: dict) -> No
                 out = offline.run(llm, prompts, max_tokens, ignore_eos=True)
                 conn.send(("ok", (out.token_ids, out.elapsed_s, out.metrics), None))
             except Exception as e:  # noqa: BLE001
-                conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
-                           traceback.format_exc()))
+                conn.send(("error", _one_line(e), traceback.format_exc()))
     finally:
         offline.shutdown(llm)
 

@@ -61,3 +61,15 @@ def test_bad_arguments():
         o.add(0, 1, 5.0)
     with pytest.raises(ValueError, match="step_ms"):
         o.add(1, 1, 0.0)
+
+
+def test_a_curve_is_scaled_to_the_observed_ratio_less_the_drafting_time():
+    o = ObservedStepCost(min_steps=1)
+    curve = lambda m: 10.0 + 0.5 * m  # noqa: E731 - a step of 2 requests: 10 ms plain, 0.5 ms per draft row
+    assert o.correct_curve(2, curve) is curve  # nothing observed
+    o.add(2, 0, 10.0)
+    o.add(2, 4, 21.0)  # 4 nodes each (8 rows): observed 2.1x, of which 1 ms drafting -> 10 ms for 8 rows, not 4
+    got = o.correct_curve(2, curve, drafting_ms=1.0)
+    assert got(0) == pytest.approx(10.0) and got(8) == pytest.approx(20.0) and got(4) == pytest.approx(15.0)
+    free = o.correct_curve(2, lambda m: 10.0, drafting_ms=1.0)  # the table calls rows free: linear in rows
+    assert free(8) == pytest.approx(20.0) and free(2) == pytest.approx(12.5)

@@ -29,7 +29,9 @@ heads are less calibrated, hence the fitted exponent). Plain PyTorch.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -258,9 +260,6 @@ def calibration_for(heads_dir, num_heads: int, **kwargs) -> tuple[AcceptanceCali
         CalibrationError: the prior is unreadable or made for another number of heads (the message names the file
             and the fix).
     """
-    import json
-    from pathlib import Path
-
     path = Path(str(heads_dir)) / CALIBRATION_FILE
     if not path.is_file():
         return AcceptanceCalibration(num_heads, **kwargs), "fresh (no calibration.json next to the heads)"

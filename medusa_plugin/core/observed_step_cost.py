@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = ["ObservedStepCost"]
 
@@ -134,3 +134,23 @@ class ObservedStepCost:
                 scale = observed_extra / measured_extra if measured_extra > 1e-9 else 1.0
                 row[j] = max(1.0 + (float(overhead[i][j]) - 1.0) * max(scale, 0.0), 1e-6)
         return out
+
+    def correct_curve(self, batch_size: int, step_ms: Callable[[int], float], *,
+                      drafting_ms: float = 0.0) -> Callable[[int], float]:
+        """A step-time curve (``step_ms(m)``: ms of a step of ``batch_size`` requests verifying ``m`` draft rows in
+        all, drafting not included) corrected by the widest drafted count ``n`` observed at this batch size: the
+        predicted extra cost of draft rows, ``step_ms(m) - step_ms(0)``, is scaled so that ``m = n * batch_size``
+        costs what the engine's ratio says, less ``drafting_ms`` (the drafting those steps paid, charged apart by
+        the caller). Where the curve calls rows free, the observed extra cost is spread linearly over the rows.
+        ``step_ms`` itself when nothing is observed at ``batch_size``. Used for dynamic trees, whose draft rows vary
+        from step to step (:meth:`apply` is the static-tree table's version)."""
+        seen = self.ratios_at(batch_size)
+        if not seen:
+            return step_ms
+        f0 = step_ms(0)
+        n, r = max(seen.items())  # the widest observed trees: the allocation's decisions are about adding rows
+        observed = max(0.0, r * f0 - drafting_ms - f0)
+        predicted = step_ms(n * batch_size) - f0
+        if predicted > 1e-9:
+            return lambda m: f0 + (step_ms(m) - f0) * (observed / predicted)
+        return lambda m: f0 + observed * m / (n * batch_size)

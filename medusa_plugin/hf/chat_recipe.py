@@ -255,7 +255,6 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
     report.head_top1 = acc[:, 0].tolist()
     report.tree = [list(c) for c in fit_tree(report.accuracy, recipe.tree_budget, max_children=10)]
     report.expected_tokens_per_step = expected_accept_length(report.tree, report.accuracy)
-    report.timings_s["total"] = time.perf_counter() - t_all
 
     heads.base_model_name_or_path = str(model_dir)
     heads.to(getattr(torch, recipe.heads_dtype)).save_pretrained(out)

@@ -233,11 +233,11 @@ def schedule_from(data: dict[str, Any], proposer, accept_lengths, step_fixed_ms:
     src = (f"measured in the engine on {data['machine']} ({data['model']}, {data['dtype']}, {data['time']}); "
            f"model forward + logits via vLLM's dummy batch + Medusa heads; learnt while serving: fixed step time "
            f"{step_fixed_ms:.2f} ms, {tree_row_ms:.2f} ms per draft row")
-    if observed is not None and observed.ratios():
+    seen = observed.ratios() if observed is not None else {}
+    if seen:
         overhead = observed.apply(data["batch_sizes"], qs, overhead)
         src += "; step-time ratios observed in serving " + ", ".join(
-            f"B={b}: " + "/".join(f"{n}:{r:.2f}" for n, r in sorted(per.items()))
-            for b, per in sorted(observed.ratios().items()))
+            f"B={b}: " + "/".join(f"{n}:{r:.2f}" for n, r in sorted(per.items())) for b, per in sorted(seen.items()))
     return TreeSchedule(data["batch_sizes"], qs, overhead, accept_lengths,
                         meta={"source": src, "gpu": data["machine"], "tree": proposer.config.tree_name},
                         min_gain=MIN_GAIN)

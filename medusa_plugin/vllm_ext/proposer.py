@@ -292,9 +292,9 @@ class MedusaTreeProposer:
             pred = calibrate.predicted_rows_ms(self._step_cost, last[1], last[2], 0, tree_step=last[4]) + draft_ms
         if period < 4 * pred + 50:  # not an idle gap between requests
             self.step_time.add(last[2], period - pred)
-            if self.dynamic is None and last[2] % last[1] == 0:  # every request drafted the same prefix
-                self.observed_cost.add(last[1], last[2] // last[1], period)
-            elif self.dynamic is not None:  # trees of any size: kept by draft nodes per request, rounded up
+            # kept by draft nodes per request; a static prefix only when every request drafted it, dynamic trees
+            # (of any sizes) by the count rounded up
+            if self.dynamic is not None or last[2] % last[1] == 0:
                 self.observed_cost.add(last[1], -(-last[2] // last[1]), period)
 
     def dynamic_step_ms(self, batch_size: int) -> Callable[[int], float]:
@@ -315,19 +315,8 @@ class MedusaTreeProposer:
             return (interpolate_ms(fwd, batch_size + m) + fixed + per_row * m
                     + (interpolate_ms(at_b, 1 + m / batch_size) if m > 0 and at_b else 0.0))
 
-        # Where the engine's own steps at this batch size were observed with and without drafts, their ratio
-        # (drafting taken out: it is charged apart) rescales the predicted extra cost of draft rows.
-        seen = self.observed_cost.ratios_at(batch_size)
-        if not seen:
-            return step_ms
-        f0 = step_ms(0)
-        draft = self.dynamic_draft_ms.get(batch_size, 0.0)
-        n, r = max(seen.items())  # the widest observed trees: the allocation's decisions are about adding rows
-        observed = max(0.0, r * f0 - draft - f0)  # extra ms of n nodes per request, drafting taken out
-        predicted = step_ms(n * batch_size) - f0
-        if predicted > 1e-9:
-            return lambda m: f0 + (step_ms(m) - f0) * (observed / predicted)
-        return lambda m: f0 + observed * m / (n * batch_size)  # rows the table calls free: linear in rows
+        return self.observed_cost.correct_curve(batch_size, step_ms,
+                                                drafting_ms=self.dynamic_draft_ms.get(batch_size, 0.0))
 
     # ------------------------------------------------------------------ tree drafting
     def num_nodes_for(self, batch_size: int) -> int:
