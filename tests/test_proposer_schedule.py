@@ -202,7 +202,7 @@ def test_half_heads_get_a_float32_copy_for_many_rows_on_a_cpu_without_native_hal
         monkeypatch.setattr(torch.cpu, name, lambda: native, raising=False)
     heads_dir = str(shipped_heads_dir())
     cfg = SimpleNamespace(
-        additional_config={"medusa": {"heads": heads_dir, "tree": "chain:4"}},
+        additional_config={"medusa": {"heads": heads_dir, "tree": "chain:4", "int8_drafting": False}},
         speculative_config=SimpleNamespace(num_speculative_tokens=4),
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
         model_config=SimpleNamespace(get_vocab_size=lambda: 49152, get_hidden_size=lambda: 576))

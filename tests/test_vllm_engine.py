@@ -54,7 +54,7 @@ def _register_backend() -> None:
         register_backend(AttentionBackendEnum.CPU_ATTN, "medusa_plugin.vllm_ext.attention.MedusaCPUAttentionBackend")
 
 
-def _make_llm(model_dir: Path, heads_dir: Path, tree: str | None, **overrides):
+def _make_llm(model_dir: Path, heads_dir: Path, tree: str | None, medusa: dict | None = None, **overrides):
     from vllm import LLM
 
     kw = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
@@ -64,7 +64,7 @@ def _make_llm(model_dir: Path, heads_dir: Path, tree: str | None, **overrides):
         kw.update(worker_cls=CPU_WORKER,
                   speculative_config={"method": "custom_class", "model": PROPOSER,
                                       "num_speculative_tokens": MedusaTree.load(tree).num_nodes},
-                  additional_config={"medusa": {"heads": str(heads_dir), "tree": tree}})
+                  additional_config={"medusa": {"heads": str(heads_dir), "tree": tree, **(medusa or {})}})
     return LLM(**kw)
 
 
@@ -102,12 +102,14 @@ def _as_inputs(token_lists):
     return [{"prompt_token_ids": t} for t in token_lists]
 
 
-def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None) -> dict:
+def _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=None, medusa=None) -> dict:
     from vllm import SamplingParams
 
-    llm = _make_llm(model_dir, heads_dir, tree)
+    llm = _make_llm(model_dir, heads_dir, tree, medusa)
     res: dict = {}
     try:
+        if tree is not None:
+            res["int8_drafting"] = llm.collective_rpc(lambda self: self.model_runner.drafter._heads_int8 is not None)[0]
         greedy = SamplingParams(temperature=0.0, max_tokens=24)
         res["batch"] = _tokens(llm.generate(_as_inputs(prompts["batch"]), greedy, use_tqdm=False))
         res["near_limit"] = _tokens(llm.generate(_as_inputs([prompts["long"]]),
@@ -199,7 +201,9 @@ def results():
     for tree in TREES:
         res[tree] = _run_engine(model_dir, heads_dir, tree, prompts, stop_plan=ref["plan"])
     res["preempted"] = _run_preempted(model_dir, heads_dir, prompts)
-    res["root_input"] = _run_engine(model_dir, _root_input_heads(heads_dir), TREES[1], prompts)
+    # root-input heads, drafting with their int8 copy (core.int8_heads; float32 activations, slow but exact)
+    res["root_input"] = _run_engine(model_dir, _root_input_heads(heads_dir), TREES[1], prompts,
+                                    medusa={"int8_drafting": True})
     return res
 
 
@@ -266,7 +270,9 @@ def test_greedy_outputs_identical_to_no_speculation(results, tree):
 
 
 def test_root_input_heads_greedy_identical_and_accepting(results):
+    """Root-input heads drafting with int8 weights: identical output, and the int8 drafts still right often."""
     ref, got = results["ref"], results["root_input"]
+    assert got["int8_drafting"] and not results[TREES[1]]["int8_drafting"]  # auto: no int8 for float32 heads
     assert got["batch"] == ref["batch"] and got["accept_out"] == ref["accept_out"]
     assert got["near_limit"] == ref["near_limit"]
     # still right often (without the root the proposer would raise)

@@ -18,6 +18,8 @@ it takes inside vLLM's ``--additional-config``)::
     max_batch_size: 32                           # above this many running requests: no speculation (null: always)
     tree_schedule: null                          # null | auto | path to a YAML table of batch size -> tree (dynamic: auto only)
     dtype: auto                                  # auto (the base model's) | float16 | bfloat16 | float32
+    int8_drafting: auto                          # auto (on a CPU) | true | false: int8 copies of the heads for
+                                                 # drafting calls of few rows (core.int8_heads; output unchanged)
 
 ``tree: dynamic`` builds a tree per request and step: the ``budget`` nodes of highest path probability over the
 heads' top-``topk`` lattice, plus up to ``ngram_branches`` prompt-lookup continuations of the request's own tokens
@@ -173,6 +175,7 @@ class MedusaConfig:
     budget: int | None = None
     ngram_branches: int = 0
     successors: bool = True
+    int8_drafting: str | bool = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, os.PathLike):
@@ -234,6 +237,9 @@ class MedusaConfig:
             raise MedusaConfigError("with 'tree: dynamic' only 'tree_schedule: auto' applies (each step's node count "
                                     "from the measured step cost and the trees' own path scores; a schedule table "
                                     "picks prefixes of one static tree): use 'auto' or remove 'tree_schedule'")
+        if not (isinstance(self.int8_drafting, bool) or self.int8_drafting == "auto"):
+            raise MedusaConfigError(f"'int8_drafting' must be auto, true or false (int8 copies of the heads for "
+                                    f"drafting calls of few rows on a CPU), got {_describe(self.int8_drafting)}")
         if not isinstance(self.successors, bool):
             raise MedusaConfigError(f"'successors' must be true or false (tree: dynamic: re-score nodes by the "
                                     f"successor counts next to the heads), got {_describe(self.successors)}")

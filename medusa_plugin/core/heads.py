@@ -157,10 +157,9 @@ class MedusaHeads(nn.Module):
         hs = self.hidden_states(hidden, root_embeds)
         if self.own_lm_head:
             if self.shared_lm_head:
-                logits = F.linear(hs, self.lm_heads[0].weight)
+                logits = self.lm_heads[0](hs)
             else:
-                logits = torch.stack([F.linear(hs[..., k, :], head.weight) for k, head in enumerate(self.lm_heads)],
-                                     dim=-2)
+                logits = torch.stack([head(hs[..., k, :]) for k, head in enumerate(self.lm_heads)], dim=-2)
         else:
             if lm_head is None:
                 raise MedusaHeadsError("these Medusa heads have no vocab projection of their own (v2 / TGI format): "
@@ -206,10 +205,10 @@ class MedusaHeads(nn.Module):
         x = self.head_input(hidden, root_embeds)
         hs = torch.stack([blk(x) for blk in self.blocks[:k]])                     # [k, B, H]
         if self.own_lm_head and not self.shared_lm_head:
-            logits = torch.stack([F.linear(hs[i], self.lm_heads[i].weight) for i in range(k)])  # [k, B, V']
+            logits = torch.stack([self.lm_heads[i](hs[i]) for i in range(k)])  # [k, B, V']
         else:
             if self.own_lm_head:
-                proj: nn.Module | torch.Tensor = self.lm_heads[0].weight
+                proj: nn.Module | torch.Tensor = self.lm_heads[0]
             elif lm_head is None:
                 raise MedusaHeadsError("these Medusa heads have no vocab projection of their own (v2 / TGI format): "
                                        "pass the base model's lm_head (module or weight [V, H]) as lm_head")

@@ -121,6 +121,7 @@ def _key(runner, proposer) -> dict[str, Any]:
     return {"version": MEASURE_VERSION, "model": str(cfg.model_config.model),
             "dtype": str(cfg.model_config.dtype).removeprefix("torch."), "heads": str(proposer.config.heads),
             "tree": proposer.config.tree_name, "nodes": proposer.tree.num_nodes,
+            "int8_drafting": getattr(proposer, "_heads_int8", None) is not None,
             "max_num_seqs": int(cfg.scheduler_config.max_num_seqs),
             "max_num_batched_tokens": int(cfg.scheduler_config.max_num_batched_tokens),
             "machine": machine_id(runner.device), "torch": torch.__version__,

@@ -25,7 +25,8 @@ from torch import Tensor
 from medusa_plugin.core.calibration import AcceptanceCalibration, CalibrationError, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
-from medusa_plugin.core.heads import MedusaHeads, native_half_matmul
+from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, native_half_matmul
+from medusa_plugin.core.int8_heads import int8_heads
 from medusa_plugin.core.node_allocation import allocate_nodes
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, default_accuracy, prefix_accept_lengths
@@ -122,6 +123,7 @@ class MedusaTreeProposer:
         self.dynamic_draft_ms: dict[int, float] = {}
         self.heads: MedusaHeads | None = None
         self._heads_fp32: MedusaHeads | None = None
+        self._heads_int8: MedusaHeads | None = None
         self._lm_head: Tensor | None = None
         self._embed: Tensor | None = None  # root-input heads: the target's input-embedding table [V, H]
         self.vocab_size = vllm_config.model_config.get_vocab_size()
@@ -175,6 +177,28 @@ class MedusaTreeProposer:
         if (self.config.dtype == "auto" and self.heads.own_lm_head and not native_half_matmul(dtype, ref.device)
                 and sum(p.numel() for p in self.heads.parameters()) * 4 <= self.FP32_COPY_MAX_BYTES):
             self._heads_fp32 = copy.deepcopy(self.heads).float()
+        self._heads_int8 = self._int8_copy(ref.device)
+
+    def _int8_copy(self, device: torch.device) -> MedusaHeads | None:
+        """``int8_drafting``: the heads with int8 weights (``core.int8_heads``) for calls of at most
+        :attr:`INT8_MAX_ROWS` rows. ``auto`` makes one for bfloat16 heads on a CPU with native bfloat16 matmul (the
+        case measured faster; with float32 or float16 activations the kernel is 2-8x slower than the float heads
+        there), ``true`` wherever the kernel runs or fails with the reason, ``false`` never."""
+        mode = self.config.int8_drafting
+        if mode is False:
+            return None
+        if mode == "auto" and (device.type != "cpu" or self.heads.dtype != torch.bfloat16
+                               or not native_half_matmul(torch.bfloat16, device)):
+            return None
+        try:
+            heads = int8_heads(self.heads)
+        except MedusaHeadsError as e:
+            if mode is True:
+                raise MedusaProposerError(str(e)) from None
+            _log_info(f"Medusa: float heads for every drafting call ({e})")
+            return None
+        _log_info(f"Medusa: int8 copy of the heads for drafting calls of up to {self.INT8_MAX_ROWS} rows")
+        return heads
 
     def _input_embedding(self, target_model: torch.nn.Module) -> Tensor:
         """The target's input-embedding table ``[V, H]`` (the rows root-input heads read, as in training:
@@ -197,10 +221,14 @@ class MedusaTreeProposer:
 
     FP32_HEAD_ROWS = 8                  # see core.heads.native_half_matmul
     FP32_COPY_MAX_BYTES = 512 * 2 ** 20
+    INT8_MAX_ROWS = 16                  # see core.int8_heads: the whole draft breaks even at ~24 rows
 
     def heads_for(self, rows: int) -> MedusaHeads:
-        """The heads to run a call of ``rows`` rows (requests x heads) with: the float32 copy from
-        :attr:`FP32_HEAD_ROWS` rows on where there is one, else :attr:`heads`."""
+        """The heads to run a call of ``rows`` rows (requests x heads) with: the int8 copy up to
+        :attr:`INT8_MAX_ROWS` rows where there is one, the float32 copy from :attr:`FP32_HEAD_ROWS` rows on where
+        there is one, else :attr:`heads`."""
+        if self._heads_int8 is not None and rows <= self.INT8_MAX_ROWS:
+            return self._heads_int8
         if self._heads_fp32 is not None and rows >= self.FP32_HEAD_ROWS:
             return self._heads_fp32
         return self.heads
