@@ -1,6 +1,7 @@
-"""core.greedy_host: the engine's greedy step in numpy equals the PyTorch path (gather_tree_inputs +
-greedy_accept_targets[_each] + sample_rows + output_rows), for one static tree and for one tree per request, with
-truncated trees, requests without drafts and drafts that mostly match."""
+"""core.greedy_host: the engine's greedy step on the host (numpy, and the Python walk of steps with few requests)
+equals the PyTorch path (gather_tree_inputs + greedy_accept_targets[_each] + sample_rows + output_rows), for one
+static tree and for one tree per request, with truncated trees, requests without drafts and drafts that mostly
+match (duplicate sibling tokens included: V is small)."""
 
 import numpy as np
 import pytest
@@ -8,12 +9,20 @@ import torch
 
 from medusa_plugin.core.acceptance import greedy_accept_targets
 from medusa_plugin.core.dynamic_tree import build_dynamic_tree
+from medusa_plugin.core import greedy_host
 from medusa_plugin.core.greedy_host import greedy_step_host
 from medusa_plugin.core.tree import MedusaTree
 from medusa_plugin.core.tree_batch import gather_tree_inputs, output_rows, sample_rows
 from medusa_plugin.core.tree_list import greedy_accept_targets_each
 
 V = 9
+
+
+@pytest.fixture(autouse=True, params=["numpy", "walk"])
+def host_path(request, monkeypatch):
+    """Every test runs through both host paths: numpy (vectorised) and the Python walk."""
+    monkeypatch.setattr(greedy_host, "WALK_MAX_ROWS", 0 if request.param == "numpy" else 1 << 30)
+    return request.param
 
 
 def _step(num_draft, n, seed, match=0.7):
@@ -67,6 +76,7 @@ def test_chain_matches_torch_path():
     tree = MedusaTree.chain(1)
     _check(tree, [1], 1, 0)
     _check(tree, [1, 0, 1, 1], 1, 1)
+    _check(MedusaTree.chain(4), [2], 4, 2)  # a chain cut to a prefix (tree_schedule), one request
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -298,6 +298,15 @@ class MedusaTree:
                 "ancestor_t": np.ascontiguousarray(self.ancestor_mask.cpu().numpy().T.astype(np.int32)),
                 "node_paths": self.node_paths.cpu().numpy()}
 
+    @functools.cached_property
+    def host_children(self) -> tuple[tuple[int, ...], ...]:
+        """Python tuples: the children of every node in node order (``core.greedy_host``'s walk for few rows)."""
+        children: list[list[int]] = [[] for _ in range(self.num_nodes + 1)]
+        for i, p in enumerate(self.parent.tolist()):
+            if i:
+                children[p].append(i)
+        return tuple(map(tuple, children))
+
     @property
     def device(self) -> torch.device:
         return self.depth.device
