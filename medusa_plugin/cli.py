@@ -86,9 +86,18 @@ def _run_validate(args: argparse.Namespace) -> int:
         f"  max_batch_size: {cfg.max_batch_size if cfg.max_batch_size is not None else 'none (always speculate)'}",
         f"  tree_schedule:  {_schedule_line(cfg)}",
         f"  dtype:          {cfg.dtype}",
+        f"  int8_drafting:  {_int8_line(cfg.int8_drafting)}",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _int8_line(mode) -> str:
+    if mode is False:
+        return "false (drafting always with the heads' own weights)"
+    what = ("int8 weight-only copy of the heads for drafting calls of up to 16 rows (requests x heads); drafts only, "
+            "the output is unchanged")
+    return f"true ({what})" if mode is True else f"auto ({what}; for bf16 heads on a CPU with native bf16 matmul)"
 
 
 def _schedule_line(cfg) -> str:

@@ -32,12 +32,21 @@ def test_validate_ok(capsys):
     assert "FasterDecoding/medusa-vicuna-7b-v1.3" in out
     assert f"vicuna_7b_stage2: {tree.num_nodes} nodes" in out and f"{tree.num_leaves} leaves" in out
     assert str(tree.nodes_per_depth) in out and "lossless" in out
+    assert "int8_drafting:  auto (int8 weight-only copy" in out
+
+
+def test_validate_explains_int8_drafting_off(tmp_path, capsys):
+    p = tmp_path / "m.yaml"
+    p.write_text("heads: a/b\nint8_drafting: false\n")
+    rc, out, _ = run(capsys, "validate", str(p))
+    assert rc == 0 and "int8_drafting:  false (drafting always with the heads' own weights)" in out
 
 
 @pytest.mark.parametrize("text,fragment", [
     ("heads: a/b\nacceptence: {rule: typical}\n", "did you mean 'acceptance'?"),
     ("heads: a/b\ntree: nope_tree\n", "invalid 'tree' (nope_tree)"),
     ("heads: a/b\ntopk: ten\n", "'topk' must be an integer, got str 'ten'"),
+    ("heads: a/b\nint8_drafting: maybe\n", "'int8_drafting' must be auto, true or false"),
 ])
 def test_validate_bad(tmp_path, capsys, text, fragment):
     p = tmp_path / "bad.yaml"
