@@ -70,3 +70,37 @@ def test_draft_errors():
     top = heads.draft_topk(torch.randn(1, H), 10, 1, lm_head=base)
     with pytest.raises(MedusaTreeError, match="depth 2"):
         tree.candidates_from_topk(torch.zeros(1, dtype=torch.int64), top, 2)
+
+
+@pytest.mark.parametrize("kind", ["v1", "shared", "v2", "token_map"])
+def test_dynamic_trees_from_the_draft_top_k_equal_trees_from_full_logits(kind):
+    """``draft_topk_probs`` (softmax over the projected rows only) + ``DynamicTreeSpec.build_from_topk`` give the
+    probabilities, ids and trees of the reference ``forward`` -> ``[B, K, V]`` logits -> ``DynamicTreeSpec.build``."""
+    from medusa_plugin.core.dynamic_tree import DynamicTreeSpec
+
+    heads, base = _heads(kind)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(6, H, generator=g)
+    roots = torch.randint(0, V, (6,), generator=g)
+    lm_head = base if kind == "v2" else None
+    logits = heads(hidden, lm_head=None if lm_head is None else lm_head[:V])[..., :V]
+    want = logits.float().softmax(-1).topk(5, dim=-1)
+    probs, ids = heads.draft_topk_probs(hidden, 5, lm_head=lm_head, vocab_size=V)
+    assert probs.dtype == torch.float32 and ids.dtype == torch.int64 and probs.shape == ids.shape == (6, K, 5)
+    assert torch.equal(ids, want.indices)
+    torch.testing.assert_close(probs, want.values)
+    spec = DynamicTreeSpec(budget=9, topk=5)
+    for a, b in zip(spec.build(roots, logits), spec.build_from_topk(roots, probs, ids)):
+        assert torch.equal(a.tokens, b.tokens) and a.tree.parent.tolist() == b.tree.parent.tolist()
+    probs2, _ = heads.draft_topk_probs(hidden, 5, 2, lm_head=lm_head, vocab_size=V)  # only the heads asked for
+    assert probs2.shape == (6, 2, 5)
+
+
+def test_build_from_topk_refuses_mismatched_shapes():
+    from medusa_plugin.core.dynamic_tree import DynamicTreeError, DynamicTreeSpec
+
+    spec = DynamicTreeSpec(budget=4, topk=3)
+    with pytest.raises(DynamicTreeError, match="probs and ids must both be"):
+        spec.build_from_topk(torch.tensor([1]), torch.rand(1, 4, 3), torch.zeros(1, 4, 2, dtype=torch.long))
+    with pytest.raises(DynamicTreeError, match="topk=3 exceeds the ranks given"):
+        spec.build_from_topk(torch.tensor([1]), torch.rand(1, 4, 2), torch.zeros(1, 4, 2, dtype=torch.long))

@@ -151,8 +151,8 @@ def _dynamic_proposer(cost_per_row: float):
     p._step_cost = {"forward_ms": {"1": 1000.0, "64": 1000.0 + 63 * cost_per_row}, "batch_sizes": [1, 2],
                     "draft_ms": {"1": [0.0, 0.0], "2": [0.0, 0.0]}}
     calls = []
-    forward = p.heads.forward
-    p.heads.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    draft = p.heads.draft_topk_probs
+    p.heads.draft_topk_probs = lambda *a, **k: calls.append(1) or draft(*a, **k)
     return p, calls
 
 

@@ -350,11 +350,31 @@ class DynamicTreeSpec:
         self.check_heads(k)
         if head_logits.shape[2] < self.topk:
             raise DynamicTreeError(f"topk={self.topk} exceeds the vocabulary ({head_logits.shape[2]})")
+        top = head_logits[:, :k].float().softmax(-1).topk(self.topk, dim=-1)
+        return self.build_from_topk(root_tokens, top.values, top.indices, contexts, calibration=calibration,
+                                    successors=successors)
+
+    def build_from_topk(self, root_tokens: Tensor, probs: Tensor, ids: Tensor,
+                        contexts: Sequence[Sequence[int]] | None = None, *,
+                        calibration: AcceptanceCalibration | None = None,
+                        successors: SuccessorCounts | None = None) -> list[DynamicTree]:
+        """:meth:`build` from each head's top-``topk`` already taken (``MedusaHeads.draft_topk_probs``, which never
+        builds the ``[B, K, V]`` logits): ``probs`` ``[B, K, >= topk]`` float probabilities, best first, ``ids`` the
+        same shape int64 token ids. Same trees as :meth:`build` on the logits they come from.
+
+        Raises:
+            DynamicTreeError: too few heads or ranks, missing contexts.
+        """
+        if probs.dim() != 3 or probs.shape != ids.shape or probs.shape[1] < (self.num_heads or 1):
+            raise DynamicTreeError(f"probs and ids must both be [B, K >= {self.num_heads or 1}, topk], got "
+                                   f"{tuple(probs.shape)} and {tuple(ids.shape)}")
+        k = self.num_heads or probs.shape[1]
+        self.check_heads(k)
+        if probs.shape[2] < self.topk:
+            raise DynamicTreeError(f"topk={self.topk} exceeds the ranks given ({probs.shape[2]})")
         if self.ngram_branches and contexts is None:
             raise DynamicTreeError("n-gram branches need each request's tokens (contexts)")
-        probs = head_logits[:, :k].float().softmax(-1)
-        top = probs.topk(self.topk, dim=-1)
-        values, ids = top.values.cpu(), top.indices.cpu()
+        values, ids = probs[:, :k, :self.topk].cpu(), ids[:, :k, :self.topk].cpu()
         roots = root_tokens.tolist()
         out = []
         for b in range(len(roots)):

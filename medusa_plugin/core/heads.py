@@ -196,6 +196,40 @@ class MedusaHeads(nn.Module):
             MedusaHeadsError: wrong hidden size, ``num_heads`` / ``topk`` out of range, v2 heads without ``lm_head``,
                 root-input heads without ``root_embeds``.
         """
+        logits = self._draft_logits(hidden, num_heads, lm_head, vocab_size, root_embeds)  # [k, B, V']
+        if not 1 <= topk <= logits.shape[-1]:
+            raise MedusaHeadsError(f"topk={topk} is outside 1..{logits.shape[-1]} (the draft vocabulary)")
+        ids = logits.topk(topk, dim=-1).indices                                   # [k, B, topk]
+        if self.token_map is not None:
+            ids = self.token_map[ids]
+        return ids.transpose(0, 1)
+
+    def draft_topk_probs(self, hidden: torch.Tensor, topk: int, num_heads: int | None = None,
+                         lm_head: nn.Module | torch.Tensor | None = None, vocab_size: int | None = None,
+                         root_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``topk`` most likely tokens of each head with their probabilities: what a dynamic tree is built from.
+
+        Equal to ``forward(...)[..., :num_heads, :vocab_size].float().softmax(-1).topk(topk)``, with the work of
+        :meth:`draft_topk`: with a truncated vocabulary the softmax runs over the ``V'`` projected logits (the
+        ``-inf`` outside it add nothing to the normaliser), never over a ``[B, K, V]`` tensor.
+
+        Args: as :meth:`draft_topk`.
+        Returns:
+            ``(probs, ids)``: ``[B, num_heads, topk]`` float32 probabilities, best first, and int64 vocabulary ids.
+        Raises:
+            MedusaHeadsError: as :meth:`draft_topk`.
+        """
+        logits = self._draft_logits(hidden, num_heads, lm_head, vocab_size, root_embeds)  # [k, B, V']
+        if not 1 <= topk <= logits.shape[-1]:
+            raise MedusaHeadsError(f"topk={topk} is outside 1..{logits.shape[-1]} (the draft vocabulary)")
+        top = logits.float().softmax(-1).topk(topk, dim=-1)
+        ids = top.indices if self.token_map is None else self.token_map[top.indices]
+        return top.values.transpose(0, 1), ids.transpose(0, 1)
+
+    def _draft_logits(self, hidden: torch.Tensor, num_heads: int | None, lm_head, vocab_size: int | None,
+                      root_embeds: torch.Tensor | None) -> torch.Tensor:
+        """``[k, B, V']`` logits of the first ``num_heads`` heads over the projection's rows (the draft vocabulary
+        when there is a ``token_map``, else the vocabulary cut to ``vocab_size``); see :meth:`draft_topk`."""
         k = self.num_heads if num_heads is None else int(num_heads)
         if not 1 <= k <= self.num_heads:
             raise MedusaHeadsError(f"num_heads={num_heads} is outside 1..{self.num_heads} (the heads loaded)")
@@ -219,12 +253,7 @@ class MedusaHeads(nn.Module):
             logits = _apply_lm_head(proj, hs.reshape(-1, self.hidden_size)).view(k, hs.shape[1], -1)
         if vocab_size is not None and self.token_map is None and logits.shape[-1] > vocab_size:
             logits = logits[..., :vocab_size]
-        if not 1 <= topk <= logits.shape[-1]:
-            raise MedusaHeadsError(f"topk={topk} is outside 1..{logits.shape[-1]} (the draft vocabulary)")
-        ids = logits.topk(topk, dim=-1).indices                                   # [k, B, topk]
-        if self.token_map is not None:
-            ids = self.token_map[ids]
-        return ids.transpose(0, 1)
+        return logits
 
     # ------------------------------------------------------------------ construction
     @classmethod

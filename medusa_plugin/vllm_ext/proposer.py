@@ -425,11 +425,13 @@ class MedusaTreeProposer:
         t0 = time.perf_counter()
         sel = torch.tensor(idx, device=hidden.device)
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
-        logits = self.heads_for(len(idx) * self.heads.num_heads)(
-            hidden[sel], self._lm_head, self.root_embeds(root))[..., : self.vocab_size]
+        k = self.dynamic.num_heads or self.heads.num_heads
+        probs, ids = self.heads_for(len(idx) * k).draft_topk_probs(
+            hidden[sel], self.dynamic.topk, k, lm_head=self._lm_head, vocab_size=self.vocab_size,
+            root_embeds=self.root_embeds(root))
         ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None else None
-        trees: list[DynamicTree | None] = list(self.dynamic.build(root, logits, ctx, calibration=self.calibration,
-                                                                  successors=self.successors))
+        trees: list[DynamicTree | None] = list(self.dynamic.build_from_topk(
+            root, probs, ids, ctx, calibration=self.calibration, successors=self.successors))
         draft_ms = (time.perf_counter() - t0) * 1e3
         prev = self.dynamic_draft_ms.get(b)
         self.dynamic_draft_ms[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
