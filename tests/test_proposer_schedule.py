@@ -169,6 +169,31 @@ def test_dynamic_auto_drafts_what_pays_and_rests_the_heads_when_nothing_does():
     assert len(calls) == 2  # the heads ran at the first step and at the recheck, not in between
 
 
+def test_dynamic_auto_rests_the_heads_longer_after_each_fruitless_recheck_and_probes_every_64_steps():
+    import torch
+
+    hidden = torch.randn(2, 8)
+    p, calls = _dynamic_proposer(cost_per_row=1e5)
+    outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(200)]
+    # heads at steps 0, 8, 24, 56, 120, 184: rests of 8, 16, 32, then 64 (RECHECK_MAX)
+    assert len(calls) == 6 and p._recheck == p.RECHECK_MAX
+    # one node per request every PROBE_EVERY steps without speculation, on a heads run
+    assert [i for i, o in enumerate(outs) if o != [[], []]] == [56, 120, 184]
+    from medusa_plugin.core.observed_step_cost import ObservedStepCost
+
+    # rows become free (and the microsecond steps this loop timed are forgotten): the next recheck drafts, the
+    # rest ends
+    p._step_cost["forward_ms"]["64"] = 1000.0
+    p.observed_cost = ObservedStepCost()
+    before, step = len(calls), 200
+    while [len(x) for x in p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])] != [4, 4]:
+        step += 1
+        assert step < 300
+    assert step == 248 and len(calls) == before + 1 and p._recheck == p.RECHECK_EVERY
+    p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
+    assert len(calls) == before + 2  # no rest after a step that drafted
+
+
 def test_dynamic_auto_charges_the_measured_drafting_time():
     import torch
 

@@ -109,6 +109,9 @@ class MedusaTreeProposer:
         self._steps_since_refresh = 0
         self._pending: list[tuple] = []
         self._since_empty = -1  # tree: dynamic + auto: steps since one chose no node (-1: the last one chose some)
+        self._recheck = self.RECHECK_EVERY  # tree: dynamic + auto: the heads' current rest (steps), see RECHECK_MAX
+        self._dyn_idle_steps = 0  # tree: dynamic + auto: steps without speculation since the last one-node probe
+        self._idle_probe = False  # tree: dynamic + auto: this step's nodes are that probe, not a choice
         self._idle_steps = 0
         # measured step cost (calibrate) and what a step costs beyond it (fixed + per draft row), learnt from the
         # time between consecutive propose_tree calls (one engine step each)
@@ -245,6 +248,7 @@ class MedusaTreeProposer:
     PROBE_EVERY = 64        # steps without speculation between single-node probes (keeps acceptance observed)
     PROBE_FAST = 8          # ... and between probes while the step-time ratio at this batch size is still unobserved
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
+    RECHECK_MAX = 64        # ... doubled after every recheck that again chose nothing, up to this
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
@@ -416,10 +420,12 @@ class MedusaTreeProposer:
         b = hidden.shape[0]
         out: list[list[int]] = [[] for _ in range(b)]
         idx = [i for i in range(b) if allow is None or allow[i]]
-        # After a step that chose no node (rows too dear for these scores) the heads rerun only every RECHECK_EVERY
-        # steps: their cost is paid before the choice, so running them for nothing would slow plain steps down.
+        # After a step that chose no node (rows too dear for these scores) the heads rest: their cost is paid before
+        # the choice, so running them for nothing slows plain steps down (at 8 requests in bf16 on a 2-core CPU a
+        # heads run is ~3 ms of a ~17 ms step). The rest starts at RECHECK_EVERY steps and doubles after every recheck
+        # that again chose nothing, up to RECHECK_MAX.
         self._since_empty = self._since_empty + 1 if self._since_empty >= 0 else -1
-        if not idx or (self._since_empty > 0 and self._since_empty % self.RECHECK_EVERY):
+        if not idx or (self._since_empty > 0 and self._since_empty % self._recheck):
             self._time_step(b, 0, 0, draft_ms=0.0)
             return out
         t0 = time.perf_counter()
@@ -444,8 +450,15 @@ class MedusaTreeProposer:
             self.trees[req_ids[i]] = t
             out[i] = t.tokens[1:].tolist()
             rows += len(out[i])
-        self._since_empty = 0 if rows == 0 and self._step_cost is not None and not self._plain_probe else -1
-        self._plain_probe = False
+        if self._step_cost is not None and not self._plain_probe and (rows == 0 or self._idle_probe):
+            if self._since_empty > 0:  # a recheck that found nothing again: rest longer
+                self._recheck = min(2 * self._recheck, self.RECHECK_MAX)
+            self._since_empty = 0
+        else:
+            self._since_empty = -1
+            if rows:
+                self._recheck = self.RECHECK_EVERY
+        self._plain_probe = self._idle_probe = False
         self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
         return out
 
@@ -464,10 +477,12 @@ class MedusaTreeProposer:
             if self._spec_steps % self._probe_every(batch_size, 0, per_request) == 0:
                 keep = [[] for _ in trees]
                 self._plain_probe = True  # not "nothing pays": the heads need no rest after it
-        else:  # the heads run every RECHECK_EVERY steps while nothing is chosen: probe every PROBE_EVERY steps
-            self._idle_steps += 1
-            if self._idle_steps % max(1, self.PROBE_EVERY // self.RECHECK_EVERY) == 0:
+        else:  # the heads run every self._recheck steps while nothing is chosen: probe every PROBE_EVERY steps
+            self._dyn_idle_steps += self._recheck
+            if self._dyn_idle_steps >= self.PROBE_EVERY:
+                self._dyn_idle_steps = 0
                 keep = [[1] for _ in trees]
+                self._idle_probe = True  # keeps the acceptance observed; not a choice, so the heads keep resting
         return [restrict_tree(t, k) for t, k in zip(trees, keep)]
 
     @torch.inference_mode()
