@@ -190,18 +190,21 @@ ROUND_KEYS = ("plain_ms", "chain1_ms", "chain1_ratio", "ngram1_ms", "ngram1_rati
 
 
 def _median_of(results: list[dict]) -> dict:
-    """Field-wise median of equally shaped result dicts (numbers: median; dicts: recursively; else the first's)."""
-    first = results[0]
+    """Field-wise median of result dicts: a field that is a number in some rounds is the median of those rounds'
+    numbers (an integer field the lower median, so counts stay integers), None if no round has one; a dict field is
+    merged the same way over the union of its keys; anything else (strings, lists) is the first round's."""
     out: dict = {}
-    for key, value in first.items():
-        values = [r.get(key) for r in results]
-        if isinstance(value, dict) and all(isinstance(v, dict) for v in values):
+    for key in dict.fromkeys(k for r in results for k in r):
+        values = [r[key] for r in results if key in r]
+        if all(isinstance(v, dict) for v in values):
             out[key] = _median_of(values)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and \
-                all(isinstance(v, (int, float)) for v in values):
-            out[key] = round(statistics.median(values), 4)
+            continue
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers and all(v is None or v in numbers for v in values):
+            out[key] = (statistics.median_low(numbers) if all(isinstance(v, int) for v in numbers)
+                        else round(statistics.median(numbers), 4))
         else:
-            out[key] = value
+            out[key] = next((v for v in values if v is not None), None)
     return out
 
 

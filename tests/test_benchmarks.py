@@ -190,21 +190,22 @@ def test_bench_prompts_are_chat_requests_for_a_chat_model(tiny_model_dir):
 
 def test_overhead_rounds_merge_as_field_wise_medians():
     """bench overhead --repeats: each number is the median over rounds of that round's value (a ratio: of the paired
-    ratios, not the ratio of medians); nested phase tables merge per phase; what is not a number in every round
-    (None, strings, lists) is the first round's."""
+    ratios, not the ratio of medians), over the rounds that measured it (None where a round did not); counts stay
+    integers; nested tables merge per key over all rounds; strings and lists are the first round's."""
     from medusa_plugin.bench_engine import _median_of
 
     rounds = [{"plain_ms": 10.0, "chain1_ms": 12.0, "chain1_ratio": 1.2, "ngram1_ms": None, "note": "a",
-               "phases": {"heads": 0.3, "model_forward": 9.0}, "rows": [1]},
+               "phases": {"heads": 0.3, "model_forward": 9.0}, "rows": [1], "steps": 48, "gone": None},
               {"plain_ms": 14.0, "chain1_ms": 12.2, "chain1_ratio": 0.8714, "ngram1_ms": 11.0, "note": "b",
-               "phases": {"heads": 0.5, "model_forward": 13.0}, "rows": [2]},
+               "phases": {"heads": 0.5, "model_forward": 13.0, "tree": 1.0}, "rows": [2], "steps": 47, "gone": None},
               {"plain_ms": 11.0, "chain1_ms": 12.5, "chain1_ratio": 1.1364, "ngram1_ms": 12.0, "note": "c",
-               "phases": {"heads": 0.4, "model_forward": 10.0}, "rows": [3]}]
+               "phases": {"heads": 0.4, "model_forward": 10.0}, "rows": [3], "steps": 45, "gone": None}]
     got = _median_of(rounds)
     assert got["plain_ms"] == 11.0 and got["chain1_ms"] == 12.2
     assert got["chain1_ratio"] == 1.1364 != round(got["chain1_ms"] / got["plain_ms"], 4)
-    assert got["phases"] == {"heads": 0.4, "model_forward": 10.0}
-    assert got["ngram1_ms"] is None and got["note"] == "a" and got["rows"] == [1]
+    assert got["phases"] == {"heads": 0.4, "model_forward": 10.0, "tree": 1.0}
+    assert got["ngram1_ms"] == 11.5 and got["gone"] is None and got["steps"] == 47
+    assert got["note"] == "a" and got["rows"] == [1]
 
 
 def test_overhead_rejects_zero_repeats(capsys):

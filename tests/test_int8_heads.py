@@ -44,8 +44,11 @@ def test_int8_linear_is_the_matmul_with_rowwise_dequantized_weights(dtype):
 
 def test_int8_heads_keep_the_interface_sharing_and_token_map_and_mostly_the_drafts():
     h = _heads()
+    before = {k: v.clone() for k, v in h.state_dict().items()}
     q = int8_heads(h)
     assert q is not h and isinstance(h.lm_heads[0], torch.nn.Linear)  # the float heads are untouched
+    assert all(torch.equal(v, before[k]) for k, v in h.state_dict().items())
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())  # no float weights kept in the copy
     assert all(m is q.lm_heads[0] for m in q.lm_heads) and isinstance(q.lm_heads[0], Int8Linear)
     assert isinstance(q.root_proj, Int8Linear) and isinstance(q.blocks[0][0].linear, Int8Linear)
     assert torch.equal(q.token_map, h.token_map) and q.dtype == torch.bfloat16

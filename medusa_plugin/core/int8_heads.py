@@ -34,18 +34,18 @@ K_MULTIPLE = 32
 
 
 @functools.lru_cache(maxsize=None)
-def int8_matmul_available(dtype: torch.dtype) -> bool:
-    """Whether ``_weight_int8pack_mm`` runs on this build for activations of ``dtype`` and an inner dimension that
-    is a multiple of :data:`K_MULTIPLE` (probed with a tiny call and checked against a float matmul; False where the
-    op is missing or wrong)."""
+def int8_matmul_available(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """Whether ``_weight_int8pack_mm`` runs on this build and device type for activations of ``dtype`` and an inner
+    dimension that is a multiple of :data:`K_MULTIPLE` (probed with a tiny call and checked against a float matmul;
+    False where the op is missing or wrong)."""
     try:
-        x = (torch.arange(128, dtype=torch.float32).view(2, K_MULTIPLE * 2) / 64 - 1).to(dtype)
-        w = (torch.arange(3 * K_MULTIPLE * 2) % 17 - 8).to(torch.int8).view(3, K_MULTIPLE * 2)
-        s = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x, w, s)
+        x = (torch.arange(128, dtype=torch.float32).view(2, K_MULTIPLE * 2) / 64 - 1).to(dtype).to(device_type)
+        w = (torch.arange(3 * K_MULTIPLE * 2) % 17 - 8).to(torch.int8).view(3, K_MULTIPLE * 2).to(device_type)
+        s = torch.tensor([0.5, 1.0, 2.0], dtype=dtype, device=device_type)
+        y = torch.ops.aten._weight_int8pack_mm(x, w, s).cpu()
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-    ref = x.float() @ (w.float() * s.float()[:, None]).T
+    ref = x.float().cpu() @ (w.float().cpu() * s.float().cpu()[:, None]).T
     return y.shape == ref.shape and torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2)
 
 
@@ -90,25 +90,16 @@ def int8_heads(heads: MedusaHeads) -> MedusaHeads:
     if not heads.own_lm_head:
         raise MedusaHeadsError("int8 drafting needs heads with their own vocab projection (these are v2 heads that "
                                "use the target's lm_head): set int8_drafting: false")
-    if not int8_matmul_available(heads.dtype):
+    device = next((p.device for p in heads.parameters()), torch.device("cpu"))
+    if not int8_matmul_available(heads.dtype, device.type):
         raise MedusaHeadsError(f"this PyTorch build has no int8 weight-only matmul for {heads.dtype} activations "
                                "(torch.ops.aten._weight_int8pack_mm): set int8_drafting: false")
     if heads.hidden_size % K_MULTIPLE:
         raise MedusaHeadsError(f"int8 drafting needs a hidden size that is a multiple of {K_MULTIPLE} (the int8 "
                                f"kernel's vector width), these heads have {heads.hidden_size}: set "
                                "int8_drafting: false")
-    out = copy.deepcopy(heads)
-    done: dict[int, Int8Linear] = {}  # one shared projection stays one module
-
-    def swap(parent: nn.Module) -> None:
-        # through _modules, not named_children(), which yields a module shared by K slots only once
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, nn.Linear):
-                if id(child) not in done:
-                    done[id(child)] = Int8Linear(child)
-                parent._modules[name] = done[id(child)]
-            elif child is not None:
-                swap(child)
-
-    swap(out)
+    # every float Linear (a shared projection once) becomes its Int8Linear inside the copy, through deepcopy's memo:
+    # the float weights are never copied
+    memo = {id(m): Int8Linear(m) for m in heads.modules() if isinstance(m, nn.Linear)}
+    out = copy.deepcopy(heads, memo)
     return out.eval()

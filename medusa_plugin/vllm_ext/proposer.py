@@ -454,10 +454,9 @@ class MedusaTreeProposer:
             if self._since_empty > 0:  # a recheck that found nothing again: rest longer
                 self._recheck = min(2 * self._recheck, self.RECHECK_MAX)
             self._since_empty = 0
-        else:
+        else:  # nodes were chosen (a plain probe may have dropped them): the heads rest from scratch next time
             self._since_empty = -1
-            if rows:
-                self._recheck = self.RECHECK_EVERY
+            self._recheck, self._dyn_idle_steps = self.RECHECK_EVERY, 0
         self._plain_probe = self._idle_probe = False
         self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
         return out
