@@ -63,6 +63,19 @@ def test_int8_heads_keep_the_interface_sharing_and_token_map_and_mostly_the_draf
     assert q(x, root_embeds=e).shape == h(x, root_embeds=e).shape == (256, 3, 300)
 
 
+def test_float32_heads_draft_through_a_bf16_int8_copy():
+    h = _heads(dtype=torch.float32)
+    q = int8_heads(h, torch.bfloat16)
+    assert q.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in q.parameters())
+    x = torch.randn(128, 64)  # float32 hidden states, as a float32 engine passes them
+    e = torch.randn(128, 64)
+    got, want = q.draft_topk(x, 3, root_embeds=e), h.draft_topk(x, 3, root_embeds=e)
+    assert (got[..., 0] == want[..., 0]).float().mean().item() >= 0.9
+    probs, ids = q.draft_topk_probs(x, 3, root_embeds=e)
+    assert probs.dtype == torch.float32 and torch.equal(ids, got)
+
+
 def test_int8_heads_with_one_projection_per_head():
     h = _heads(shared=False, root=False, token_map=False)
     q = int8_heads(h)
@@ -104,14 +117,18 @@ def _proposer(heads_dir, dtype, mode, monkeypatch, native=True):
 
 
 @pytest.mark.parametrize("dtype,mode,native,int8", [
-    (torch.bfloat16, "auto", True, True), (torch.bfloat16, "auto", False, False), (torch.float32, "auto", True, False),
-    (torch.float32, True, True, True), (torch.bfloat16, False, True, False)])
+    (torch.bfloat16, "auto", True, torch.bfloat16), (torch.bfloat16, "auto", False, None),
+    (torch.float32, "auto", True, torch.bfloat16), (torch.float32, "auto", False, None),
+    (torch.float32, True, False, torch.float32), (torch.float32, True, True, torch.bfloat16),
+    (torch.bfloat16, False, True, None)])
 def test_proposer_drafts_with_the_int8_copy_up_to_its_row_limit(tmp_path, monkeypatch, dtype, mode, native, int8):
+    """``int8``: the dtype the copy runs in (bf16 wherever the CPU multiplies bf16 natively), None: no copy."""
     _heads(root=False).save_pretrained(tmp_path)
     p = _proposer(tmp_path, dtype, mode, monkeypatch, native)
     small, large = p.heads_for(p.INT8_MAX_ROWS), p.heads_for(p.INT8_MAX_ROWS + 1)
-    assert isinstance(small.lm_heads[0], Int8Linear) is int8
-    assert isinstance(large.lm_heads[0], torch.nn.Linear)
+    assert isinstance(small.lm_heads[0], Int8Linear) is (int8 is not None)
+    assert int8 is None or small.dtype == int8
+    assert isinstance(large.lm_heads[0], torch.nn.Linear)  # float heads (or their float32 copy) above the limit
     hidden = torch.randn(2, 64).to(dtype)
     assert p.draft_topk(hidden, 3).shape == (2, 3, p.tree.topk)
 

@@ -6,7 +6,8 @@ with the shipped SmolLM2 heads (576 x 4097 projection, bf16), caches flushed bef
 0.39-0.44 ms for 1-8 rows in bf16 and 0.16-0.29 ms with int8 weights; a whole ``draft_topk`` (top-10) 0.66 / 0.40 ms
 at 1 row, 1.00 / 0.60 ms at 1 request x 4 heads, 1.19 / 1.02 ms at 16 rows, 1.31 / 1.52 ms at 32 rows (hence the
 proposer's ``INT8_MAX_ROWS``). With float32 or float16 activations the kernel has no fast path there: 2-8x slower
-than the float heads, so the proposer's ``int8_drafting: auto`` takes bfloat16 heads only.
+than the float heads. So the proposer's ``int8_drafting: auto`` runs the copy with bfloat16 activations, whatever
+the heads' dtype, on a CPU with native bf16 matmul only.
 
 Drafting only: the target verifies every draft token, so int8 draft weights can change which tokens are proposed
 (and so the acceptance length) but never the output.
@@ -57,15 +58,16 @@ class Int8Linear(nn.Module):
     attribute on purpose: code that reads ``.weight`` to multiply by hand must not take this for a float Linear.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
         super().__init__()
         w = linear.weight.detach()
+        dtype = dtype or w.dtype  # the activations' dtype
         # the scales in the activations' dtype first, so the weights round against the scales the kernel applies
-        scales = (w.float().abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(w.dtype)
+        scales = (w.float().abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(dtype)
         self.register_buffer("qweight", torch.round(w.float() / scales.float()[:, None]).clamp(-127, 127)
                              .to(torch.int8).contiguous())
         self.scales = nn.Parameter(scales, requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,9 +81,13 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def int8_heads(heads: MedusaHeads) -> MedusaHeads:
+def int8_heads(heads: MedusaHeads, dtype: torch.dtype | None = None) -> MedusaHeads:
     """A copy of ``heads`` whose Linear layers (ResBlocks, ``root_proj``, own projections) hold int8 weights; same
     interface (``forward``, ``draft_topk``), same ``token_map``.
+
+    ``dtype``: the activations' dtype of the copy (default the heads'). bfloat16 for float32 heads on a CPU with native
+    bf16: the kernel has a fast bf16 path there and none for float32 (measured, module docstring); the copy casts its
+    inputs (``MedusaHeads.head_input`` casts to the heads' dtype) and returns bf16 logits. Drafts only.
 
     Raises:
         MedusaHeadsError: v2 heads (no own projection: they use the target's lm_head, which stays as it is and
@@ -91,8 +97,9 @@ def int8_heads(heads: MedusaHeads) -> MedusaHeads:
         raise MedusaHeadsError("int8 drafting needs heads with their own vocab projection (these are v2 heads that "
                                "use the target's lm_head): set int8_drafting: false")
     device = next((p.device for p in heads.parameters()), torch.device("cpu"))
-    if not int8_matmul_available(heads.dtype, device.type):
-        raise MedusaHeadsError(f"this PyTorch build has no int8 weight-only matmul for {heads.dtype} activations "
+    dtype = dtype or heads.dtype
+    if not int8_matmul_available(dtype, device.type):
+        raise MedusaHeadsError(f"this PyTorch build has no int8 weight-only matmul for {dtype} activations "
                                "(torch.ops.aten._weight_int8pack_mm): set int8_drafting: false")
     if heads.hidden_size % K_MULTIPLE:
         raise MedusaHeadsError(f"int8 drafting needs a hidden size that is a multiple of {K_MULTIPLE} (the int8 "
@@ -100,6 +107,6 @@ def int8_heads(heads: MedusaHeads) -> MedusaHeads:
                                "int8_drafting: false")
     # every float Linear (a shared projection once) becomes its Int8Linear inside the copy, through deepcopy's memo:
     # the float weights are never copied
-    memo = {id(m): Int8Linear(m) for m in heads.modules() if isinstance(m, nn.Linear)}
+    memo = {id(m): Int8Linear(m, dtype) for m in heads.modules() if isinstance(m, nn.Linear)}
     out = copy.deepcopy(heads, memo)
-    return out.eval()
+    return out.to(dtype).eval()  # any parameter outside a Linear too (there is none today)

@@ -184,17 +184,18 @@ class MedusaTreeProposer:
 
     def _int8_copy(self, device: torch.device) -> MedusaHeads | None:
         """``int8_drafting``: the heads with int8 weights (``core.int8_heads``) for calls of at most
-        :attr:`INT8_MAX_ROWS` rows. ``auto`` makes one for bfloat16 heads on a CPU with native bfloat16 matmul (the
-        case measured faster; with float32 or float16 activations the kernel is 2-8x slower than the float heads
-        there), ``true`` wherever the kernel runs or fails with the reason, ``false`` never."""
+        :attr:`INT8_MAX_ROWS` rows. ``auto`` makes one on a CPU with native bfloat16 matmul, running in bfloat16
+        whatever the heads' dtype (with float32 or float16 activations the kernel is 2-8x slower than the float heads
+        there; drafts only, so the precision is the heads' business, not the output's); ``true`` also elsewhere (in
+        the heads' dtype) or fails with the reason; ``false`` never."""
         mode = self.config.int8_drafting
         if mode is False:
             return None
-        if mode == "auto" and (device.type != "cpu" or self.heads.dtype != torch.bfloat16
-                               or not native_half_matmul(torch.bfloat16, device)):
+        native_bf16 = device.type == "cpu" and native_half_matmul(torch.bfloat16, device)
+        if mode == "auto" and not native_bf16:
             return None
         try:
-            heads = int8_heads(self.heads)
+            heads = int8_heads(self.heads, torch.bfloat16 if native_bf16 else None)
         except MedusaHeadsError as e:
             if mode is True:
                 raise MedusaProposerError(str(e)) from None
