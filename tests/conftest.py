@@ -35,3 +35,15 @@ def tiny_medusa(tiny_cache_dir):
         return model, tok, MedusaHeads.from_pretrained(heads_dir).eval()
 
     return get
+
+
+@functools.lru_cache(maxsize=None)
+def int8_kernel_runs() -> bool:
+    """Whether PyTorch's int8 weight-only matmul works here for bf16 and fp32 activations, probed first in a child
+    process: a kernel that crashes on this CPU must skip the tests that use it, not end the test run."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from medusa_plugin.core.int8_heads import int8_matmul_available as a; "
+            "raise SystemExit(0 if a(torch.bfloat16) and a(torch.float32) else 1)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300).returncode == 0
