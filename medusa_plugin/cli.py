@@ -97,7 +97,7 @@ def _int8_line(mode) -> str:
         return "false (drafting always with the heads' own weights)"
     what = ("int8 weight-only copy of the heads for drafting calls of up to 16 rows (requests x heads); drafts only, "
             "the output is unchanged")
-    return f"true ({what})" if mode is True else f"auto ({what}; for bf16 heads on a CPU with native bf16 matmul)"
+    return f"true ({what})" if mode is True else f"auto ({what}; on a CPU with native bf16 matmul, run in bf16)"
 
 
 def _schedule_line(cfg) -> str:

@@ -18,8 +18,9 @@ it takes inside vLLM's ``--additional-config``)::
     max_batch_size: 32                           # above this many running requests: no speculation (null: always)
     tree_schedule: null                          # null | auto | path to a YAML table of batch size -> tree (dynamic: auto only)
     dtype: auto                                  # auto (the base model's) | float16 | bfloat16 | float32
-    int8_drafting: auto                          # auto (on a CPU) | true | false: int8 copies of the heads for
-                                                 # drafting calls of few rows (core.int8_heads; output unchanged)
+    int8_drafting: auto                          # auto (a CPU with native bf16) | true | false: an int8 copy of
+                                                 # the heads for drafting calls of few rows (core.int8_heads; drafts
+                                                 # only, the output is unchanged)
 
 ``tree: dynamic`` builds a tree per request and step: the ``budget`` nodes of highest path probability over the
 heads' top-``topk`` lattice, plus up to ``ngram_branches`` prompt-lookup continuations of the request's own tokens
