@@ -130,7 +130,7 @@ def test_a_schedule_stopped_by_a_noisy_row_cost_resumes_on_plain_steps(monkeypat
     assert sum(n > 0 for n in later[-p.PROBE_EVERY:]) > p.PROBE_EVERY // 2  # speculating again
 
 
-def _dynamic_proposer(cost_per_row: float, ngram_branches: int = 0):
+def _dynamic_proposer(cost_per_row: float):
     import torch
 
     from medusa_plugin.core.calibration import AcceptanceCalibration
@@ -138,7 +138,7 @@ def _dynamic_proposer(cost_per_row: float, ngram_branches: int = 0):
 
     cfg = SimpleNamespace(
         additional_config={"medusa": {"heads": "unused", "tree": "dynamic", "budget": 4, "topk": 3,
-                                      "tree_schedule": "auto", "ngram_branches": ngram_branches}},
+                                      "tree_schedule": "auto"}},
         speculative_config=SimpleNamespace(num_speculative_tokens=4),
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
         model_config=SimpleNamespace(get_vocab_size=lambda: 20))
@@ -192,23 +192,6 @@ def test_dynamic_auto_rests_the_heads_longer_after_each_fruitless_recheck_and_pr
     assert step == 248 and len(calls) == before + 1 and p._recheck == p.RECHECK_EVERY
     p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
     assert len(calls) == before + 2  # no rest after a step that drafted
-
-
-def test_while_the_heads_rest_the_n_gram_branches_alone_are_drafted():
-    import torch
-
-    hidden = torch.randn(2, 8)
-    p, calls = _dynamic_proposer(cost_per_row=0.0, ngram_branches=2)
-    repeat, plain = [3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
-    p.propose_dynamic(hidden, [4, 0], ["a", "b"], [repeat, plain])
-    assert len(calls) == 1
-    p.dynamic_draft_ms[2] = 1e6  # the heads cost more than anything they win: they rest from the next step on
-    assert p.propose_dynamic(hidden, [4, 0], ["a", "b"], [repeat, plain]) == [[], []]
-    outs = [p.propose_dynamic(hidden, [4, 0], ["a", "b"], [repeat, plain]) for _ in range(3)]
-    assert len(calls) == 2  # resting: no heads
-    # the repeating request verifies its n-gram continuation (5, 6, 3, 4 after "3 4"), the other nothing
-    assert all(o == [[5, 6, 3, 4], []] for o in outs) and set(p.trees) == {"a"}
-    assert p._since_empty == 3  # the rest goes on
 
 
 def test_dynamic_auto_charges_the_measured_drafting_time():

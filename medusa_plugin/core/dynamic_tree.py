@@ -388,28 +388,6 @@ class DynamicTreeSpec:
                                           successors=successors, prev_token=prev))
         return out
 
-    def build_ngram_only(self, root_tokens: Sequence[int], contexts: Sequence[Sequence[int]], num_heads: int, *,
-                         calibration: AcceptanceCalibration | None = None) -> list[DynamicTree | None]:
-        """Trees of the n-gram branches alone, for steps in which the heads do not run: per request, its
-        continuations (as :meth:`build`) scored by the calibration's n-gram acceptance, every Medusa slot at score
-        0; None where the request's tokens offer no continuation (or ``ngram_branches`` is 0).
-
-        Args:
-            root_tokens: ``B`` last emitted tokens. contexts: ``B`` token sequences (ending with the root).
-            num_heads: the heads' count ``K`` (the lattice the empty Medusa slots stand for).
-        """
-        out: list[DynamicTree | None] = []
-        k = self.num_heads or num_heads
-        zeros = torch.zeros(k, self.topk, dtype=torch.float64)
-        ids = torch.zeros(k, self.topk, dtype=torch.int64)
-        for root, ctx in zip(root_tokens, contexts):
-            conts = (ngram_continuations(ctx, self.ngram_branches, min_n=self.ngram_min_n, max_n=self.ngram_max_n,
-                                         length=self.ngram_length) if self.ngram_branches else [])
-            out.append(build_dynamic_tree(int(root), zeros, ids, self.budget, calibration=calibration,
-                                          continuations=conts, num_branches=self.ngram_branches)
-                       if conts else None)
-        return out
-
     def describe(self) -> str:
         """One line for ``medusa-plugin validate``."""
         heads = "every head" if self.num_heads is None else f"{self.num_heads} heads"

@@ -427,8 +427,7 @@ class MedusaTreeProposer:
         # that again chose nothing, up to RECHECK_MAX.
         self._since_empty = self._since_empty + 1 if self._since_empty >= 0 else -1
         if not idx or (self._since_empty > 0 and self._since_empty % self._recheck):
-            rows = self._propose_ngram_only(b, roots, req_ids, contexts, idx, out) if idx else 0
-            self._time_step(b, rows, 0, draft_ms=0.0, tree_step=rows > 0)
+            self._time_step(b, 0, 0, draft_ms=0.0)
             return out
         t0 = time.perf_counter()
         sel = torch.tensor(idx, device=hidden.device)
@@ -462,33 +461,6 @@ class MedusaTreeProposer:
         self._plain_probe = self._idle_probe = False
         self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
         return out
-
-    def _propose_ngram_only(self, batch_size: int, roots: list[int], req_ids: list[str], contexts: list,
-                            idx: list[int], out: list[list[int]]) -> int:
-        """While the heads rest (``tree_schedule: auto``): the requests' n-gram branches alone
-        (``DynamicTreeSpec.build_ngram_only``: the request's own tokens, no heads), the nodes worth their rows kept
-        as in :meth:`_allocate`; fills ``out`` and :attr:`trees`, returns the draft rows. The rest itself is left as it
-        is: these steps say nothing about the heads."""
-        if not self.dynamic.ngram_branches or self._step_cost is None:
-            return 0
-        trees = self.dynamic.build_ngram_only([roots[i] for i in idx], [contexts[i] for i in idx],
-                                              self.heads.num_heads, calibration=self.calibration)
-        if not any(t is not None for t in trees):
-            return 0
-        from .calibrate import MIN_GAIN
-
-        root_only = torch.ones(1, dtype=torch.float64)
-        keep = allocate_nodes([root_only if t is None else t.score for t in trees],
-                              self.dynamic_step_ms(batch_size), min_gain=MIN_GAIN)
-        rows = 0
-        for i, t, k in zip(idx, trees, keep):
-            if t is None or not k:
-                continue
-            t = restrict_tree(t, k)
-            self.trees[req_ids[i]] = t
-            out[i] = t.tokens[1:].tolist()
-            rows += len(out[i])
-        return rows
 
     def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
         """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at its
