@@ -47,7 +47,7 @@ __all__ = ["cache_dir", "machine_id", "measure", "measured_schedule", "load_or_m
 # Speculate only where the expected speed-up exceeds 3 %: measured costs and observed acceptance carry a few per
 # cent of error, and a marginal predicted win lost about as often as it won in the engine (demo, 8 at once).
 MIN_GAIN = 0.03
-MEASURE_VERSION = 4  # 3: forward_ms includes compute_logits; 4: tree_attention_ms
+MEASURE_VERSION = 5  # 3: forward_ms includes compute_logits; 4: tree_attention_ms; 5: int8 / bf16 head copies
 TREE_ATTENTION_CONTEXT = 256  # context tokens per request of the tree-attention timing (chat turns: 100-500)
 
 
