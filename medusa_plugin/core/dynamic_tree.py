@@ -343,14 +343,11 @@ class DynamicTreeSpec:
         Raises:
             DynamicTreeError: too few heads or ranks, missing contexts.
         """
-        if head_logits.dim() != 3 or head_logits.shape[1] < (self.num_heads or 1):
-            raise DynamicTreeError(f"head_logits must be [B, K >= {self.num_heads or 1}, V], got "
+        # the head count and the rest are checked by build_from_topk
+        if head_logits.dim() != 3 or head_logits.shape[2] < self.topk:
+            raise DynamicTreeError(f"head_logits must be [B, K, V >= topk={self.topk}], got "
                                    f"{tuple(head_logits.shape)}")
-        k = self.num_heads or head_logits.shape[1]
-        self.check_heads(k)
-        if head_logits.shape[2] < self.topk:
-            raise DynamicTreeError(f"topk={self.topk} exceeds the vocabulary ({head_logits.shape[2]})")
-        top = head_logits[:, :k].float().softmax(-1).topk(self.topk, dim=-1)
+        top = head_logits[:, :self.num_heads].float().softmax(-1).topk(self.topk, dim=-1)
         return self.build_from_topk(root_tokens, top.values, top.indices, contexts, calibration=calibration,
                                     successors=successors)
 

@@ -83,7 +83,7 @@ def _walk_step(trees, target, draft_token_ids, logit_start, rows, draft_start, n
     for i, row in enumerate(rows.tolist()):
         p, last = plist[i], lasts[i]
         paths[i, : p.shape[0]] = p
-        d = int((p >= 0).sum()) - 1
+        d = int((p >= 0).sum()) - 1  # the depth of the last accepted node
         accept_len[i] = d
         d0 = int(draft_start[i]) - 1
         toks = [drafts[d0 + int(n)] for n in p[1: d + 1]] + [tgt_all[starts[row] + last]]
@@ -93,8 +93,6 @@ def _walk_step(trees, target, draft_token_ids, logit_start, rows, draft_start, n
         c = min(wide, width)
         output[row, :c] = out[i, :c]
     t = torch.from_numpy
-    if shared:
-        accept_len = trees.host_index["depth"][np.asarray(lasts, dtype=np.int64)]
     return GreedyStep(AcceptanceResult(t(accept_len), t(paths), t(out), t(bonus), t(np.asarray(lasts, dtype=np.int64))),
                       sample, output)
 
