@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .acceptance_model import ContextGrams, NodeAcceptanceModel
 from .calibration import AcceptanceCalibration
 from .ngram_branches import ngram_continuations
 from .successor_prior import SuccessorCounts
@@ -111,7 +112,9 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
                  continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
                  off_factors: Sequence[Sequence[float]] | None = None,
                  rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
-                 context: Sequence[int] = ()) -> list[dict]:
+                 context: Sequence[int] = (),
+                 score_children: Callable[[int, bool, int | None, int], tuple[list, list]] | None = None
+                 ) -> list[dict]:
     """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches).
 
     Args:
@@ -125,7 +128,11 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         rescore: ``(prev2, prev1, head, off, token) -> (multiplier, level)`` for a Medusa child after the tokens
             ``prev2, prev1`` (its grandparent's and parent's; ``prev2`` None when unknown): the head factor is
             multiplied (capped at 1) and ``level`` recorded (:mod:`~medusa_plugin.core.successor_prior`).
-        context: the request's last tokens up to the root (the root last), for ``rescore``.
+        context: the request's last tokens up to the root (the root last), for ``rescore`` and ``score_children``.
+        score_children: ``(head, top, prev2, prev1) -> (factors, levels)``: the acceptance factor (in [0, 1]) and
+            successor level of each rank of ``head`` under a parent whose path is the top path (``top``) or not and
+            whose last tokens are ``prev2, prev1`` (:meth:`~medusa_plugin.core.acceptance_model.NodeAcceptanceModel.
+            scorer`); replaces ``factors`` / ``off_factors`` / ``rescore`` for Medusa nodes.
     Returns:
         ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
         child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth - 1),
@@ -155,7 +162,12 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         kids: dict[int, list] = {}  # token -> [factor, slot, head, ngram, conts, level]
         table = factors if top else off_factors
         if d < k_heads:
-            if rescore is not None and (toks or ctx):
+            if score_children is not None:
+                prev = (ctx + list(toks))[-2:]
+                fs, lvs = score_children(d, top, prev[0] if len(prev) == 2 else None, prev[-1])
+                for r in range(topk):
+                    kids[tokens[d][r]] = [min(1.0, max(0.0, fs[r])), r, d, -1, (), lvs[r]]
+            elif rescore is not None and (toks or ctx):
                 prev = (ctx + list(toks))[-2:]
                 p2, p1 = (prev[0] if len(prev) == 2 else None), prev[-1]
                 for r in range(topk):
@@ -194,7 +206,9 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
 def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budget: int, *,
                        calibration: AcceptanceCalibration | None = None,
                        continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None,
-                       successors: SuccessorCounts | None = None, prev_token: int | None = None) -> DynamicTree:
+                       successors: SuccessorCounts | None = None, prev_token: int | None = None,
+                       acceptance_model: NodeAcceptanceModel | None = None,
+                       context: Sequence[int] | None = None) -> DynamicTree:
     """One request's dynamic (or hybrid) tree.
 
     Args:
@@ -211,10 +225,16 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
             calibration's multiplier of its successor level (:meth:`AcceptanceCalibration.level_multiplier`; 1
             without a calibration) and the level recorded in :attr:`DynamicTree.level`.
         prev_token: the token before the root (the trigram context of depth-1 nodes), if any.
+        acceptance_model: a learned node-acceptance model (:mod:`~medusa_plugin.core.acceptance_model`): it gives
+            every Medusa node's factor instead of the calibration and the successor multipliers (the calibration
+            still gives the n-gram rates).
+        context: the request's tokens so far (prompt + output, ending with the root), for ``acceptance_model``
+            (default: ``[prev_token, root_token]``).
     Returns:
         :class:`DynamicTree` with ``min(N, candidates)`` nodes.
     Raises:
-        DynamicTreeError: shapes that do not match, ``budget < 1``.
+        DynamicTreeError: shapes that do not match, ``budget < 1``, an acceptance model for other heads or fitted
+            with successor counts but given none.
     """
     if top_probs.dim() != 2 or top_ids.shape != top_probs.shape:
         raise DynamicTreeError(f"top_probs and top_ids must both be [K, topk], got {tuple(top_probs.shape)} and "
@@ -239,9 +259,21 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         def rescore(p2, p1, head, off, token):
             lv = successors.level(p2, p1, token)
             return (1.0 if mult is None else mult[head + k_all * off][lv]), lv
-    context = [int(root_token)] if prev_token is None else [int(prev_token), int(root_token)]
-    nodes = select_nodes(factors, top_ids.tolist(), budget, continuations=continuations,
-                         ngram_factors=ngram_factors, off_factors=off_factors, rescore=rescore, context=context)
+    last = [int(root_token)] if prev_token is None else [int(prev_token), int(root_token)]
+    score_children = None
+    ids = top_ids.tolist()
+    if acceptance_model is not None:
+        if acceptance_model.num_heads != k_heads:
+            raise DynamicTreeError(f"the acceptance model was fitted for {acceptance_model.num_heads} heads, the tree "
+                                   f"uses {k_heads}: use every head (num_heads unset) or refit it")
+        if successors is None and acceptance_model.info.get("successors") == "True":
+            raise DynamicTreeError("the acceptance model reads successor levels: pass the successor counts it was "
+                                   "fitted with (successors.safetensors)")
+        grams = ContextGrams(last if context is None else context)
+        score_children = acceptance_model.scorer(probs, ids, grams, successors)
+        rescore = None
+    nodes = select_nodes(factors, ids, budget, continuations=continuations, ngram_factors=ngram_factors,
+                         off_factors=off_factors, rescore=rescore, context=last, score_children=score_children)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
     n1 = tree.num_nodes + 1
@@ -326,8 +358,8 @@ class DynamicTreeSpec:
         return self.topk + self.ngram_branches
 
     def build(self, root_tokens: Tensor, head_logits: Tensor, contexts: Sequence[Sequence[int]] | None = None, *,
-              calibration: AcceptanceCalibration | None = None,
-              successors: SuccessorCounts | None = None) -> list[DynamicTree]:
+              calibration: AcceptanceCalibration | None = None, successors: SuccessorCounts | None = None,
+              acceptance_model: NodeAcceptanceModel | None = None) -> list[DynamicTree]:
         """One tree per request.
 
         Args:
@@ -338,6 +370,7 @@ class DynamicTreeSpec:
                 ``ngram_branches > 0``.
             calibration, successors: see :func:`build_dynamic_tree` (the token before each root comes from
                 ``contexts`` when given).
+            acceptance_model: see :func:`build_dynamic_tree`; needs ``contexts``.
         Returns:
             ``list[DynamicTree]`` of length B, each with exactly ``budget`` nodes.
         Raises:
@@ -349,12 +382,13 @@ class DynamicTreeSpec:
                                    f"{tuple(head_logits.shape)}")
         top = head_logits[:, :self.num_heads].float().softmax(-1).topk(self.topk, dim=-1)
         return self.build_from_topk(root_tokens, top.values, top.indices, contexts, calibration=calibration,
-                                    successors=successors)
+                                    successors=successors, acceptance_model=acceptance_model)
 
     def build_from_topk(self, root_tokens: Tensor, probs: Tensor, ids: Tensor,
                         contexts: Sequence[Sequence[int]] | None = None, *,
                         calibration: AcceptanceCalibration | None = None,
-                        successors: SuccessorCounts | None = None) -> list[DynamicTree]:
+                        successors: SuccessorCounts | None = None,
+                        acceptance_model: NodeAcceptanceModel | None = None) -> list[DynamicTree]:
         """:meth:`build` from each head's top-``topk`` already taken (``MedusaHeads.draft_topk_probs``, which never
         builds the ``[B, K, V]`` logits): ``probs`` ``[B, K, >= topk]`` float probabilities, best first, ``ids`` the
         same shape int64 token ids. Same trees as :meth:`build` on the logits they come from.
@@ -369,8 +403,8 @@ class DynamicTreeSpec:
         self.check_heads(k)
         if probs.shape[2] < self.topk:
             raise DynamicTreeError(f"topk={self.topk} exceeds the ranks given ({probs.shape[2]})")
-        if self.ngram_branches and contexts is None:
-            raise DynamicTreeError("n-gram branches need each request's tokens (contexts)")
+        if (self.ngram_branches or acceptance_model is not None) and contexts is None:
+            raise DynamicTreeError("n-gram branches and an acceptance model need each request's tokens (contexts)")
         values, ids = probs[:, :k, :self.topk].cpu(), ids[:, :k, :self.topk].cpu()
         roots = root_tokens.tolist()
         out = []
@@ -378,11 +412,12 @@ class DynamicTreeSpec:
             conts = (ngram_continuations(contexts[b], self.ngram_branches, min_n=self.ngram_min_n,
                                          max_n=self.ngram_max_n, length=self.ngram_length)
                      if self.ngram_branches else [])
-            prev = int(contexts[b][-2]) if successors is not None and contexts is not None \
-                and len(contexts[b]) >= 2 else None
+            prev = int(contexts[b][-2]) if (successors is not None or acceptance_model is not None) \
+                and contexts is not None and len(contexts[b]) >= 2 else None
             out.append(build_dynamic_tree(roots[b], values[b], ids[b], self.budget, calibration=calibration,
                                           continuations=conts, num_branches=self.ngram_branches,
-                                          successors=successors, prev_token=prev))
+                                          successors=successors, prev_token=prev, acceptance_model=acceptance_model,
+                                          context=None if contexts is None else contexts[b]))
         return out
 
     def describe(self) -> str:
