@@ -7,7 +7,9 @@ greedy (engine-independent: tokens per step depend only on the trees and the tar
 * dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, topk 10, as a server runs it: starting from the heads'
   calibration prior (``calibration.json`` next to the heads, fitted on training-side prompts; else fresh) and
   re-scored by successor levels (``successors.safetensors``, ``core.successor_prior``), calibrated online from the
-  accepted paths. Ablations: ``dynamic_heads_only`` (a fresh calibration, no successor counts: the head
+  accepted paths; with ``acceptance_model.safetensors`` next to the heads (``core.acceptance_model``) its learned
+  node scores instead, as a server does by default. Ablations: ``dynamic_calibrated`` (the calibration and successor
+  levels without the acceptance model, when there is one), ``dynamic_heads_only`` (a fresh calibration, no successor counts: the head
   probabilities alone), ``dynamic_uncalibrated`` (raw head probabilities), ``dynamic_warm`` (a fresh calibration
   that first served 16 training-side prompts, not counted, with the successor counts).
 * hybrid ``n``: dynamic ``n`` plus ``--ngram-branches`` prompt-lookup branches (n = 2..4, 4 tokens, vLLM's rule).
@@ -152,6 +154,8 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     import torch
 
     from .bench import plain_generate
+    from .core.acceptance_model import FILE_NAME as ACCEPTANCE_MODEL_FILE
+    from .core.acceptance_model import NodeAcceptanceModel
     from .core.calibration import AcceptanceCalibration, calibration_for
     from .core.dynamic_tree import DynamicTreeSpec
     from .core.successor_prior import FILE_NAME as SUCCESSORS_FILE
@@ -180,7 +184,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         "topk": topk, "ngram_branches": ngram_branches, "static_accuracy_source": acc_source,
         "static_tokens_per_step": {}, "static_expected_tokens_per_step": {}, "dynamic_tokens_per_step": {},
         "dynamic_uncalibrated_tokens_per_step": {}, "dynamic_warm_tokens_per_step": {}, "hybrid_tokens_per_step": {},
-        "dynamic_heads_only_tokens_per_step": {},
+        "dynamic_heads_only_tokens_per_step": {}, "dynamic_calibrated_tokens_per_step": {},
         "ngram_tokens_per_step": simulate_ngram_tokens_per_step(prompts, ref),
         "tok_s": {"plain": tokens / plain_s}, "identical": {}, "calibration": {},
         "load_average": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
@@ -193,14 +197,20 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     result["successors"] = (f"{succ_path} ({succ.tokens} tokens)" if succ is not None else
                             "none (the heads directory has no successors.safetensors)")
     result["calibration_prior"] = calibration_for(heads_dir, h.num_heads)[1]
+    model_path = Path(heads_dir) / ACCEPTANCE_MODEL_FILE
+    acc_model = NodeAcceptanceModel.load(model_path, h.num_heads) if model_path.is_file() else None
+    if acc_model is not None and acc_model.uses_successors and succ is None:
+        acc_model = None
+    result["acceptance_model"] = (f"{model_path} ({acc_model.info})" if acc_model is not None else
+                                  "none (no usable acceptance_model.safetensors next to the heads)")
 
-    def run(name: str, budget: int, tree, cal=None, warm: bool = False, successors=None) -> None:
+    def run(name: str, budget: int, tree, cal=None, warm: bool = False, successors=None, model=None) -> None:
         if warm:  # the calibration first serves the training-side prompts (a server that has seen traffic)
             medusa_generate(m, h, tree, fit_prompts, max_new_tokens=max_new_tokens, calibration=cal,
                             successors=successors)
         t = time.perf_counter()
         out = medusa_generate(m, h, tree, prompts, max_new_tokens=max_new_tokens, calibration=cal,
-                              successors=successors)
+                              successors=successors, acceptance_model=model)
         s = time.perf_counter() - t
         tps = out.stats.mean_accepted_tokens_per_step
         same = sum(a == b for a, b in zip(out.sequences, ref))
@@ -222,12 +232,15 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
         if succ is not None:
             run("dynamic_heads_only", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads))
         run("dynamic", n, DynamicTreeSpec(budget=n, topk=topk), calibration_for(heads_dir, h.num_heads)[0],
-            successors=succ)
+            successors=succ, model=acc_model)
+        if acc_model is not None:
+            run("dynamic_calibrated", n, DynamicTreeSpec(budget=n, topk=topk),
+                calibration_for(heads_dir, h.num_heads)[0], successors=succ)
         run("dynamic_warm", n, DynamicTreeSpec(budget=n, topk=topk), AcceptanceCalibration(h.num_heads), warm=True,
             successors=succ)
         if ngram_branches:
             run("hybrid", n, DynamicTreeSpec(budget=n, topk=topk, ngram_branches=ngram_branches),
-                calibration_for(heads_dir, h.num_heads)[0], successors=succ)
+                calibration_for(heads_dir, h.num_heads)[0], successors=succ, model=acc_model)
     result["dynamic_over_static"] = {b: result["dynamic_tokens_per_step"][b] / result["static_tokens_per_step"][b]
                                      for b in result["static_tokens_per_step"]}
     if ngram_branches:

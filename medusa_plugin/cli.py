@@ -21,6 +21,8 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
                                    "vLLM engine): speed and identity"),
     "train": ("medusa_plugin.hf.train", "train Medusa heads on a Hugging Face base model"),
     "fit-tree": ("medusa_plugin.hf.fit_tree", "fit a tree to measured head accuracies"),
+    "fit-acceptance": ("medusa_plugin.hf.fit_acceptance", "fit the node-acceptance model of dynamic trees for a model "
+                                                          "and its heads"),
     "bench": ("medusa_plugin.bench", "benchmark Medusa against plain decoding"),
 }
 
@@ -72,6 +74,11 @@ def _run_validate(args: argparse.Namespace) -> int:
         tree_line = (f"  tree:           {tree.describe()}\n"
                      f"                  (EAGLE-2-style: each request's tree is rebuilt every step from the heads' own "
                      f"probabilities, calibrated online from the accepted paths)")
+        tree_line += ("\n  node scores:    " + (
+            "the learned acceptance model next to the heads (acceptance_model.safetensors: head probability, "
+            "successor level and the request's own context -> acceptance), when there is one; else "
+            if cfg.acceptance_model else "") + "the calibrated head probability x the successor-level multiplier"
+            + ("" if cfg.successors else " (successors: false: the calibrated head probability)"))
         if cfg.ngram_branches:
             tree_line += (f"\n  ngram_branches: {cfg.ngram_branches}: prompt-lookup continuations of the request's "
                           f"own tokens (vLLM's ngram rule) compete for the same budget; a shared prefix is one node")

@@ -165,6 +165,11 @@ class NodeAcceptanceModel:
         self.num_heads, self.hidden, self.weights = num_heads, int(w[1].shape[0]), w
         self.info = dict(info or {})
 
+    @property
+    def uses_successors(self) -> bool:
+        """Fitted with successor levels (then it must be used with the same successor counts)."""
+        return str(self.info.get("successors")) == "True"
+
     def probability(self, features: np.ndarray) -> np.ndarray:
         """``[M, F]`` features -> ``[M]`` float64 acceptance probabilities in (0, 1)."""
         w1, b1, w2, b2, w3, b3 = self.weights

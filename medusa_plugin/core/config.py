@@ -11,6 +11,8 @@ it takes inside vLLM's ``--additional-config``)::
     ngram_branches: 0                            # tree: dynamic only: n-gram (prompt lookup) branches merged in
     successors: true                             # tree: dynamic only: re-score nodes by the successors.safetensors
                                                  # next to the heads, when there is one (core.successor_prior)
+    acceptance_model: true                       # tree: dynamic only: score nodes with the acceptance_model.safetensors
+                                                 # next to the heads, when there is one (core.acceptance_model)
     acceptance:
       rule: lossless                             # lossless (default) | typical
       posterior_threshold: 0.09                  # typical only
@@ -176,6 +178,7 @@ class MedusaConfig:
     budget: int | None = None
     ngram_branches: int = 0
     successors: bool = True
+    acceptance_model: bool = True
     int8_drafting: str | bool = "auto"
 
     def __post_init__(self) -> None:
@@ -244,6 +247,10 @@ class MedusaConfig:
         if not isinstance(self.successors, bool):
             raise MedusaConfigError(f"'successors' must be true or false (tree: dynamic: re-score nodes by the "
                                     f"successor counts next to the heads), got {_describe(self.successors)}")
+        if not isinstance(self.acceptance_model, bool):
+            raise MedusaConfigError(f"'acceptance_model' must be true or false (tree: dynamic: score nodes with the "
+                                    f"learned acceptance model next to the heads), got "
+                                    f"{_describe(self.acceptance_model)}")
         if self.ngram_branches and not self.is_dynamic:
             raise MedusaConfigError("'ngram_branches' needs 'tree: dynamic' (n-gram branches are merged into a tree "
                                     "built per request): set 'tree: dynamic' or remove 'ngram_branches'")

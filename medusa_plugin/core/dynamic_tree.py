@@ -266,7 +266,7 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         if acceptance_model.num_heads != k_heads:
             raise DynamicTreeError(f"the acceptance model was fitted for {acceptance_model.num_heads} heads, the tree "
                                    f"uses {k_heads}: use every head (num_heads unset) or refit it")
-        if successors is None and acceptance_model.info.get("successors") == "True":
+        if successors is None and acceptance_model.uses_successors:
             raise DynamicTreeError("the acceptance model reads successor levels: pass the successor counts it was "
                                    "fitted with (successors.safetensors)")
         grams = ContextGrams(last if context is None else context)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..core.acceptance import accept, probs_from_logits
+from ..core.acceptance_model import NodeAcceptanceModel
 from ..core.calibration import AcceptanceCalibration
 from ..core.successor_prior import SuccessorCounts
 from ..core.dynamic_tree import DynamicTreeSpec, observe_step
@@ -123,7 +124,8 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
                     posterior_alpha: float = 0.3, eos_token_id: int | None = None,
                     generator: torch.Generator | None = None,
                     calibration: AcceptanceCalibration | None = None,
-                    successors: SuccessorCounts | None = None) -> MedusaGenerateOutput:
+                    successors: SuccessorCounts | None = None,
+                    acceptance_model: NodeAcceptanceModel | None = None) -> MedusaGenerateOutput:
     """Medusa tree decoding with ``model`` (a transformers causal LM) and ``heads``.
 
     Args:
@@ -141,6 +143,8 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
             paths (refitted every 8 steps); None: raw head probabilities.
         successors: dynamic trees only: the target text's token n-gram counts; each Medusa node's factor is
             re-scored by its successor level (``core.successor_prior``), with multipliers learnt by ``calibration``.
+        acceptance_model: dynamic trees only: a learned node-acceptance model (``core.acceptance_model``) that
+            scores every Medusa node instead (from its head probability, successor level and the request's context).
     Returns:
         MedusaGenerateOutput(sequences=list[list[int]] new tokens per request, stats=MedusaStats).
     """
@@ -217,10 +221,10 @@ def medusa_generate(model, heads: MedusaHeads, tree, input_ids, *, max_new_token
             tree_tokens = tree.build_candidates(root, heads(h_last, lm_head, root_embeds(root)))  # [nb, N+1]
             bias = tree_bias.expand(nb, n1, n1)
         else:  # one tree per request
-            contexts = ([prompts[i] + out[i] for i in active] if spec.ngram_branches or successors is not None
-                        else None)
+            contexts = ([prompts[i] + out[i] for i in active]
+                        if spec.ngram_branches or successors is not None or acceptance_model is not None else None)
             dyn = spec.build(root, heads(h_last, lm_head, root_embeds(root)), contexts, calibration=calibration,
-                             successors=successors)
+                             successors=successors, acceptance_model=acceptance_model)
             trees = [d.tree for d in dyn]
             tree_tokens = torch.stack([d.tokens for d in dyn]).to(dev)
             bias, depth = stack_attn_bias(trees, dtype, dev).clamp(min=neg), stack_depth(trees, dev)

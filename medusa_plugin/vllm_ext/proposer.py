@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from medusa_plugin.core.acceptance_model import FILE_NAME as ACCEPTANCE_MODEL_FILE
+from medusa_plugin.core.acceptance_model import AcceptanceModelError, NodeAcceptanceModel
 from medusa_plugin.core.calibration import AcceptanceCalibration, CalibrationError, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
@@ -83,6 +85,7 @@ class MedusaTreeProposer:
         self.trees: dict[str, DynamicTree] = {}
         self.calibration: AcceptanceCalibration | None = None
         self.successors: SuccessorCounts | None = None  # tree: dynamic: successor counts next to the heads
+        self.acceptance_model: NodeAcceptanceModel | None = None  # tree: dynamic: the node scores next to the heads
         self._observed = 0
         self.tree = (MedusaTree.chain(self.dynamic.budget, topk=self.config.topk) if self.dynamic is not None
                      else MedusaTree.load(self.config.tree, topk=self.config.topk))
@@ -133,8 +136,13 @@ class MedusaTreeProposer:
         self.vocab_size = vllm_config.model_config.get_vocab_size()
 
     def _load_dynamic_priors(self) -> None:
-        """``tree: dynamic``: the calibration (the heads' ``calibration.json`` prior, else fresh) and, with
-        ``successors: true``, the successor counts (``successors.safetensors``) of a local heads directory."""
+        """``tree: dynamic``: the calibration (the heads' ``calibration.json`` prior, else fresh), with
+        ``successors: true`` the successor counts (``successors.safetensors``) and with ``acceptance_model: true`` the
+        learned node-acceptance model (``acceptance_model.safetensors``) of a local heads directory.
+
+        Raises:
+            AcceptanceModelError: the model file is unreadable or made for other heads (one line naming the fix).
+        """
         heads_dir = Path(self.config.heads)
         local = heads_dir.is_dir()
         if local:
@@ -143,8 +151,19 @@ class MedusaTreeProposer:
             self.calibration, how = AcceptanceCalibration(self.heads.num_heads), "fresh"
         path = heads_dir / SUCCESSORS_FILE
         self.successors = SuccessorCounts.load(path) if self.config.successors and local and path.is_file() else None
+        model_path = heads_dir / ACCEPTANCE_MODEL_FILE
+        self.acceptance_model, why = None, "off (acceptance_model: false)"
+        if self.config.acceptance_model:
+            why = "none next to the heads"
+            if local and model_path.is_file():
+                model = NodeAcceptanceModel.load(model_path, self.heads.num_heads)
+                if model.uses_successors and self.successors is None:
+                    why = f"{model_path} not used: it reads successor levels and successor counts are off"
+                else:
+                    self.acceptance_model, why = model, str(model_path)
         _log_info(f"Medusa dynamic trees: calibration {how}; successor counts "
-                  f"{f'{path} ({self.successors.tokens} tokens)' if self.successors is not None else 'off'}")
+                  f"{f'{path} ({self.successors.tokens} tokens)' if self.successors is not None else 'off'}; "
+                  f"acceptance model {why}")
 
     # ------------------------------------------------------------------ vLLM hooks
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -162,7 +181,8 @@ class MedusaTreeProposer:
             else:
                 check_tree_depth(self.tree, self.heads.num_heads, tree_name=self.config.tree_name,
                                  heads=self.config.heads)
-        except (MedusaConfigError, DynamicTreeError, CalibrationError, SuccessorPriorError) as e:
+        except (MedusaConfigError, DynamicTreeError, CalibrationError, SuccessorPriorError,
+                AcceptanceModelError) as e:
             raise MedusaProposerError(str(e)) from None
         if not self.heads.own_lm_head:
             lm_head = getattr(target_model, "lm_head", None)
@@ -445,9 +465,11 @@ class MedusaTreeProposer:
         probs, ids = self.heads_for(len(idx) * k).draft_topk_probs(
             hidden[sel], self.dynamic.topk, k, lm_head=self._lm_head, vocab_size=self.vocab_size,
             root_embeds=self.root_embeds(root))
-        ctx = [contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None else None
+        ctx = ([contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None
+               or self.acceptance_model is not None else None)
         trees: list[DynamicTree | None] = list(self.dynamic.build_from_topk(
-            root, probs, ids, ctx, calibration=self.calibration, successors=self.successors))
+            root, probs, ids, ctx, calibration=self.calibration, successors=self.successors,
+            acceptance_model=self.acceptance_model))
         draft_ms = (time.perf_counter() - t0) * 1e3
         prev = self.dynamic_draft_ms.get(b)
         self.dynamic_draft_ms[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
