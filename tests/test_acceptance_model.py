@@ -36,8 +36,12 @@ def test_context_grams_equal_a_scan(seed):
     for a in range(13):
         assert grams.count(a) == ctx.count(a)
         assert grams.after(a) == {ctx[i + 1] for i in range(len(ctx) - 1) if ctx[i] == a}
-        for b in range(13):
-            assert grams.after2(a, b) == {ctx[i + 2] for i in range(len(ctx) - 2) if ctx[i] == a and ctx[i + 1] == b}
+    for _ in range(200):  # the longest matched prefix, against a scan of every occurrence
+        prev = [rng.randrange(12) for _ in range(rng.randrange(1, 6))]
+        tok = rng.randrange(12)
+        want = max([n for n in range(1, min(4, len(prev)) + 1) for i in range(len(ctx) - n)
+                    if ctx[i:i + n] == prev[len(prev) - n:] and ctx[i + n] == tok], default=0)
+        assert grams.match_length(prev, tok) == want, (prev, tok)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -49,8 +53,9 @@ def test_node_features_columns(seed):
     probs = sorted((rng.random() for _ in range(topk)), reverse=True)
     tokens = rng.sample(range(20), topk)
     head, top, p2, p1 = rng.randrange(k_heads), bool(seed % 2), ctx[-2], ctx[-1]
-    f, levels = node_features(k_heads, head, top, probs, tokens, p2, p1, ContextGrams(ctx), succ)
-    assert f.shape == (topk, k_heads + 23) and f.dtype == np.float32
+    prev = ctx[-3:]
+    f, levels = node_features(k_heads, head, top, probs, tokens, prev, ContextGrams(ctx), succ)
+    assert f.shape == (topk, k_heads + 25) and f.dtype == np.float32
     for r, t in enumerate(tokens):
         row = f[r].tolist()
         assert row[:k_heads] == [float(h == head) for h in range(k_heads)]
@@ -61,11 +66,10 @@ def test_node_features_columns(seed):
         assert row[k_heads + 2:k_heads + 2 + NUM_LEVELS] == [float(i == lv) for i in range(NUM_LEVELS)]
         c = k_heads + 2 + NUM_LEVELS
         assert row[c] == pytest.approx(r / 10)
-        bigram = any(ctx[i] == p1 and ctx[i + 1] == t for i in range(len(ctx) - 1))
-        trigram = any(ctx[i:i + 3] == [p2, p1, t] for i in range(len(ctx) - 2))
-        assert row[c + 1:c + 6] == pytest.approx([float(bigram), float(trigram), math.log1p(ctx.count(t)) / 3,
-                                                  float(t not in ctx), float(t == p1)])
-    f0, levels0 = node_features(k_heads, head, top, probs, tokens, p2, p1, ContextGrams(ctx), None)
+        match = [any(ctx[i:i + n + 1] == prev[3 - n:] + [t] for i in range(len(ctx) - n)) for n in (1, 2, 3)]
+        assert row[c + 1:c + 8] == pytest.approx([float(match[0]), float(match[1]), math.log1p(ctx.count(t)) / 3,
+                                                  float(t not in ctx), float(t == p1), float(match[2]), 0.0])
+    f0, levels0 = node_features(k_heads, head, top, probs, tokens, prev, ContextGrams(ctx), None)
     assert levels0 == [-1] * topk and not f0[:, k_heads + 2:k_heads + 2 + NUM_LEVELS].any()
 
 
@@ -76,7 +80,7 @@ def test_training_examples_stop_where_the_lattice_misses():
     ctx = [0, 1, 2]
     # the target's tokens: rank 1 of head 0, rank 0 of head 1, then a token head 2 does not have
     x, y = training_examples([(probs, ids, [6, 1, 99], ctx)], k_heads, None)
-    assert x.shape == (3 * topk, k_heads + 23)
+    assert x.shape == (3 * topk, k_heads + 25)
     assert y.tolist() == [0, 1, 0, 0] + [1, 0, 0, 0] + [0, 0, 0, 0]
     assert x[:topk, k_heads].all() and not x[topk:, k_heads].any()  # head 1's parent (rank 1) is off the top path
     x, y = training_examples([(probs, ids, [42, 1, 9], ctx)], k_heads, None)  # head 0 misses: one head's rows
@@ -144,7 +148,7 @@ def test_file_round_trip_and_errors(tmp_path):
     save_file(w, str(tmp_path / "k5.safetensors"), metadata={"format": "medusa_plugin node acceptance model",
                                                              "feature_version": str(FEATURE_VERSION),
                                                              "num_heads": "5"})
-    with pytest.raises(AcceptanceModelError, match="do not form a 28-feature MLP for 5 heads"):
+    with pytest.raises(AcceptanceModelError, match="do not form a 30-feature MLP for 5 heads"):
         NodeAcceptanceModel.load(tmp_path / "k5.safetensors")
 
 
@@ -163,11 +167,10 @@ def test_tree_is_the_best_nodes_by_model_path_score(seed):
     grams = ContextGrams(ctx)
 
     def score(path):
-        s, prev = 1.0, [ctx[-2], ctx[-1]]
+        s, prev = 1.0, list(ctx[-4:])
         for d, r in enumerate(path):
             top = all(x == 0 for x in path[:d])
-            f, _ = node_features(k_heads, d, top, probs[d].tolist(), ids[d].tolist(), prev[-2], prev[-1], grams,
-                                 succ)
+            f, _ = node_features(k_heads, d, top, probs[d].tolist(), ids[d].tolist(), prev, grams, succ)
             s *= float(model.probability(f)[r])
             prev.append(int(ids[d, r]))
         return s

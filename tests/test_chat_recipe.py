@@ -140,6 +140,12 @@ def test_chat_recipe_end_to_end_tiny(tiny, tmp_path, capsys):
     assert len(rep["head_top1"]) == 2 and rep["timings_s"]["total"] > 0
     tree = MedusaTree.from_choices(json.loads((out / "tree.json").read_text()))
     assert 1 <= tree.num_nodes <= 4 and tree.max_depth <= 2
+    # what dynamic trees start from; the acceptance model learnt on requests the heads never trained on
+    from medusa_plugin.core.acceptance_model import NodeAcceptanceModel
+
+    model = NodeAcceptanceModel.load(out / "acceptance_model.safetensors", 2)
+    assert model.uses_successors and rep["data"]["dynamic_priors"]["acceptance_model_prompts"] == 160
+    assert (out / "successors.safetensors").is_file() and (out / "calibration.json").is_file()
     train_requests = [json.loads(line)["request"] for line in (out / "work" / "train.jsonl").read_text().splitlines()]
     eval_requests = [json.loads(line)["request"] for line in (out / "work" / "eval.jsonl").read_text().splitlines()]
     assert not set(train_requests) & set(eval_requests)

@@ -89,7 +89,8 @@ def _run(model_dir, heads_dir, medusa, prompts, plan=None, **overrides) -> dict:
         if medusa:
             res["priors"] = llm.collective_rpc(
                 lambda w: (w.model_runner.drafter.successors is not None,
-                           float(w.model_runner.drafter.calibration._lv_pred.sum())))[0]
+                           float(w.model_runner.drafter.calibration._lv_pred.sum()),
+                           w.model_runner.drafter.acceptance_model is not None))[0]
     finally:
         del llm
         gc.collect()
@@ -97,8 +98,9 @@ def _run(model_dir, heads_dir, medusa, prompts, plan=None, **overrides) -> dict:
 
 
 def _heads_with_priors(model_dir, heads_dir, out, prompts, ref):
-    """A copy of the heads plus successors.safetensors (counts of the trained-on prompts and their greedy answers)
-    and calibration.json (fitted by the reference decoder on two of those prompts)."""
+    """A copy of the heads plus successors.safetensors (counts of the trained-on prompts and their greedy answers),
+    calibration.json (fitted by the reference decoder on two of those prompts) and acceptance_model.safetensors
+    (fitted on sixteen prompts, those and the batch's, repeated)."""
     import shutil
 
     from medusa_plugin.core.heads import MedusaHeads
@@ -109,7 +111,9 @@ def _heads_with_priors(model_dir, heads_dir, out, prompts, ref):
     model, _ = load_tiny_model(model_dir)
     heads = MedusaHeads.from_pretrained(out).eval()
     seqs = [list(p) + list(o) for p, o in zip(prompts["accept"], ref["accept_out"])]
-    write_dynamic_priors(out, model, heads, seqs, [list(p) for p in prompts["accept"][:2]], budget=BUDGET)
+    fit_on = [list(p) for p in (list(prompts["accept"]) + list(prompts["batch"])) * 8][:16]
+    write_dynamic_priors(out, model, heads, seqs, [list(p) for p in prompts["accept"][:2]], budget=BUDGET,
+                         acceptance_prompts=fit_on, max_new_tokens=24)
     return out
 
 
@@ -160,6 +164,8 @@ def test_preempted_requests_resume_identically(results):
     assert got["batch"] == results["ref"]["batch"]
 
 
-def test_successor_counts_and_the_calibration_prior_are_used(results):
+def test_successor_counts_the_calibration_prior_and_the_acceptance_model_are_used(results):
     assert results["successors"]["priors"][0] is True and results["successors"]["priors"][1] > 0
-    assert results["hybrid"]["priors"][0] is False  # the plain heads directory has none
+    assert results["successors"]["priors"][2] is True
+    assert results["hybrid"]["priors"][0] is False and results["hybrid"]["priors"][2] is False  # the plain heads
+    # directory has none

@@ -15,14 +15,15 @@ top                         1 if the parent is on the top path (the root and ran
 log q                       ``ln(max(q, 1e-6)) / 5``, ``q`` the head probability of the node's token
 successor level             one-hot of the level (15 columns, ``successor_prior``; all 0 without counts)
 rank                        the node's rank in its head's top-k, ``/ 10``
-context bigram              1 if ``(parent token, token)`` occurs in the request's context
-context trigram             1 if ``(grandparent, parent, token)`` occurs in it
+context match >= 1, >= 2    1 if the last 1 (parent) / 2 tokens before the node, then its token, occur in the context
 context count               ``ln(1 + count of token in the context) / 3``
 unseen                      1 if the token does not occur in the context
 repeat                      1 if the token equals its parent's token
+context match >= 3, >= 4    as "context match", 3 / 4 tokens before the node
 ==========================  =====================================================================================
 
-(``K + 23`` columns; "context": the request's prompt and output up to and including the root.)
+(``K + 25`` columns; "context": the request's prompt and output up to and including the root; "the tokens before
+the node": the context, then the node's path.)
 
 It is fitted by logistic loss on positions of the target's own greedy continuations of prompts the heads were not
 trained on (:func:`training_examples`, :func:`fit_node_acceptance`; ``medusa-plugin fit-acceptance`` and the chat
@@ -61,8 +62,8 @@ class AcceptanceModelError(ValueError):
 
 
 def num_features(num_heads: int) -> int:
-    """Columns of :func:`node_features` for ``num_heads`` heads: ``num_heads + 23``."""
-    return num_heads + 23
+    """Columns of :func:`node_features` for ``num_heads`` heads: ``num_heads + 25``."""
+    return num_heads + 25
 
 
 class ContextGrams:
@@ -77,53 +78,68 @@ class ContextGrams:
         self._ctx = np.asarray(context, dtype=np.int64).reshape(-1)
         toks, counts = np.unique(self._ctx, return_counts=True)
         self._count = dict(zip(toks.tolist(), counts.tolist()))
+        self._pos: dict[int, np.ndarray] = {}
         self._after1: dict[int, set] = {}
-        self._after2: dict[tuple[int, int], set] = {}
 
     def count(self, token: int) -> int:
         """Occurrences of ``token`` in the context."""
         return self._count.get(token, 0)
 
+    def _at(self, prev1: int) -> np.ndarray:
+        """Positions ``i`` with ``context[i] == prev1`` and a token after it (cached)."""
+        got = self._pos.get(prev1)
+        if got is None:
+            c = self._ctx
+            got = self._pos[prev1] = (np.flatnonzero(c[:-1] == prev1) if self._count.get(prev1, 0)
+                                      else np.empty(0, dtype=np.int64))
+        return got
+
     def after(self, prev1: int) -> set:
         """The tokens that follow ``prev1`` somewhere in the context."""
         got = self._after1.get(prev1)
         if got is None:
-            c = self._ctx
-            at = np.flatnonzero(c[:-1] == prev1) if self._count.get(prev1, 0) else np.empty(0, dtype=np.int64)
-            got = self._after1[prev1] = set(c[at + 1].tolist())
+            got = self._after1[prev1] = set(self._ctx[self._at(prev1) + 1].tolist())
         return got
 
-    def after2(self, prev2: int, prev1: int) -> set:
-        """The tokens that follow the pair ``prev2, prev1`` somewhere in the context."""
-        key = (prev2, prev1)
-        got = self._after2.get(key)
-        if got is None:
-            c = self._ctx
-            if self._count.get(prev2, 0) and self._count.get(prev1, 0):
-                at = np.flatnonzero((c[:-2] == prev2) & (c[1:-1] == prev1))
-                got = set(c[at + 2].tolist())
-            else:
-                got = set()
-            self._after2[key] = got
-        return got
+    def match_length(self, prev: Sequence[int], token: int, max_n: int = 4) -> int:
+        """The largest ``n <= min(max_n, len(prev))`` such that ``prev[-n:] + [token]`` occurs in the context, 0 if
+        ``prev[-1], token`` does not (``prev``: the tokens before ``token``, the last one its parent's)."""
+        p1 = int(prev[-1])
+        if token not in self.after(p1):
+            return 0
+        c, top = self._ctx, min(max_n, len(prev))
+        best = 1
+        for i in self._at(p1).tolist():
+            if c[i + 1] != token:
+                continue
+            n = 1
+            while n < top and i - n >= 0 and c[i - n] == prev[-1 - n]:
+                n += 1
+            if n > best:
+                best = n
+                if best == top:
+                    break
+        return best
 
 
 def node_features(num_heads: int, head: int, top: bool, probs: Sequence[float], tokens: Sequence[int],
-                  prev2: int | None, prev1: int, grams: ContextGrams,
+                  prev: Sequence[int], grams: ContextGrams,
                   successors: SuccessorCounts | None) -> tuple[np.ndarray, list[int]]:
     """The features (module docstring) of the candidates of one head under one parent.
 
     Args:
         num_heads: ``K``; head: ``k`` in ``[0, K)``; top: the parent is on the top path.
         probs, tokens: the head's top-``R`` probabilities and token ids (rank order).
-        prev2, prev1: the tokens before the candidates (grandparent's and parent's; ``prev2`` None when unknown).
+        prev: the tokens before the candidates (context + path), the parent's last; the last four are read.
         grams: the request's :class:`ContextGrams`; successors: the target text's counts, or None.
     Returns:
-        ``([R, K + 23] float32 features, R successor levels)`` (levels -1 without ``successors``).
+        ``([R, K + 25] float32 features, R successor levels)`` (levels -1 without ``successors``).
     """
     r = len(tokens)
     f = np.zeros((r, num_features(num_heads)), dtype=np.float32)
     k = num_heads
+    prev = [int(t) for t in prev[-4:]]
+    prev2, prev1 = (prev[-2] if len(prev) >= 2 else None), prev[-1]
     f[:, head] = 1.0
     f[:, k] = float(top)
     f[:, k + 1] = [math.log(max(float(q), 1e-6)) / 5.0 for q in probs]
@@ -133,16 +149,17 @@ def node_features(num_heads: int, head: int, top: bool, probs: Sequence[float], 
         f[np.arange(r), k + 2 + np.asarray(levels)] = 1.0
     c = k + 2 + NUM_LEVELS
     f[:, c] = np.arange(r, dtype=np.float32) / 10.0
-    nxt = grams.after(prev1)
-    nxt2 = grams.after2(prev2, prev1) if prev2 is not None else set()
     for i, t in enumerate(tokens):
         t = int(t)
         n = grams.count(t)
-        f[i, c + 1] = t in nxt
-        f[i, c + 2] = t in nxt2
+        m = grams.match_length(prev, t)
+        f[i, c + 1] = m >= 1
+        f[i, c + 2] = m >= 2
         f[i, c + 3] = math.log1p(n) / 3.0
         f[i, c + 4] = n == 0
         f[i, c + 5] = t == prev1
+        f[i, c + 6] = m >= 3
+        f[i, c + 7] = m >= 4
     return f, levels
 
 
@@ -181,12 +198,12 @@ class NodeAcceptanceModel:
         return 1.0 / (1.0 + np.exp(-z))
 
     def scorer(self, probs: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], grams: ContextGrams,
-               successors: SuccessorCounts | None) -> Callable[[int, bool, int | None, int], tuple[list, list]]:
-        """``score(head, top, prev2, prev1) -> (factors, levels)`` for the ranks of ``head`` under a parent, for
-        :func:`~medusa_plugin.core.dynamic_tree.select_nodes` (``probs``, ``tokens``: ``[K][R]``, one request)."""
-        def score(head: int, top: bool, prev2: int | None, prev1: int) -> tuple[list, list]:
-            f, levels = node_features(self.num_heads, head, top, probs[head], tokens[head], prev2, prev1, grams,
-                                      successors)
+               successors: SuccessorCounts | None) -> Callable[[int, bool, Sequence[int]], tuple[list, list]]:
+        """``score(head, top, prev) -> (factors, levels)`` for the ranks of ``head`` under a parent (``prev``: the
+        tokens before them, the parent's last), for :func:`~medusa_plugin.core.dynamic_tree.select_nodes`
+        (``probs``, ``tokens``: ``[K][R]``, one request)."""
+        def score(head: int, top: bool, prev: Sequence[int]) -> tuple[list, list]:
+            f, levels = node_features(self.num_heads, head, top, probs[head], tokens[head], prev, grams, successors)
             return self.probability(f).tolist(), levels
         return score
 
@@ -255,10 +272,10 @@ def training_examples(positions, num_heads: int, successors: SuccessorCounts | N
     for probs, ids, truth, context in positions:
         probs, ids = np.asarray(probs, dtype=np.float64), np.asarray(ids, dtype=np.int64)
         grams = ContextGrams(context)
-        prev = [int(context[-2]) if len(context) >= 2 else None, int(context[-1])]
+        prev = [int(t) for t in context[-4:]]
         top = True
         for k in range(num_heads):
-            f, _ = node_features(num_heads, k, top, probs[k], ids[k], prev[-2], prev[-1], grams, successors)
+            f, _ = node_features(num_heads, k, top, probs[k], ids[k], prev, grams, successors)
             xs.append(f)
             ys.append((ids[k] == int(truth[k])).astype(np.float32))
             hit = np.flatnonzero(ids[k] == int(truth[k]))

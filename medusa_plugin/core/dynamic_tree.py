@@ -113,7 +113,7 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
                  off_factors: Sequence[Sequence[float]] | None = None,
                  rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
                  context: Sequence[int] = (),
-                 score_children: Callable[[int, bool, int | None, int], tuple[list, list]] | None = None
+                 score_children: Callable[[int, bool, Sequence[int]], tuple[list, list]] | None = None
                  ) -> list[dict]:
     """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches).
 
@@ -128,10 +128,11 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         rescore: ``(prev2, prev1, head, off, token) -> (multiplier, level)`` for a Medusa child after the tokens
             ``prev2, prev1`` (its grandparent's and parent's; ``prev2`` None when unknown): the head factor is
             multiplied (capped at 1) and ``level`` recorded (:mod:`~medusa_plugin.core.successor_prior`).
-        context: the request's last tokens up to the root (the root last), for ``rescore`` and ``score_children``.
-        score_children: ``(head, top, prev2, prev1) -> (factors, levels)``: the acceptance factor (in [0, 1]) and
-            successor level of each rank of ``head`` under a parent whose path is the top path (``top``) or not and
-            whose last tokens are ``prev2, prev1`` (:meth:`~medusa_plugin.core.acceptance_model.NodeAcceptanceModel.
+        context: the request's last tokens up to the root (the root last), for ``rescore`` (the last 2) and
+            ``score_children`` (the last 4).
+        score_children: ``(head, top, prev) -> (factors, levels)``: the acceptance factor (in [0, 1]) and successor
+            level of each rank of ``head`` under a parent whose path is the top path (``top``) or not, ``prev`` the
+            last (up to 4) tokens of the context and the path (:meth:`~medusa_plugin.core.acceptance_model.NodeAcceptanceModel.
             scorer`); replaces ``factors`` / ``off_factors`` / ``rescore`` for Medusa nodes.
     Returns:
         ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
@@ -153,7 +154,8 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
     if any(not 0.0 <= g <= 1.0 for g in ngram_factors):
         raise DynamicTreeError("n-gram acceptance factors must lie in [0, 1]")
     conts = [list(c) for c in continuations]
-    ctx = [int(t) for t in context[-2:]]
+    ctx4 = [int(t) for t in context[-4:]]
+    ctx = ctx4[-2:]
     # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path, level)
     heap: list = []
 
@@ -163,8 +165,7 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         table = factors if top else off_factors
         if d < k_heads:
             if score_children is not None:
-                prev = (ctx + list(toks))[-2:]
-                fs, lvs = score_children(d, top, prev[0] if len(prev) == 2 else None, prev[-1])
+                fs, lvs = score_children(d, top, (ctx4 + list(toks))[-4:])
                 for r in range(topk):
                     kids[tokens[d][r]] = [min(1.0, max(0.0, fs[r])), r, d, -1, (), lvs[r]]
             elif rescore is not None and (toks or ctx):
@@ -273,7 +274,9 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         score_children = acceptance_model.scorer(probs, ids, grams, successors)
         rescore = None
     nodes = select_nodes(factors, ids, budget, continuations=continuations, ngram_factors=ngram_factors,
-                         off_factors=off_factors, rescore=rescore, context=last, score_children=score_children)
+                         off_factors=off_factors, rescore=rescore,
+                         context=last if context is None or score_children is None else list(context[-4:]),
+                         score_children=score_children)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
     n1 = tree.num_nodes + 1

@@ -14,8 +14,10 @@ prompts generates and embeds only the new ones):
 6. evaluation on held-out prompts: per-rank accuracy, and a tree of ``tree_budget`` nodes fitted to it.
 
 Outputs in ``out_dir``: the heads (canonical format, ``token_map``, bf16 by default), ``tree.json`` (the fitted
-tree's paths), ``successors.safetensors`` and ``calibration.json`` (what ``tree: dynamic`` starts from,
-:mod:`.dynamic_priors`) and ``recipe.json`` (settings, data sizes, timings, accuracies).
+tree's paths), ``successors.safetensors``, ``calibration.json`` and ``acceptance_model.safetensors`` (what ``tree:
+dynamic`` starts from, :mod:`.dynamic_priors`; the acceptance model is fitted on up to 160 training-topic requests
+after the first ``num_prompts``, which the heads never see) and ``recipe.json`` (settings, data sizes, timings,
+accuracies).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from medusa_plugin.core.head_files import RECIPE_FILE as REPORT_FILE
 from .errors import TrainError
 
 TREE_FILE = "tree.json"
+ACCEPTANCE_PROMPTS = 160  # unseen training-topic requests the acceptance model of dynamic trees is fitted on
 
 
 @dataclass
@@ -202,6 +205,8 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
         report.timings_s["requests"] = time.perf_counter() - t0
         req_path.write_text(json.dumps(requests, indent=0))
         _say(f"  requests: {len(written)} written by the model + {len(templated)} templated -> {len(requests)} unique")
+    # requests the heads never train on: what the acceptance model of dynamic trees is fitted on (step 7)
+    unseen = requests[recipe.num_prompts:recipe.num_prompts + ACCEPTANCE_PROMPTS]
     requests = requests[:recipe.num_prompts]
     random.Random(recipe.seed + 1).shuffle(requests)
     held_out = C.held_out_requests(recipe.eval_prompts, seed=recipe.seed + 1)
@@ -259,8 +264,9 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
     heads.base_model_name_or_path = str(model_dir)
     heads.to(getattr(torch, recipe.heads_dtype)).save_pretrained(out)
 
-    # 7. what dynamic trees start from: successor counts of the training chats and a calibration prior fitted by
-    # decoding 32 training-side prompts with the saved heads
+    # 7. what dynamic trees start from: successor counts of the training chats, a calibration prior fitted by
+    # decoding 32 training-side prompts with the saved heads, and the acceptance model fitted on requests of the
+    # training topics the heads never saw
     from medusa_plugin.core.heads import MedusaHeads
 
     from .dynamic_priors import write_dynamic_priors
@@ -270,7 +276,9 @@ def run_chat_recipe(model_dir: str | os.PathLike, out_dir: str | os.PathLike, re
     saved = MedusaHeads.from_pretrained(out, dtype=torch.float32).eval()
     report.data["dynamic_priors"] = write_dynamic_priors(
         out, model, saved, [r["prompt_ids"] + r["answer_ids"] for r in train_rows],
-        [r["prompt_ids"] for r in train_rows[:32]], budget=recipe.tree_budget)
+        [r["prompt_ids"] for r in train_rows[:32]], budget=recipe.tree_budget,
+        acceptance_prompts=[C.chat_prompt_ids(tokenizer, r) for r in unseen],
+        max_new_tokens=min(64, recipe.answer_tokens))
     del model
     report.timings_s["dynamic_priors"] = time.perf_counter() - t0
     report.timings_s["total"] = time.perf_counter() - t_all
