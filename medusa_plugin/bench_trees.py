@@ -24,7 +24,8 @@ measurement). ``identical`` counts prompts whose tokens equal plain batched gree
 ``demo_runs.run_method``; float32, greedy, one request at a time and 8 at once), next to plain decoding and vLLM's
 ngram (k=4): tok/s, tokens per step and identity with plain decoding, per concurrency; ``dynamic_auto_n`` /
 ``hybrid_auto_n`` run with ``tree_schedule: auto`` (``n`` is then a cap; each step's nodes are chosen across the
-batch from the measured step cost, ``core.node_allocation``).
+batch from the measured step cost, ``core.node_allocation``); ``dynamic_calibrated_n`` (when the heads have an
+acceptance model) runs ``dynamic_n`` with ``acceptance_model: false``.
 """
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ def engine_runs(model_dir: str, heads_dir: str, prompts, static_trees: dict, bud
     """
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the report readable
     from . import demo_runs as R
+    from .core.acceptance_model import FILE_NAME as ACCEPTANCE_MODEL_FILE
     from .vllm_ext.offline import medusa_engine_kwargs
 
     methods = [R.Method("plain"), R.Method("vLLM ngram (k=4)", {"speculative_config": dict(R.NGRAM_CONFIG)})]
@@ -125,6 +127,9 @@ def engine_runs(model_dir: str, heads_dir: str, prompts, static_trees: dict, bud
             {"heads": heads_dir, "tree": [list(p) for p in static_trees[n]]}), True))
         methods.append(R.Method(f"dynamic_{n}", medusa_engine_kwargs(
             {"heads": heads_dir, "tree": "dynamic", "budget": n}), True))
+        if (Path(heads_dir) / ACCEPTANCE_MODEL_FILE).is_file():  # the same trees scored without the learned model
+            methods.append(R.Method(f"dynamic_calibrated_{n}", medusa_engine_kwargs(
+                {"heads": heads_dir, "tree": "dynamic", "budget": n, "acceptance_model": False}), True))
         if ngram_branches:
             methods.append(R.Method(f"hybrid_{n}", medusa_engine_kwargs(
                 {"heads": heads_dir, "tree": "dynamic", "budget": n, "ngram_branches": ngram_branches}), True))

@@ -15,6 +15,7 @@ import torch
 from medusa_plugin.core.acceptance_model import (FEATURE_VERSION, AcceptanceModelError, ContextGrams,
                                                  NodeAcceptanceModel, fit_node_acceptance, node_features,
                                                  num_features, training_examples)
+from medusa_plugin.core.calibration import AcceptanceCalibration
 from medusa_plugin.core.dynamic_tree import DynamicTreeError, DynamicTreeSpec, build_dynamic_tree
 from medusa_plugin.core.successor_prior import NUM_LEVELS, SuccessorCounts
 
@@ -214,8 +215,9 @@ def test_fitted_model_decodes_losslessly_and_the_cli_writes_it(tiny_medusa, tmp_
     path = fitted.save(tmp_path / "acceptance_model.safetensors")
     loaded = NodeAcceptanceModel.load(path, heads.num_heads)
     ref = baseline_generate(model, prompts[4:], 32)
-    spec = DynamicTreeSpec(budget=8, topk=10)
-    out = medusa_generate(model, heads, spec, prompts[4:], max_new_tokens=32, successors=succ,
-                          acceptance_model=loaded)
-    assert out.sequences == ref
-    assert out.stats.mean_accepted_tokens_per_step > 1.5, out.stats
+    for branches in (0, 2):  # dynamic, and hybrid (n-gram branches scored by the calibration's rates)
+        spec = DynamicTreeSpec(budget=8, topk=10, ngram_branches=branches)
+        out = medusa_generate(model, heads, spec, prompts[4:], max_new_tokens=32, successors=succ,
+                              acceptance_model=loaded, calibration=AcceptanceCalibration(heads.num_heads))
+        assert out.sequences == ref
+        assert out.stats.mean_accepted_tokens_per_step > 1.5, out.stats
