@@ -4,7 +4,7 @@ greedy (engine-independent: tokens per step depend only on the trees and the tar
 
 * static ``n``: the tree of ``n`` nodes fitted to the heads' held-out per-rank accuracy (``recipe.json``'s
   ``accuracy`` when the heads have one, else measured on training-side prompts), ``core.tree_fit.fit_tree``.
-* dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, topk 10, as a server runs it: starting from the heads'
+* dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, the top-20 (``--topk``), as a server runs it: starting from the heads'
   calibration prior (``calibration.json`` next to the heads, fitted on training-side prompts; else fresh) and
   re-scored by successor levels (``successors.safetensors``, ``core.successor_prior``), calibrated online from the
   accepted paths; with ``acceptance_model.safetensors`` next to the heads (``core.acceptance_model``) its learned
@@ -153,7 +153,7 @@ def engine_runs(model_dir: str, heads_dir: str, prompts, static_trees: dict, bud
 
 
 def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Sequence[int] = (8, 16),
-                num_prompts: int = 8, max_new_tokens: int = 64, ngram_branches: int = 2, topk: int = 10,
+                num_prompts: int = 8, max_new_tokens: int = 64, ngram_branches: int = 2, topk: int = 20,
                 cache_dir: str | None = None, engine: str = "reference", log=print) -> dict:
     """Run the benchmark (see the module docstring); returns the JSON-ready result."""
     import torch
@@ -230,7 +230,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
 
     static_trees = {}
     for n in budgets:
-        paths = static_trees[n] = fit_tree(acc, n, max_depth=h.num_heads, max_children=topk)
+        paths = static_trees[n] = fit_tree(acc, n, max_depth=h.num_heads, max_children=min(topk, len(acc[0])))
         result["static_expected_tokens_per_step"][str(n)] = expected_accept_length(paths, acc)
         run("static", n, [list(p) for p in paths])
         run("dynamic_uncalibrated", n, DynamicTreeSpec(budget=n, topk=topk))
@@ -278,6 +278,8 @@ def add_trees_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=8, help="held-out prompts (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
     p.add_argument("--ngram-branches", type=int, default=2, help="n-gram branches of the hybrid rows (default 2)")
+    p.add_argument("--topk", type=int, default=20, help="ranks per head of the dynamic lattice (default 20, as "
+                                                        "tree: dynamic); the static tree uses the measured ranks")
     p.add_argument("--engine", default="reference", choices=["reference", "vllm"],
                    help="vllm: also run every method through the vLLM engine (tok/s at 1 and 8 requests at once)")
     p.add_argument("--cache-dir", help="--model tiny: where the toy model is built/cached (the tests' cache is "
@@ -288,10 +290,10 @@ def add_trees_arguments(p: argparse.ArgumentParser) -> None:
 def run_trees(args: argparse.Namespace) -> int:
     from .bench import BenchError, _log, _write_json
 
-    if args.num_prompts < 1 or args.max_new_tokens < 2 or args.ngram_branches < 0:
-        raise BenchError("--num-prompts must be >= 1, --max-new-tokens >= 2 and --ngram-branches >= 0")
+    if args.num_prompts < 1 or args.max_new_tokens < 2 or args.ngram_branches < 0 or args.topk < 1:
+        raise BenchError("--num-prompts must be >= 1, --max-new-tokens >= 2, --ngram-branches >= 0 and --topk >= 1")
     res = bench_trees(model=args.model, heads=args.heads, budgets=args.budgets, num_prompts=args.num_prompts,
-                      max_new_tokens=args.max_new_tokens, ngram_branches=args.ngram_branches,
+                      max_new_tokens=args.max_new_tokens, ngram_branches=args.ngram_branches, topk=args.topk,
                       cache_dir=args.cache_dir, engine=args.engine, log=_log)
     path = _write_json(args.json, res)
     print(f"wrote {path}")

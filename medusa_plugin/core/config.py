@@ -6,7 +6,8 @@ it takes inside vLLM's ``--additional-config``)::
     heads: FasterDecoding/medusa-vicuna-7b-v1.3   # hub id, or local dir / file (required)
     heads_revision: null                         # optional hub revision (branch, tag or commit)
     tree: vicuna_7b_stage2                       # shipped name | .yaml/.json file | "chain:K" | list literal | dynamic
-    topk: 10                                     # ranks per head the tree may use (tree ranks must be < topk)
+    topk: 10                                     # ranks per head the tree may use (tree ranks must be < topk;
+                                                 # default 10, 20 with tree: dynamic)
     budget: 16                                   # tree: dynamic only: nodes per request and step (default 16)
     ngram_branches: 0                            # tree: dynamic only: n-gram (prompt lookup) branches merged in
     successors: true                             # tree: dynamic only: re-score nodes by the successors.safetensors
@@ -59,6 +60,8 @@ __all__ = ["AcceptanceConfig", "MedusaConfig", "MedusaConfigError", "load_config
 DEFAULT_TREE = "mc_sim_7b_63"
 DYNAMIC_TREE = "dynamic"
 DEFAULT_DYNAMIC_BUDGET = 16
+DEFAULT_TOPK, DEFAULT_DYNAMIC_TOPK = 10, 20  # dynamic trees: with the acceptance model the top-20 lattice accepts
+# 1-2 % more tokens per step than the top-10 (benchmarks/README.md, session 10)
 MAX_NGRAM_BRANCHES = 8
 ACCEPTANCE_RULES = ("lossless", "typical")
 RULE_ALIASES = {"greedy": "lossless", "sampling": "lossless"}
@@ -169,7 +172,7 @@ class MedusaConfig:
 
     heads: str
     tree: str | list = DEFAULT_TREE
-    topk: int = 10
+    topk: int | None = None
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
     max_batch_size: int | None = None
     tree_schedule: str | None = None
@@ -190,6 +193,8 @@ class MedusaConfig:
                 f"FasterDecoding/medusa-vicuna-7b-v1.3, or a local directory/file), got {_describe(self.heads)}")
         self.heads = self.heads.strip()
         self.tree = _check_tree(self.tree)
+        if self.topk is None:
+            self.topk = DEFAULT_DYNAMIC_TOPK if self.tree == DYNAMIC_TREE else DEFAULT_TOPK
         if not _is_int(self.topk):
             raise MedusaConfigError(f"'topk' must be an integer, got {_describe(self.topk)}")
         if self.topk < 1:

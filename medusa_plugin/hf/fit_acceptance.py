@@ -31,7 +31,7 @@ __all__ = ["lattice_positions", "fit_acceptance_model", "unseen_training_request
 
 
 @torch.no_grad()
-def lattice_positions(model, heads, prompts: list[list[int]], *, max_new_tokens: int = 64, topk: int = 10,
+def lattice_positions(model, heads, prompts: list[list[int]], *, max_new_tokens: int = 64, topk: int = 20,
                       batch_size: int = 8) -> list[tuple]:
     """The heads' top-``topk`` at every generated position of the model's greedy continuations of ``prompts``.
 
@@ -57,7 +57,7 @@ def lattice_positions(model, heads, prompts: list[list[int]], *, max_new_tokens:
 
 
 def fit_acceptance_model(model, heads, prompts: list[list[int]], successors: SuccessorCounts | None, *,
-                         max_new_tokens: int = 64, topk: int = 10, batch_size: int = 8, log=print,
+                         max_new_tokens: int = 64, topk: int = 20, batch_size: int = 8, log=print,
                          info: dict | None = None) -> NodeAcceptanceModel:
     """Collect :func:`lattice_positions` and fit :func:`~medusa_plugin.core.acceptance_model.fit_node_acceptance`.
 
@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "prompts the heads were not trained on (default for smollm2: 160 of those)")
     p.add_argument("--max-prompts", type=int, default=160, help="use at most this many prompts (default 160)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
-    p.add_argument("--topk", type=int, default=10, help="ranks per head (default 10, as tree: dynamic)")
+    p.add_argument("--topk", type=int, default=20, help="ranks per head (default 20, as tree: dynamic)")
     p.add_argument("--successors", help="successor counts the model will be used with (default: "
                                         "successors.safetensors next to the heads, if any)")
     p.add_argument("--no-successors", action="store_true", help="fit without successor levels (for "
