@@ -77,7 +77,7 @@ def medusa_state(worker) -> dict[str, Any] | None:
             "step_fixed_ms": round(p.step_time.fixed_ms, 3), "tree_row_ms": round(p.step_time.tree_row_ms, 3),
             "calibration": p.calibration.describe() if p.calibration is not None else None,
             "successor_tokens": p.successors.tokens if p.successors is not None else None,
-            "acceptance_model": getattr(p, "acceptance_model", None) is not None,
+            "acceptance_model": p.acceptance_model is not None,
             "stats": stats.summary()}
 
 
