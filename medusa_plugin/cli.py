@@ -74,11 +74,16 @@ def _run_validate(args: argparse.Namespace) -> int:
         tree_line = (f"  tree:           {tree.describe()}\n"
                      f"                  (EAGLE-2-style: each request's tree is rebuilt every step from the heads' own "
                      f"probabilities, calibrated online from the accepted paths)")
-        tree_line += ("\n  node scores:    " + (
-            "the learned acceptance model next to the heads (acceptance_model.safetensors: head probability, "
-            "successor level and the request's own context -> acceptance), when there is one; else "
-            if cfg.acceptance_model else "") + "the calibrated head probability x the successor-level multiplier"
-            + ("" if cfg.successors else " (successors: false: the calibrated head probability)"))
+        if not cfg.acceptance_model:
+            scores = "the calibrated head probability x the successor-level multiplier (acceptance_model: false)"
+        elif cfg.successors:
+            scores = ("the learned acceptance model next to the heads (acceptance_model.safetensors: head "
+                      "probability, successor level and the request's own context -> acceptance), when there is "
+                      "one; else the calibrated head probability x the successor-level multiplier")
+        else:
+            scores = ("the calibrated head probability (successors: false; an acceptance model next to the heads is "
+                      "used only if it was fitted without successor levels)")
+        tree_line += "\n  node scores:    " + scores
         if cfg.ngram_branches:
             tree_line += (f"\n  ngram_branches: {cfg.ngram_branches}: prompt-lookup continuations of the request's "
                           f"own tokens (vLLM's ngram rule) compete for the same budget; a shared prefix is one node")

@@ -221,3 +221,71 @@ def test_fitted_model_decodes_losslessly_and_the_cli_writes_it(tiny_medusa, tmp_
                               acceptance_model=loaded, calibration=AcceptanceCalibration(heads.num_heads))
         assert out.sequences == ref
         assert out.stats.mean_accepted_tokens_per_step > 1.5, out.stats
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_malformed_files_and_inputs_are_one_line_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    m = _random_model(3)
+    w = {n: torch.from_numpy(np.ascontiguousarray(t)) for n, t in zip(("w1", "b1", "w2", "b2", "w3", "b3"),
+                                                                       m.weights)}
+    for heads in (None, "four"):
+        meta = {"format": "medusa_plugin node acceptance model", "feature_version": str(FEATURE_VERSION)}
+        if heads is not None:
+            meta["num_heads"] = heads
+        save_file(w, str(tmp_path / "m.safetensors"), metadata=meta)
+        with pytest.raises(AcceptanceModelError, match="does not say how many heads"):
+            NodeAcceptanceModel.load(tmp_path / "m.safetensors")
+    with pytest.raises(AcceptanceModelError, match="do not form"):
+        NodeAcceptanceModel(3, [m.weights[0][0]] + m.weights[1:])  # a 1-D w1
+    probs, ids = torch.full((1, 3, 3), 0.3), torch.arange(9).view(1, 3, 3)
+    with pytest.raises(DynamicTreeError, match="2 contexts for 1 requests"):
+        DynamicTreeSpec(budget=4, topk=3).build_from_topk(torch.tensor([0]), probs, ids, [[0], [1]],
+                                                          acceptance_model=m)
+
+
+def test_a_model_fitted_without_successor_levels_ignores_them():
+    rng = random.Random(0)
+    m = NodeAcceptanceModel(3, _random_model(3).weights, {"successors": False})
+    succ = SuccessorCounts.from_sequences([[rng.randrange(10) for _ in range(60)]])
+    ctx = [rng.randrange(10) for _ in range(20)]
+    probs, ids = torch.rand(3, 4).sort(-1, descending=True).values, torch.tensor([rng.sample(range(10), 4)
+                                                                                  for _ in range(3)])
+    a = build_dynamic_tree(ctx[-1], probs, ids, 6, successors=succ, acceptance_model=m, context=ctx)
+    b = build_dynamic_tree(ctx[-1], probs, ids, 6, successors=None, acceptance_model=m, context=ctx)
+    assert a.tree.choices == b.tree.choices and torch.equal(a.score, b.score)
+
+
+def test_fit_acceptance_checks_its_inputs_before_loading_the_model(tmp_path, capsys):
+    from medusa_plugin.cli import main
+
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    for argv, msg in (
+            (["--heads", str(heads), "--prompts", "p.txt", "--out", str(tmp_path / "no" / "m.safetensors")],
+             "cannot write"),
+            (["--heads", str(heads), "--prompts", "p.txt", "--out", str(tmp_path)], "cannot write"),
+            (["--heads", str(heads), "--prompts", str(tmp_path / "missing.txt")], "no such file"),
+            (["--heads", str(heads), "--prompts", "p.txt", "--batch-size", "0"], "--batch-size >= 1"),
+            (["--heads", str(heads), "--prompts", "p.txt", "--no-successors", "--successors", "s"], "contradict")):
+        assert main(["fit-acceptance", "--model", str(tmp_path / "not_a_model"), *argv]) == 1
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+
+
+def test_validate_check_files_loads_the_acceptance_model(tmp_path, tiny_cache_dir):
+    import shutil
+
+    from medusa_plugin.core.config import MedusaConfigError, check_local_files, load_config, validate
+    from medusa_plugin.testing import build_tiny_medusa
+
+    _, heads_dir = build_tiny_medusa(tiny_cache_dir / "medusa")
+    heads = tmp_path / "heads"
+    shutil.copytree(heads_dir, heads)
+    (heads / "acceptance_model.safetensors").write_bytes(b"garbage")
+    cfg = load_config({"heads": str(heads), "tree": "dynamic", "budget": 4})
+    with pytest.raises(MedusaConfigError, match="is not an acceptance model"):
+        check_local_files(cfg, validate(cfg))
+    cfg = load_config({"heads": str(heads), "tree": "dynamic", "budget": 4, "acceptance_model": False})
+    check_local_files(cfg, validate(cfg))

@@ -28,8 +28,8 @@ the node": the context, then the node's path.)
 It is fitted by logistic loss on positions of the target's own greedy continuations of prompts the heads were not
 trained on (:func:`training_examples`, :func:`fit_node_acceptance`; ``medusa-plugin fit-acceptance`` and the chat
 recipe write ``acceptance_model.safetensors`` next to the heads). Measured offline on 1920 positions of 32 held-out
-answers (SmolLM2-135M, 4 shipped heads, top-10 lattice, fitted on 160 other prompts): dynamic trees accept 2.395 /
-2.555 tokens per step at 8 / 16 nodes with it, against 2.30 / 2.46 with the per-head calibration and successor-level
+answers (SmolLM2-135M, 4 shipped heads, top-10 lattice, fitted on 160 other prompts; the top-10, before the 3- and 4-token
+matches were added): dynamic trees accept 2.395 / 2.555 tokens per step at 8 / 16 nodes with it, against 2.30 / 2.46 with the per-head calibration and successor-level
 multipliers (:mod:`~medusa_plugin.core.calibration`) and 1.995 / 2.210 for the fitted static tree; without the
 context columns it reaches 2.33 / 2.49, without the successor levels 2.27 / 2.42.
 
@@ -175,7 +175,7 @@ class NodeAcceptanceModel:
     def __init__(self, num_heads: int, weights: Sequence[np.ndarray], info: dict | None = None) -> None:
         w = [np.asarray(x, dtype=np.float32) for x in weights]
         nf = num_features(num_heads)
-        if len(w) != 6 or w[0].shape[0] != nf or w[0].shape[1] != w[1].shape[0] or w[2].shape != (w[1].shape[0],) * 2 \
+        if len(w) != 6 or [x.ndim for x in w] != [2, 1, 2, 1, 2, 1] or w[0].shape[0] != nf or w[0].shape[1] != w[1].shape[0] or w[2].shape != (w[1].shape[0],) * 2 \
                 or w[3].shape != w[1].shape or w[4].shape != (w[1].shape[0], 1) or w[5].shape != (1,):
             raise AcceptanceModelError(f"acceptance model weights do not form a {nf}-feature MLP for {num_heads} "
                                        f"heads (shapes {[tuple(x.shape) for x in w]}): refit it")
@@ -247,7 +247,11 @@ class NodeAcceptanceModel:
         if meta.get("feature_version") != str(FEATURE_VERSION):
             raise AcceptanceModelError(f"{path} has feature version {meta.get('feature_version')}, this version "
                                        f"reads {FEATURE_VERSION}; {fix}")
-        k = int(meta.get("num_heads", -1))
+        try:
+            k = int(meta["num_heads"])
+        except (KeyError, ValueError):
+            raise AcceptanceModelError(f"{path} does not say how many heads it was fitted for (metadata "
+                                       f"'num_heads' is {meta.get('num_heads')!r}); {fix}") from None
         if num_heads is not None and k != num_heads:
             raise AcceptanceModelError(f"{path} was fitted for {k} heads, the checkpoint has {num_heads}; {fix}")
         info = {key[5:]: v for key, v in meta.items() if key.startswith("info.")}
@@ -266,7 +270,7 @@ def training_examples(positions, num_heads: int, successors: SuccessorCounts | N
             context (prompt + output, ending with the root).
         num_heads: ``K``; successors: the counts the model will be used with (None: no levels).
     Returns:
-        ``(X [M, K + 23] float32, y [M] float32)`` (y = 1: the node's token is the target's).
+        ``(X [M, K + 25] float32, y [M] float32)`` (y = 1: the node's token is the target's).
     """
     xs, ys = [], []
     for probs, ids, truth, context in positions:

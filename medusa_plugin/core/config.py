@@ -463,6 +463,14 @@ def check_local_files(config: MedusaConfig, tree):
         heads = local_heads(config)
         if config.is_dynamic:
             config.dynamic_spec(heads.num_heads)
+            model = Path(config.heads).expanduser() / "acceptance_model.safetensors"
+            if config.acceptance_model and model.is_file():  # the proposer loads it at engine start
+                from medusa_plugin.core.acceptance_model import AcceptanceModelError, NodeAcceptanceModel
+
+                try:
+                    NodeAcceptanceModel.load(model, heads.num_heads)
+                except AcceptanceModelError as e:
+                    raise MedusaConfigError(str(e)) from None
         else:
             check_tree_depth(tree, heads.num_heads, tree_name=config.tree_name, heads=config.heads)
     sched = config.tree_schedule

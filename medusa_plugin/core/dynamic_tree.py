@@ -266,16 +266,18 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
     if acceptance_model is not None:
         if acceptance_model.num_heads != k_heads:
             raise DynamicTreeError(f"the acceptance model was fitted for {acceptance_model.num_heads} heads, the tree "
-                                   f"uses {k_heads}: use every head (num_heads unset) or refit it")
+                                   f"uses {k_heads}: refit it for these heads (medusa-plugin fit-acceptance)")
         if successors is None and acceptance_model.uses_successors:
             raise DynamicTreeError("the acceptance model reads successor levels: pass the successor counts it was "
                                    "fitted with (successors.safetensors)")
-        grams = ContextGrams(last if context is None else context)
-        score_children = acceptance_model.scorer(probs, ids, grams, successors)
+        grams = ContextGrams(last if context is None or len(context) == 0 else context)
+        # a model fitted without successor levels never saw them: keep its level columns empty
+        score_children = acceptance_model.scorer(probs, ids, grams,
+                                                 successors if acceptance_model.uses_successors else None)
         rescore = None
     nodes = select_nodes(factors, ids, budget, continuations=continuations, ngram_factors=ngram_factors,
                          off_factors=off_factors, rescore=rescore,
-                         context=last if context is None or score_children is None else list(context[-4:]),
+                         context=last if not context or score_children is None else list(context[-4:]),
                          score_children=score_children)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
@@ -408,6 +410,8 @@ class DynamicTreeSpec:
             raise DynamicTreeError(f"topk={self.topk} exceeds the ranks given ({probs.shape[2]})")
         if (self.ngram_branches or acceptance_model is not None) and contexts is None:
             raise DynamicTreeError("n-gram branches and an acceptance model need each request's tokens (contexts)")
+        if contexts is not None and len(contexts) != probs.shape[0]:
+            raise DynamicTreeError(f"{len(contexts)} contexts for {probs.shape[0]} requests: give one per request")
         values, ids = probs[:, :k, :self.topk].cpu(), ids[:, :k, :self.topk].cpu()
         roots = root_tokens.tolist()
         out = []

@@ -12,6 +12,7 @@ shipped heads never saw).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -124,30 +125,49 @@ def _run(args: argparse.Namespace) -> int:
     from medusa_plugin.core.heads import MedusaHeads
     from medusa_plugin.hf.fit_tree import _read_prompts
 
-    if args.max_prompts < 1 or args.max_new_tokens < 2 or args.topk < 1:
-        raise TrainError("--max-prompts must be >= 1, --max-new-tokens >= 2 and --topk >= 1")
+    if args.max_prompts < 1 or args.max_new_tokens < 2 or args.topk < 1 or args.batch_size < 1:
+        raise TrainError("--max-prompts must be >= 1, --max-new-tokens >= 2, --topk >= 1 and --batch-size >= 1")
+    if args.no_successors and args.successors:
+        raise TrainError("--successors and --no-successors contradict each other: give one")
     smollm2 = args.model.lower() in ("smollm2", "smollm2-135m-instruct")
     if smollm2:
         from medusa_plugin.demo import shipped_heads_dir
-        from medusa_plugin.hf.real_model import build_smollm2
 
-        model_name, heads_dir = str(build_smollm2(dtype="float32")), args.heads or str(shipped_heads_dir())
+        heads_dir = args.heads or str(shipped_heads_dir())
     else:
-        model_name, heads_dir = args.model, args.heads
+        heads_dir = args.heads
         if not heads_dir:
             raise TrainError("--heads is required with a model other than smollm2")
         if not args.prompts:
             raise TrainError("--prompts is required with a model other than smollm2 (prompts the heads were not "
                              "trained on)")
+    # every input check before the model loads and the continuations are generated (minutes)
     heads_path = Path(heads_dir)
     out = Path(args.out) if args.out else heads_path / FILE_NAME
     if not args.out and not heads_path.is_dir():
         raise TrainError(f"--heads {heads_dir} is not a local directory: give --out for the model file")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise TrainError(f"cannot write {out}: give --out a file path in an existing, writable directory")
+    if args.prompts and not Path(args.prompts).is_file():
+        raise TrainError(f"--prompts {args.prompts}: no such file")
+    successors = None
+    if not args.no_successors:
+        path = Path(args.successors) if args.successors else heads_path / SUCCESSORS_FILE
+        if args.successors or path.is_file():
+            successors = SuccessorCounts.load(path)
+    if smollm2:
+        from medusa_plugin.hf.real_model import build_smollm2
+
+        model_name = str(build_smollm2(dtype="float32"))
+    else:
+        model_name = args.model
     device = resolve_device(args.device)
     model, tokenizer = load_model(model_name, device, args.dtype)
     vocab, hidden = lm_head_of(model).weight.shape
     heads = MedusaHeads.from_pretrained(heads_dir, base_hidden_size=hidden, base_vocab_size=vocab, device=device,
                                         dtype=next(model.parameters()).dtype)
+    if args.topk > heads.vocab_size:
+        raise TrainError(f"--topk {args.topk} exceeds the heads' vocabulary ({heads.vocab_size})")
     if args.prompts:
         prompts = _read_prompts(Path(args.prompts), tokenizer)
     else:
@@ -157,15 +177,13 @@ def _run(args: argparse.Namespace) -> int:
     prompts = [p for p in prompts if p][:args.max_prompts]
     if not prompts:
         raise TrainError("no prompts found; check --prompts")
-    successors = None
-    if not args.no_successors:
-        path = Path(args.successors) if args.successors else heads_path / SUCCESSORS_FILE
-        if args.successors or path.is_file():
-            successors = SuccessorCounts.load(path)
     print(f"fitting the acceptance model of {heads.num_heads} heads on {len(prompts)} prompts x "
           f"{args.max_new_tokens} greedy tokens (successor levels: {'yes' if successors else 'no'})")
     fitted = fit_acceptance_model(model, heads, prompts, successors, max_new_tokens=args.max_new_tokens,
                                   topk=args.topk, batch_size=args.batch_size, info={"model": Path(model_name).name})
-    fitted.save(out)
+    try:
+        fitted.save(out)
+    except Exception as e:  # noqa: BLE001 - the fit is done: say where it could not go, in one line
+        raise TrainError(f"cannot write {out} ({type(e).__name__}: {e}); rerun with --out FILE") from None
     print(f"wrote {out}; `tree: dynamic` uses it when it lies next to the heads (acceptance_model: true)")
     return 0
