@@ -126,7 +126,8 @@ def _add_tree(p: argparse.ArgumentParser) -> None:
                                           "(draws one sampled dynamic tree)")
     p.add_argument("--list", action="store_true", help="list the shipped trees")
     p.add_argument("--yaml", action="store_true", help="print the tree as a 'tree:' entry for a medusa config")
-    p.add_argument("--topk", type=int, default=10, help="ranks per head the tree may use (default 10)")
+    p.add_argument("--topk", type=int, default=None, help="ranks per head the tree may use (default 10; 20 for "
+                                                          "'dynamic', as a server)")
     g = p.add_argument_group("dynamic trees (spec 'dynamic')")
     g.add_argument("--budget", type=int, default=16, help="nodes of the dynamic tree (default 16)")
     g.add_argument("--ngram-branches", type=int, default=0, help="n-gram branches merged in (default 0)")
@@ -143,7 +144,7 @@ def _run_tree(args: argparse.Namespace) -> int:
     if args.list:
         rows = [f"{'name':<28} {'nodes':>5} {'depth':>5} {'leaves':>6}  nodes per depth"]
         for name in shipped_tree_names():
-            t = MedusaTree.from_name(name, topk=args.topk)
+            t = MedusaTree.from_name(name, topk=10 if args.topk is None else args.topk)
             rows.append(f"{name:<28} {t.num_nodes:>5} {t.max_depth:>5} {t.num_leaves:>6}  {t.nodes_per_depth}")
         print("\n".join(rows))
         return 0
@@ -153,7 +154,7 @@ def _run_tree(args: argparse.Namespace) -> int:
         return 2
     if args.spec.strip().lower() == "dynamic":
         return _run_dynamic_tree(args)
-    tree = MedusaTree.load(args.spec, topk=args.topk)
+    tree = MedusaTree.load(args.spec, topk=10 if args.topk is None else args.topk)
     if args.yaml:
         print(f"# {args.spec}: {tree.num_nodes} nodes, depth {tree.max_depth}, nodes per depth {tree.nodes_per_depth}")
         print("tree:")
@@ -191,9 +192,9 @@ def _run_dynamic_tree(args: argparse.Namespace) -> int:
     if heads is None:
         print("medusa-plugin tree: error: --model needs --heads (a Medusa heads directory)", file=sys.stderr)
         return 2
-    dt, decode = model_dynamic_tree(spec, model_dir, heads, args.prompt)
-    print(f"the dynamic tree the heads propose after the first answer token of {args.prompt!r} "
-          f"(uncalibrated head probabilities)")
+    dt, decode, how = model_dynamic_tree(spec, model_dir, heads, args.prompt)
+    print(f"the dynamic tree the heads propose after the first answer token of {args.prompt!r} (nodes scored by "
+          f"{how})")
     print(draw_dynamic_tree(dt, decode))
     return 0
 

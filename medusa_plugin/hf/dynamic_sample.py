@@ -27,11 +27,22 @@ def synthetic_dynamic_tree(spec: DynamicTreeSpec, *, num_heads: int = 4, vocab: 
 
 @torch.inference_mode()
 def model_dynamic_tree(spec: DynamicTreeSpec, model_dir: str, heads_dir: str,
-                       prompt: str) -> tuple[DynamicTree, Callable[[int], str]]:
-    """The tree the heads propose after the first answer token of ``prompt`` (chat template applied).
+                       prompt: str) -> tuple[DynamicTree, Callable[[int], str], str]:
+    """The tree the heads propose after the first answer token of ``prompt`` (chat template applied), scored as a
+    server scores it: with the heads' acceptance model, successor counts and calibration prior when they are next to
+    the heads.
 
-    Returns ``(tree, decode)`` where ``decode(token_id) -> str``. The model runs in float32 on the CPU.
+    Returns ``(tree, decode, how)`` where ``decode(token_id) -> str`` and ``how`` names what scored the nodes. The
+    model runs in float32 on the CPU.
     """
+    from pathlib import Path
+
+    from ..core.acceptance_model import FILE_NAME as MODEL_FILE
+    from ..core.acceptance_model import NodeAcceptanceModel
+    from ..core.calibration import calibration_for
+    from ..core.successor_prior import FILE_NAME as SUCCESSORS_FILE
+    from ..core.successor_prior import SuccessorCounts
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..core.heads import MedusaHeads
@@ -45,5 +56,13 @@ def model_dynamic_tree(spec: DynamicTreeSpec, model_dir: str, heads_dir: str,
     hidden = model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state[:, -1]  # [1, H]
     lm_head = model.get_output_embeddings()
     root = lm_head(hidden).argmax(-1)
-    tree = spec.build(root, heads(hidden, lm_head, root_embeds_of(model, heads)(root)), [ids + [int(root)]])[0]
-    return tree, lambda t: tok.decode([t])
+    here = Path(heads_dir)
+    succ = SuccessorCounts.load(here / SUCCESSORS_FILE) if (here / SUCCESSORS_FILE).is_file() else None
+    scorer = NodeAcceptanceModel.load(here / MODEL_FILE, heads.num_heads) if (here / MODEL_FILE).is_file() else None
+    if scorer is not None and scorer.uses_successors and succ is None:
+        scorer = None
+    cal, how = calibration_for(heads_dir, heads.num_heads)
+    how = "the acceptance model next to the heads" if scorer is not None else f"calibration {how}"
+    tree = spec.build(root, heads(hidden, lm_head, root_embeds_of(model, heads)(root)), [ids + [int(root)]],
+                      calibration=cal, successors=succ, acceptance_model=scorer)[0]
+    return tree, lambda t: tok.decode([t]), how
