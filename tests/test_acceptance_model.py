@@ -289,3 +289,20 @@ def test_validate_check_files_loads_the_acceptance_model(tmp_path, tiny_cache_di
         check_local_files(cfg, validate(cfg))
     cfg = load_config({"heads": str(heads), "tree": "dynamic", "budget": 4, "acceptance_model": False})
     check_local_files(cfg, validate(cfg))
+
+
+def test_numpy_contexts_as_the_engine_passes_them_build_the_same_trees():
+    """The engine hands each request's tokens as a numpy array slice (input_batch.token_ids_cpu)."""
+    rng = random.Random(3)
+    m = _random_model(3, seed=3)
+    succ = SuccessorCounts.from_sequences([[rng.randrange(10) for _ in range(60)]])
+    ctxs = [[rng.randrange(10) for _ in range(n)] for n in (1, 2, 9, 30)]
+    probs = torch.rand(len(ctxs), 3, 5).sort(-1, descending=True).values
+    ids = torch.stack([torch.tensor([rng.sample(range(10), 5) for _ in range(3)]) for _ in ctxs])
+    roots = torch.tensor([c[-1] for c in ctxs])
+    spec = DynamicTreeSpec(budget=7, topk=5, ngram_branches=1)
+    as_lists = spec.build_from_topk(roots, probs, ids, ctxs, successors=succ, acceptance_model=m)
+    as_numpy = spec.build_from_topk(roots, probs, ids, [np.asarray(c, dtype=np.int64) for c in ctxs],
+                                    successors=succ, acceptance_model=m)
+    for a, b in zip(as_lists, as_numpy):
+        assert a.tree.choices == b.tree.choices and torch.equal(a.tokens, b.tokens)

@@ -277,7 +277,8 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         rescore = None
     nodes = select_nodes(factors, ids, budget, continuations=continuations, ngram_factors=ngram_factors,
                          off_factors=off_factors, rescore=rescore,
-                         context=last if not context or score_children is None else list(context[-4:]),
+                         context=last if context is None or len(context) == 0 or score_children is None
+                         else [int(t) for t in context[-4:]],
                          score_children=score_children)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
