@@ -4,14 +4,14 @@ greedy (engine-independent: tokens per step depend only on the trees and the tar
 
 * static ``n``: the tree of ``n`` nodes fitted to the heads' held-out per-rank accuracy (``recipe.json``'s
   ``accuracy`` when the heads have one, else measured on training-side prompts), ``core.tree_fit.fit_tree``.
-* dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, the top-20 (``--topk``), as a server runs it: starting from the heads'
-  calibration prior (``calibration.json`` next to the heads, fitted on training-side prompts; else fresh) and
-  re-scored by successor levels (``successors.safetensors``, ``core.successor_prior``), calibrated online from the
-  accepted paths; with ``acceptance_model.safetensors`` next to the heads (``core.acceptance_model``) its learned
-  node scores instead, as a server does by default. Ablations: ``dynamic_calibrated`` (the calibration and successor
-  levels without the acceptance model, when there is one), ``dynamic_heads_only`` (a fresh calibration, no successor counts: the head
-  probabilities alone), ``dynamic_uncalibrated`` (raw head probabilities), ``dynamic_warm`` (a fresh calibration
-  that first served 16 training-side prompts, not counted, with the successor counts).
+* dynamic ``n``: ``core.dynamic_tree`` with ``budget=n``, the top-20 (``--topk``), as a server runs it: starting from
+  the heads' calibration prior (``calibration.json`` next to the heads, fitted on training-side prompts; else fresh)
+  and re-scored by successor levels (``successors.safetensors``, ``core.successor_prior``), calibrated online from the
+  accepted paths; with ``acceptance_model.safetensors`` next to the heads (``core.acceptance_model``) its learned node
+  scores instead, as a server does by default. Ablations: ``dynamic_calibrated`` (the calibration and successor levels
+  without the acceptance model, when there is one), ``dynamic_heads_only`` (a fresh calibration, no successor counts:
+  the head probabilities alone), ``dynamic_uncalibrated`` (raw head probabilities), ``dynamic_warm`` (a fresh
+  calibration that first served 16 training-side prompts, not counted, with the successor counts).
 * hybrid ``n``: dynamic ``n`` plus ``--ngram-branches`` prompt-lookup branches (n = 2..4, 4 tokens, vLLM's rule).
 * ngram: vLLM's ngram proposer (k=4, n = 2..4: the demo's setting) simulated on the plain greedy output (exact for
   greedy: a draft is accepted up to its first token that differs from the target's greedy token).

@@ -306,3 +306,16 @@ def test_numpy_contexts_as_the_engine_passes_them_build_the_same_trees():
                                     successors=succ, acceptance_model=m)
     for a, b in zip(as_lists, as_numpy):
         assert a.tree.choices == b.tree.choices and torch.equal(a.tokens, b.tokens)
+
+
+def test_long_contexts_read_only_the_window():
+    """A context longer than CONTEXT_WINDOW scores like its last CONTEXT_WINDOW tokens (bounded cost per step)."""
+    from medusa_plugin.core.acceptance_model import CONTEXT_WINDOW
+
+    rng = random.Random(4)
+    head = [rng.randrange(50) for _ in range(3000)]
+    tail = [rng.randrange(50) for _ in range(CONTEXT_WINDOW)]
+    grams, window = ContextGrams(head + tail), ContextGrams(tail)
+    for t in range(50):
+        assert grams.count(t) == window.count(t) == tail.count(t)
+        assert grams.after(t) == window.after(t)

@@ -22,16 +22,17 @@ repeat                      1 if the token equals its parent's token
 context match >= 3, >= 4    as "context match", 3 / 4 tokens before the node
 ==========================  =====================================================================================
 
-(``K + 25`` columns; "context": the request's prompt and output up to and including the root; "the tokens before
-the node": the context, then the node's path.)
+(``K + 25`` columns; "context": the request's prompt and output up to and including the root, its last
+:data:`CONTEXT_WINDOW` tokens; "the tokens before the node": the context, then the node's path.)
 
 It is fitted by logistic loss on positions of the target's own greedy continuations of prompts the heads were not
 trained on (:func:`training_examples`, :func:`fit_node_acceptance`; ``medusa-plugin fit-acceptance`` and the chat
 recipe write ``acceptance_model.safetensors`` next to the heads). Measured offline on 1920 positions of 32 held-out
-answers (SmolLM2-135M, 4 shipped heads, top-10 lattice, fitted on 160 other prompts; the top-10, before the 3- and 4-token
-matches were added): dynamic trees accept 2.395 / 2.555 tokens per step at 8 / 16 nodes with it, against 2.30 / 2.46 with the per-head calibration and successor-level
-multipliers (:mod:`~medusa_plugin.core.calibration`) and 1.995 / 2.210 for the fitted static tree; without the
-context columns it reaches 2.33 / 2.49, without the successor levels 2.27 / 2.42.
+answers (SmolLM2-135M, 4 shipped heads, top-10 lattice, fitted on 160 other prompts, before the 3- and 4-token
+matches were added): dynamic trees accept 2.395 / 2.555 tokens per step at 8 / 16 nodes with it, against 2.30
+/ 2.46 with the per-head calibration and successor-level multipliers (:mod:`~medusa_plugin.core.calibration`) and
+1.995 / 2.210 for the fitted static tree; without the context columns it reaches 2.33 / 2.49, without the successor
+levels 2.27 / 2.42.
 
 The probabilities replace the calibrated head factor of Medusa nodes in :func:`~medusa_plugin.core.dynamic_tree.
 select_nodes` (n-gram branch nodes keep the calibration's rates). Every factor is a probability, so a node never
@@ -50,10 +51,12 @@ import numpy as np
 from .successor_prior import NUM_LEVELS, SuccessorCounts
 
 __all__ = ["AcceptanceModelError", "ContextGrams", "NodeAcceptanceModel", "FILE_NAME", "FEATURE_VERSION",
-           "num_features", "node_features", "training_examples", "fit_node_acceptance"]
+           "CONTEXT_WINDOW", "num_features", "node_features", "training_examples", "fit_node_acceptance"]
 
 FILE_NAME = "acceptance_model.safetensors"
 FEATURE_VERSION = 1
+CONTEXT_WINDOW = 1024  # tokens of a request's context the context columns read (the last ones): bounds the per-step
+# cost of long prompts; the fitting contexts (prompt + 64 answer tokens) are shorter
 _FORMAT = "medusa_plugin node acceptance model"
 
 
@@ -71,11 +74,12 @@ class ContextGrams:
     and how often each token occurs. Built once per request and step; lookups are cached.
 
     Args:
-        context: the token ids (any int sequence or 1-D array).
+        context: the token ids (any int sequence or 1-D array); only the last ``window`` are read.
+        window: :data:`CONTEXT_WINDOW` by default.
     """
 
-    def __init__(self, context: Sequence[int]) -> None:
-        self._ctx = np.asarray(context, dtype=np.int64).reshape(-1)
+    def __init__(self, context: Sequence[int], window: int = CONTEXT_WINDOW) -> None:
+        self._ctx = np.asarray(context, dtype=np.int64).reshape(-1)[-window:]
         toks, counts = np.unique(self._ctx, return_counts=True)
         self._count = dict(zip(toks.tolist(), counts.tolist()))
         self._pos: dict[int, np.ndarray] = {}
@@ -175,7 +179,8 @@ class NodeAcceptanceModel:
     def __init__(self, num_heads: int, weights: Sequence[np.ndarray], info: dict | None = None) -> None:
         w = [np.asarray(x, dtype=np.float32) for x in weights]
         nf = num_features(num_heads)
-        if len(w) != 6 or [x.ndim for x in w] != [2, 1, 2, 1, 2, 1] or w[0].shape[0] != nf or w[0].shape[1] != w[1].shape[0] or w[2].shape != (w[1].shape[0],) * 2 \
+        if len(w) != 6 or [x.ndim for x in w] != [2, 1, 2, 1, 2, 1] or w[0].shape[0] != nf \
+                or w[0].shape[1] != w[1].shape[0] or w[2].shape != (w[1].shape[0],) * 2 \
                 or w[3].shape != w[1].shape or w[4].shape != (w[1].shape[0], 1) or w[5].shape != (1,):
             raise AcceptanceModelError(f"acceptance model weights do not form a {nf}-feature MLP for {num_heads} "
                                        f"heads (shapes {[tuple(x.shape) for x in w]}): refit it")

@@ -132,8 +132,9 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
             ``score_children`` (the last 4).
         score_children: ``(head, top, prev) -> (factors, levels)``: the acceptance factor (in [0, 1]) and successor
             level of each rank of ``head`` under a parent whose path is the top path (``top``) or not, ``prev`` the
-            last (up to 4) tokens of the context and the path (:meth:`~medusa_plugin.core.acceptance_model.NodeAcceptanceModel.
-            scorer`); replaces ``factors`` / ``off_factors`` / ``rescore`` for Medusa nodes.
+            last (up to 4) tokens of the context and the path
+            (:meth:`~medusa_plugin.core.acceptance_model.NodeAcceptanceModel.scorer`); replaces ``factors`` /
+            ``off_factors`` / ``rescore`` for Medusa nodes.
     Returns:
         ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
         child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth - 1),
