@@ -159,8 +159,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     import torch
 
     from .bench import plain_generate
-    from .core.acceptance_model import FILE_NAME as ACCEPTANCE_MODEL_FILE
-    from .core.acceptance_model import NodeAcceptanceModel
+    from .core.acceptance_model import acceptance_model_for
     from .core.calibration import AcceptanceCalibration, calibration_for
     from .core.dynamic_tree import DynamicTreeSpec
     from .core.successor_prior import FILE_NAME as SUCCESSORS_FILE
@@ -202,12 +201,8 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     result["successors"] = (f"{succ_path} ({succ.tokens} tokens)" if succ is not None else
                             "none (the heads directory has no successors.safetensors)")
     result["calibration_prior"] = calibration_for(heads_dir, h.num_heads)[1]
-    model_path = Path(heads_dir) / ACCEPTANCE_MODEL_FILE
-    acc_model = NodeAcceptanceModel.load(model_path, h.num_heads) if model_path.is_file() else None
-    if acc_model is not None and acc_model.uses_successors and succ is None:
-        acc_model = None
-    result["acceptance_model"] = (f"{model_path} ({acc_model.info})" if acc_model is not None else
-                                  "none (no usable acceptance_model.safetensors next to the heads)")
+    acc_model, how = acceptance_model_for(heads_dir, h.num_heads, succ)
+    result["acceptance_model"] = f"{how} ({acc_model.info})" if acc_model is not None else how
 
     def run(name: str, budget: int, tree, cal=None, warm: bool = False, successors=None, model=None) -> None:
         if warm:  # the calibration first serves the training-side prompts (a server that has seen traffic)

@@ -51,7 +51,8 @@ import numpy as np
 from .successor_prior import NUM_LEVELS, SuccessorCounts
 
 __all__ = ["AcceptanceModelError", "ContextGrams", "NodeAcceptanceModel", "FILE_NAME", "FEATURE_VERSION",
-           "CONTEXT_WINDOW", "num_features", "node_features", "training_examples", "fit_node_acceptance"]
+           "CONTEXT_WINDOW", "num_features", "node_features", "training_examples", "fit_node_acceptance",
+           "acceptance_model_for"]
 
 FILE_NAME = "acceptance_model.safetensors"
 FEATURE_VERSION = 1
@@ -333,3 +334,20 @@ def fit_node_acceptance(x: np.ndarray, y: np.ndarray, num_heads: int, *, hidden:
     meta = {"examples": int(len(x)), "positives": int(y.sum()), "hidden": hidden, "epochs": epochs}
     meta.update(info or {})
     return NodeAcceptanceModel(num_heads, w, meta)
+
+
+def acceptance_model_for(heads_dir, num_heads: int, successors: SuccessorCounts | None
+                         ) -> tuple[NodeAcceptanceModel | None, str]:
+    """The model next to the heads in ``heads_dir`` (:data:`FILE_NAME`) when there is one it can be used with
+    (one fitted with successor levels needs ``successors``), and a one-line description of what was chosen.
+
+    Raises:
+        AcceptanceModelError: the file is unreadable or made for another number of heads (the message names the fix).
+    """
+    path = Path(str(heads_dir)) / FILE_NAME
+    if not path.is_file():
+        return None, "none next to the heads"
+    model = NodeAcceptanceModel.load(path, num_heads)
+    if model.uses_successors and successors is None:
+        return None, f"{path} not used: it reads successor levels and successor counts are off"
+    return model, str(path)

@@ -245,7 +245,10 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
     m = len(continuations) if num_branches is None else int(num_branches)
     if len(continuations) > m:
         raise DynamicTreeError(f"{len(continuations)} continuations but only {m} branch slots")
-    if calibration is not None:
+    if acceptance_model is not None:  # it scores every Medusa node: the calibration gives the n-gram rates only
+        factors, off_factors = top_probs.to(torch.float64).clamp(0.0, 1.0).tolist(), None
+        ngram_factors = calibration.ngram_acceptance() if calibration is not None else [0.5]
+    elif calibration is not None:
         factors = calibration.head_acceptance(top_probs).tolist()
         off_factors = calibration.head_acceptance(top_probs, off_path=True).tolist()
         ngram_factors = calibration.ngram_acceptance()
@@ -254,7 +257,7 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         off_factors = None
     probs = top_probs.to(torch.float64).tolist()
     rescore = None
-    if successors is not None:
+    if successors is not None and acceptance_model is None:
         mult = calibration.level_multipliers() if calibration is not None else None
         k_all = calibration.num_heads if calibration is not None else k_heads
 
@@ -271,16 +274,14 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         if successors is None and acceptance_model.uses_successors:
             raise DynamicTreeError("the acceptance model reads successor levels: pass the successor counts it was "
                                    "fitted with (successors.safetensors)")
+        if context is not None and len(context) > 0:
+            last = [int(t) for t in context[-4:]]
         grams = ContextGrams(last if context is None or len(context) == 0 else context)
         # a model fitted without successor levels never saw them: keep its level columns empty
         score_children = acceptance_model.scorer(probs, ids, grams,
                                                  successors if acceptance_model.uses_successors else None)
-        rescore = None
     nodes = select_nodes(factors, ids, budget, continuations=continuations, ngram_factors=ngram_factors,
-                         off_factors=off_factors, rescore=rescore,
-                         context=last if context is None or len(context) == 0 or score_children is None
-                         else [int(t) for t in context[-4:]],
-                         score_children=score_children)
+                         off_factors=off_factors, rescore=rescore, context=last, score_children=score_children)
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
     index = {n["slots"]: n for n in nodes}
     n1 = tree.num_nodes + 1

@@ -37,8 +37,7 @@ def model_dynamic_tree(spec: DynamicTreeSpec, model_dir: str, heads_dir: str,
     """
     from pathlib import Path
 
-    from ..core.acceptance_model import FILE_NAME as MODEL_FILE
-    from ..core.acceptance_model import NodeAcceptanceModel
+    from ..core.acceptance_model import acceptance_model_for
     from ..core.calibration import calibration_for
     from ..core.successor_prior import FILE_NAME as SUCCESSORS_FILE
     from ..core.successor_prior import SuccessorCounts
@@ -58,9 +57,7 @@ def model_dynamic_tree(spec: DynamicTreeSpec, model_dir: str, heads_dir: str,
     root = lm_head(hidden).argmax(-1)
     here = Path(heads_dir)
     succ = SuccessorCounts.load(here / SUCCESSORS_FILE) if (here / SUCCESSORS_FILE).is_file() else None
-    scorer = NodeAcceptanceModel.load(here / MODEL_FILE, heads.num_heads) if (here / MODEL_FILE).is_file() else None
-    if scorer is not None and scorer.uses_successors and succ is None:
-        scorer = None
+    scorer, _ = acceptance_model_for(heads_dir, heads.num_heads, succ)
     cal, how = calibration_for(heads_dir, heads.num_heads)
     how = "the acceptance model next to the heads" if scorer is not None else f"calibration {how}"
     tree = spec.build(root, heads(hidden, lm_head, root_embeds_of(model, heads)(root)), [ids + [int(root)]],

@@ -22,8 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from medusa_plugin.core.acceptance_model import FILE_NAME as ACCEPTANCE_MODEL_FILE
-from medusa_plugin.core.acceptance_model import AcceptanceModelError, NodeAcceptanceModel
+from medusa_plugin.core.acceptance_model import AcceptanceModelError, NodeAcceptanceModel, acceptance_model_for
 from medusa_plugin.core.calibration import AcceptanceCalibration, CalibrationError, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
 from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
@@ -151,16 +150,10 @@ class MedusaTreeProposer:
             self.calibration, how = AcceptanceCalibration(self.heads.num_heads), "fresh"
         path = heads_dir / SUCCESSORS_FILE
         self.successors = SuccessorCounts.load(path) if self.config.successors and local and path.is_file() else None
-        model_path = heads_dir / ACCEPTANCE_MODEL_FILE
         self.acceptance_model, why = None, "off (acceptance_model: false)"
         if self.config.acceptance_model:
-            why = "none next to the heads"
-            if local and model_path.is_file():
-                model = NodeAcceptanceModel.load(model_path, self.heads.num_heads)
-                if model.uses_successors and self.successors is None:
-                    why = f"{model_path} not used: it reads successor levels and successor counts are off"
-                else:
-                    self.acceptance_model, why = model, str(model_path)
+            self.acceptance_model, why = (acceptance_model_for(heads_dir, self.heads.num_heads, self.successors)
+                                          if local else (None, "none (heads from the hub)"))
         _log_info(f"Medusa dynamic trees: calibration {how}; successor counts "
                   f"{f'{path} ({self.successors.tokens} tokens)' if self.successors is not None else 'off'}; "
                   f"acceptance model {why}")
