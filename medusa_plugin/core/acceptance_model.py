@@ -85,6 +85,7 @@ class ContextGrams:
         self._count = dict(zip(toks.tolist(), counts.tolist()))
         self._pos: dict[int, np.ndarray] = {}
         self._after1: dict[int, set] = {}
+        self._matches: dict[tuple, dict[int, int]] = {}
 
     def count(self, token: int) -> int:
         """Occurrences of ``token`` in the context."""
@@ -109,22 +110,28 @@ class ContextGrams:
     def match_length(self, prev: Sequence[int], token: int, max_n: int = 4) -> int:
         """The largest ``n <= min(max_n, len(prev))`` such that ``prev[-n:] + [token]`` occurs in the context, 0 if
         ``prev[-1], token`` does not (``prev``: the tokens before ``token``, the last one its parent's)."""
-        p1 = int(prev[-1])
-        if token not in self.after(p1):
-            return 0
-        c, top = self._ctx, min(max_n, len(prev))
-        best = 1
-        for i in self._at(p1).tolist():
-            if c[i + 1] != token:
-                continue
-            n = 1
-            while n < top and i - n >= 0 and c[i - n] == prev[-1 - n]:
-                n += 1
-            if n > best:
-                best = n
-                if best == top:
-                    break
-        return best
+        return self.match_lengths(prev, max_n).get(int(token), 0)
+
+    def match_lengths(self, prev: Sequence[int], max_n: int = 4) -> dict[int, int]:
+        """:meth:`match_length` of every token that follows ``prev[-1]`` in the context, as ``{token: n}`` (tokens
+        absent: 0). Vectorised over the occurrences of ``prev[-1]``; cached per ``prev[-max_n:]``."""
+        key = tuple(int(t) for t in prev[-max_n:])
+        got = self._matches.get(key)
+        if got is None:
+            at = self._at(key[-1])
+            got = {}
+            if at.size:
+                c, n, alive = self._ctx, np.ones(at.size, dtype=np.int64), np.ones(at.size, dtype=bool)
+                for j in range(1, len(key)):  # occurrence i matches j+1 tokens if c[i-j] == prev[-1-j] too
+                    idx = at - j
+                    alive &= idx >= 0
+                    alive[alive] = c[idx[alive]] == key[-1 - j]
+                    n += alive
+                for t, m in zip(c[at + 1].tolist(), n.tolist()):
+                    if m > got.get(t, 0):
+                        got[t] = m
+            self._matches[key] = got
+        return got
 
 
 def node_features(num_heads: int, head: int, top: bool, probs: Sequence[float], tokens: Sequence[int],
@@ -140,31 +147,47 @@ def node_features(num_heads: int, head: int, top: bool, probs: Sequence[float], 
     Returns:
         ``([R, K + 25] float32 features, R successor levels)`` (levels -1 without ``successors``).
     """
-    r = len(tokens)
-    f = np.zeros((r, num_features(num_heads)), dtype=np.float32)
-    k = num_heads
-    prev = [int(t) for t in prev[-4:]]
-    prev2, prev1 = (prev[-2] if len(prev) >= 2 else None), prev[-1]
+    return _parent_columns(_head_columns(num_heads, head, probs, tokens, grams), num_heads, top,
+                           np.asarray(tokens, dtype=np.int64), prev, grams, successors)
+
+
+def _head_columns(num_heads: int, head: int, probs: Sequence[float], tokens: Sequence[int],
+                  grams: ContextGrams) -> np.ndarray:
+    """The columns that depend on the head and rank only (head, log q, rank, context count, unseen):
+    ``[R, K + 25]`` float32, the rest 0."""
+    r, k = len(tokens), num_heads
+    f = np.zeros((r, num_features(k)), dtype=np.float32)
     f[:, head] = 1.0
-    f[:, k] = float(top)
-    f[:, k + 1] = [math.log(max(float(q), 1e-6)) / 5.0 for q in probs]
-    levels = [-1] * r
-    if successors is not None:
-        levels = [successors.level(prev2, prev1, int(t)) for t in tokens]
-        f[np.arange(r), k + 2 + np.asarray(levels)] = 1.0
+    f[:, k + 1] = np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-6)) / 5.0
     c = k + 2 + NUM_LEVELS
     f[:, c] = np.arange(r, dtype=np.float32) / 10.0
-    for i, t in enumerate(tokens):
-        t = int(t)
-        n = grams.count(t)
-        m = grams.match_length(prev, t)
-        f[i, c + 1] = m >= 1
-        f[i, c + 2] = m >= 2
-        f[i, c + 3] = math.log1p(n) / 3.0
-        f[i, c + 4] = n == 0
-        f[i, c + 5] = t == prev1
-        f[i, c + 6] = m >= 3
-        f[i, c + 7] = m >= 4
+    n = np.array([grams.count(int(t)) for t in tokens], dtype=np.float64)
+    f[:, c + 3] = np.log1p(n) / 3.0
+    f[:, c + 4] = n == 0
+    return f
+
+
+def _parent_columns(head_cols: np.ndarray, num_heads: int, top: bool, tokens: np.ndarray, prev: Sequence[int],
+                    grams: ContextGrams, successors: SuccessorCounts | None) -> tuple[np.ndarray, list[int]]:
+    """:func:`_head_columns` plus the columns that depend on the parent (top, successor level, context matches,
+    repeat): the full features and the levels."""
+    f = head_cols.copy()
+    r, k = len(tokens), num_heads
+    prev = [int(t) for t in prev[-4:]]
+    prev2, prev1 = (prev[-2] if len(prev) >= 2 else None), prev[-1]
+    f[:, k] = float(top)
+    levels = [-1] * r
+    if successors is not None:
+        levels = successors.levels(prev2, prev1, tokens.tolist())
+        f[np.arange(r), k + 2 + np.asarray(levels)] = 1.0
+    c = k + 2 + NUM_LEVELS
+    matches = grams.match_lengths(prev)
+    m = np.array([matches.get(t, 0) for t in tokens.tolist()], dtype=np.int64) if matches else np.zeros(r, np.int64)
+    f[:, c + 1] = m >= 1
+    f[:, c + 2] = m >= 2
+    f[:, c + 5] = tokens == prev1
+    f[:, c + 6] = m >= 3
+    f[:, c + 7] = m >= 4
     return f, levels
 
 
@@ -208,8 +231,14 @@ class NodeAcceptanceModel:
         """``score(head, top, prev) -> (factors, levels)`` for the ranks of ``head`` under a parent (``prev``: the
         tokens before them, the parent's last), for :func:`~medusa_plugin.core.dynamic_tree.select_nodes`
         (``probs``, ``tokens``: ``[K][R]``, one request)."""
+        heads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
         def score(head: int, top: bool, prev: Sequence[int]) -> tuple[list, list]:
-            f, levels = node_features(self.num_heads, head, top, probs[head], tokens[head], prev, grams, successors)
+            got = heads.get(head)
+            if got is None:
+                got = heads[head] = (_head_columns(self.num_heads, head, probs[head], tokens[head], grams),
+                                     np.asarray(tokens[head], dtype=np.int64))
+            f, levels = _parent_columns(got[0], self.num_heads, top, got[1], prev, grams, successors)
             return self.probability(f).tolist(), levels
         return score
 

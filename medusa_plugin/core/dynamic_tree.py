@@ -157,7 +157,8 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
     conts = [list(c) for c in continuations]
     ctx4 = [int(t) for t in context[-4:]]
     ctx = ctx4[-2:]
-    # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path, level)
+    # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path, level, siblings, index,
+    # parent on the top path); (score, depth, slots) is unique, so the rest is never compared
     heap: list = []
 
     def push_children(score: float, slots: tuple, toks: tuple, on: tuple, top: bool) -> None:
@@ -191,17 +192,28 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
                     kid[0] = max(kid[0], g)
                     kid[3] = d
                 kid[4] = kid[4] + (j,)
-        for tok, (f, slot, head, ng, c_on, lv) in kids.items():
-            heapq.heappush(heap, (-(score * f), d + 1, slots + (slot,), toks + (tok,), head, ng, not top,
-                                  top and slot == 0, c_on, lv))
+        # Children enter the heap one at a time, best first (by the heap's own key: score, then slot): a sibling is
+        # pushed when the one before it is popped, so the heap holds a few entries, not every scored child.
+        sibs = sorted((-(score * f), slot, tok, head, ng, c_on, lv)
+                      for tok, (f, slot, head, ng, c_on, lv) in kids.items())
+        if sibs:
+            push_sibling(sibs, 0, slots, toks, top)
+
+    def push_sibling(sibs: list, i: int, slots: tuple, toks: tuple, top: bool) -> None:
+        neg, slot, tok, head, ng, c_on, lv = sibs[i]
+        heapq.heappush(heap, (neg, len(slots) + 1, slots + (slot,), toks + (tok,), head, ng, not top,
+                              top and slot == 0, c_on, lv, sibs, i, top))
 
     push_children(1.0, (), (), tuple(range(len(conts))), True)
     out: list[dict] = []
     while heap and len(out) < budget:
-        neg, _, slots, toks, head, ng, off, top, on, lv = heapq.heappop(heap)
+        neg, _, slots, toks, head, ng, off, top, on, lv, sibs, i, parent_top = heapq.heappop(heap)
         out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off,
                     "level": lv})
-        push_children(-neg, slots, toks, on, top)
+        if i + 1 < len(sibs):
+            push_sibling(sibs, i + 1, slots[:-1], toks[:-1], parent_top)
+        if len(out) < budget:  # the last node's children could never be selected: do not score them
+            push_children(-neg, slots, toks, on, top)
     return out
 
 

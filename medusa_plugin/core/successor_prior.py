@@ -93,6 +93,19 @@ class SuccessorCounts:
             return 1 + _bin(self._bi[prev1].get(token, 0.0) / (n + 1.0))
         return 0
 
+    def levels(self, prev2: int | None, prev1: int, tokens: Sequence[int]) -> list[int]:
+        """:meth:`level` of each of ``tokens`` after the same ``prev2, prev1`` (one lookup of the context)."""
+        if prev2 is not None:
+            n = self._tri_tot.get((prev2, prev1))
+            if n:
+                row = self._tri[(prev2, prev1)]
+                return [8 + _bin(row.get(t, 0.0) / (n + 1.0)) for t in tokens]
+        n = self._bi_tot.get(prev1)
+        if n:
+            row = self._bi[prev1]
+            return [1 + _bin(row.get(t, 0.0) / (n + 1.0)) for t in tokens]
+        return [0] * len(tokens)
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Write the counts as safetensors (int32 token ids, float32 counts); returns the path."""
