@@ -106,10 +106,9 @@ def paged_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, 
 
 
 class _GroupPlan(NamedTuple):
-    blocks: Tensor    # [bsz, S] int64, cache block of each (padded) key position
-    offsets: Tensor   # [bsz, S] int64, offset inside the block
+    blocks: Tensor    # [bsz * nbr] int64, each request's cache blocks (padded with a valid block, masked)
     tok: Tensor       # [bsz, Q] int64, query row of each (padded) query
-    blocked: Tensor   # [bsz, Hkv, G*Q, S] bool, True = masked out
+    bias: Tensor      # [bsz * Hkv, G*Q, S] float32, 0 where a query sees a key, -inf where masked (S = longest seq)
     out_rows: Tensor  # [M] int64, query rows of the valid queries (tok[q_valid])
     q_valid: Tensor   # [bsz, Q] bool
 
@@ -176,18 +175,25 @@ def paged_tree_attention_planned(query: Tensor, key_cache: Tensor, value_cache: 
         out = torch.empty_like(query)
     elif out.shape != query.shape:
         raise PagedAttentionError(f"out must have the query's shape {tuple(query.shape)}, got {tuple(out.shape)}")
-    hkv, dh = plan.num_kv_heads, plan.head_dim
+    hkv, dh, bs = plan.num_kv_heads, plan.head_dim, plan.block_size
     group = plan.num_q_heads // hkv
+    # Whole cache blocks are gathered (index_select on the block dimension) in the order [block, head, D, slot] for
+    # K and [block, head, slot, D] for V: for vLLM's CPU cache (K dim-major, V token-major inside a block) these are
+    # contiguous copies, several times faster than gathering every position; then one batched GEMM per product
+    # over the request's keys, the mask added as a 0 / -inf bias (fused with the scale).
+    k_blocks, v_blocks = key_cache.permute(0, 2, 3, 1), value_cache.permute(0, 2, 1, 3)
     for g in plan.groups:
         bsz, max_q = g.tok.shape
-        k = key_cache[g.blocks, g.offsets].float()
-        v = value_cache[g.blocks, g.offsets].float()
+        nbr = g.blocks.shape[0] // bsz
+        gq, s_len = group * max_q, g.bias.shape[-1]
+        k = k_blocks.index_select(0, g.blocks).view(bsz, nbr, hkv, dh, bs).permute(0, 2, 3, 1, 4)
+        k = k.reshape(bsz * hkv, dh, nbr * bs)[..., :s_len].float()                      # [bsz*Hkv, Dh, S]
+        v = v_blocks.index_select(0, g.blocks).view(bsz, nbr, hkv, bs, dh).permute(0, 2, 1, 3, 4)
+        v = v.reshape(bsz * hkv, nbr * bs, dh)[:, :s_len].float()                        # [bsz*Hkv, S, Dh]
         q = query[g.tok].float()
-        # [bsz, Hkv, group*Q, Dh] queries against [bsz, Hkv, S, Dh] keys.
-        q = q.view(bsz, max_q, hkv, group, dh).permute(0, 2, 3, 1, 4).reshape(bsz, hkv, group * max_q, dh)
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1)).mul_(scale)                        # [bsz, Hkv, G*Q, S]
-        scores.masked_fill_(g.blocked, float("-inf"))
-        o = torch.matmul(torch.softmax(scores, dim=-1), v.permute(0, 2, 1, 3))             # [bsz, Hkv, G*Q, Dh]
+        q = q.view(bsz, max_q, hkv, group, dh).permute(0, 2, 3, 1, 4).reshape(bsz * hkv, gq, dh)
+        probs = torch.softmax(torch.baddbmm(g.bias, q, k, alpha=scale), dim=-1)          # [bsz*Hkv, GQ, S]
+        o = torch.bmm(probs, v)                                                            # [bsz*Hkv, GQ, Dh]
         o = o.view(bsz, hkv, group, max_q, dh).permute(0, 3, 1, 2, 4).reshape(bsz, max_q, hkv * group, dh)
         out[g.out_rows] = o[g.q_valid].to(out.dtype)
     return out
@@ -198,13 +204,14 @@ def _plan_group(block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, block_s
     device = seq_lens.device
     bsz = seq_lens.shape[0]
 
-    # Each request's K/V positions ([bsz, max_s]); padded positions point at a valid slot and are masked.
+    # Each request's blocks ([bsz, nbr]) and key positions ([S] = nbr * block_size); padding is masked.
+    nbr = -(-max_s // block_size)
+    longest, max_s = max_s, nbr * block_size
     pos = torch.arange(max_s, device=device)
     key_valid = pos[None, :] < seq_lens[:, None]                                           # [bsz, S]
-    blk_col = (pos // block_size).clamp_max(block_tables.shape[1] - 1)
-    blocks = block_tables.to(device=device, dtype=torch.int64)[:, blk_col]                 # [bsz, S]
-    blocks = torch.where(key_valid, blocks, 0)
-    offsets = (pos % block_size).expand(bsz, max_s)
+    blk_col = torch.arange(nbr, device=device).clamp_max(block_tables.shape[1] - 1)
+    blocks = block_tables.to(device=device, dtype=torch.int64)[:, blk_col]                 # [bsz, nbr]
+    blocks = torch.where(blk_col[None, :] * block_size < seq_lens[:, None], blocks, blocks[:, :1])
 
     # Queries as [bsz, max_q].
     qi = torch.arange(max_q, device=device)
@@ -228,8 +235,10 @@ def _plan_group(block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, block_s
     allowed = torch.where(is_tree[:, None, None], ~new_key | tree_ok, causal)
     allowed &= key_valid[:, None, :]
     allowed[:, :, 0] |= ~q_valid  # padded query rows attend key 0 only (discarded), so softmax never sees an empty row
-    mask = allowed[:, None, None].expand(bsz, hkv, group, max_q, max_s).reshape(bsz, hkv, group * max_q, max_s)
-    return _GroupPlan(blocks, offsets.contiguous(), tok, ~mask, tok[q_valid], q_valid)
+    allowed = allowed[..., :longest]
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+    bias = bias[:, None, None].expand(bsz, hkv, group, max_q, longest).reshape(bsz * hkv, group * max_q, longest)
+    return _GroupPlan(blocks.reshape(-1).contiguous(), tok, bias, tok[q_valid], q_valid)
 
 
 def dense_tree_attention_reference(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
