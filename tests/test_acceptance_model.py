@@ -45,31 +45,37 @@ def test_context_grams_equal_a_scan(seed):
         assert grams.match_length(prev, tok) == want, (prev, tok)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(4))
 def test_node_features_columns(seed):
     rng = random.Random(seed)
     k_heads, topk = 3, 6
-    ctx = [rng.randrange(20) for _ in range(40)]
+    ctx = [rng.randrange(20) for _ in range(30)]
+    ctx += ctx[:8 + seed]  # the last tokens occur before too, so 3- and 4-token matches exist
     succ = SuccessorCounts.from_sequences([[rng.randrange(20) for _ in range(80)]])
     probs = sorted((rng.random() for _ in range(topk)), reverse=True)
     tokens = rng.sample(range(20), topk)
+    if ctx[8 + seed] not in tokens:  # the token after the earlier occurrence
+        tokens[rng.randrange(topk)] = ctx[8 + seed]
     head, top, p2, p1 = rng.randrange(k_heads), bool(seed % 2), ctx[-2], ctx[-1]
-    prev = ctx[-3:]
-    f, levels = node_features(k_heads, head, top, probs, tokens, prev, ContextGrams(ctx), succ)
-    assert f.shape == (topk, k_heads + 25) and f.dtype == np.float32
-    for r, t in enumerate(tokens):
-        row = f[r].tolist()
-        assert row[:k_heads] == [float(h == head) for h in range(k_heads)]
-        assert row[k_heads] == float(top)
-        assert row[k_heads + 1] == pytest.approx(math.log(probs[r]) / 5, abs=1e-6)
-        lv = succ.level(p2, p1, t)
-        assert levels[r] == lv
-        assert row[k_heads + 2:k_heads + 2 + NUM_LEVELS] == [float(i == lv) for i in range(NUM_LEVELS)]
-        c = k_heads + 2 + NUM_LEVELS
-        assert row[c] == pytest.approx(r / 10)
-        match = [any(ctx[i:i + n + 1] == prev[3 - n:] + [t] for i in range(len(ctx) - n)) for n in (1, 2, 3)]
-        assert row[c + 1:c + 8] == pytest.approx([float(match[0]), float(match[1]), math.log1p(ctx.count(t)) / 3,
-                                                  float(t not in ctx), float(t == p1), float(match[2]), 0.0])
+    for prev in (ctx[-3:], ctx[-4:]):
+        f, levels = node_features(k_heads, head, top, probs, tokens, prev, ContextGrams(ctx), succ)
+        assert f.shape == (topk, k_heads + 25) and f.dtype == np.float32
+        for r, t in enumerate(tokens):
+            row = f[r].tolist()
+            assert row[:k_heads] == [float(h == head) for h in range(k_heads)]
+            assert row[k_heads] == float(top)
+            assert row[k_heads + 1] == pytest.approx(math.log(probs[r]) / 5, abs=1e-6)
+            lv = succ.level(p2, p1, t)
+            assert levels[r] == lv
+            assert row[k_heads + 2:k_heads + 2 + NUM_LEVELS] == [float(i == lv) for i in range(NUM_LEVELS)]
+            c = k_heads + 2 + NUM_LEVELS
+            assert row[c] == pytest.approx(r / 10)
+            match = [n <= len(prev) and any(ctx[i:i + n + 1] == prev[len(prev) - n:] + [t]
+                                            for i in range(len(ctx) - n)) for n in (1, 2, 3, 4)]
+            assert row[c + 1:c + 8] == pytest.approx([float(match[0]), float(match[1]),
+                                                      math.log1p(ctx.count(t)) / 3, float(t not in ctx),
+                                                      float(t == p1), float(match[2]), float(match[3])])
+        assert f[:, c + 7].any() == (len(prev) == 4)  # the planted repeat matches 4 tokens
     f0, levels0 = node_features(k_heads, head, top, probs, tokens, prev, ContextGrams(ctx), None)
     assert levels0 == [-1] * topk and not f0[:, k_heads + 2:k_heads + 2 + NUM_LEVELS].any()
 

@@ -182,3 +182,28 @@ def test_one_tree_per_request_matches_dense(monkeypatch):
         paged_tree_attention(**kw, tree_mask=tree_mask[:2], is_tree=is_tree, scale=0.3)
     monkeypatch.setattr(pa, "_GROUP_ELEMS", 1)  # one request per group: each group slices its own masks
     torch.testing.assert_close(paged_tree_attention(**kw, tree_mask=tree_mask, is_tree=is_tree, scale=0.3), got)
+
+
+@pytest.mark.parametrize("k_layout,v_layout", [("dn", "nd"), ("nd", "dn")])
+def test_strided_cache_views_as_vllm_cpu_lays_them_out(k_layout, v_layout):
+    """The K / V views of one ``[num_blocks, Hkv, block_size, 2*D]`` cache, K dim-major and V token-major inside a
+    block (vLLM's CPU layout) or the other way round: the blocks are gathered whole, whatever the strides."""
+    hkv, dh, bs = 2, 8, 16
+    q_lens, seq_lens = [9, 1, 5], [40 + 9, 70 + 1, 17 + 5]
+    kw = make_batch(seq_lens, q_lens, block_size=bs, hq=4, hkv=hkv, dh=dh, seed=5)
+    nb = kw["key_cache"].shape[0]
+    raw = torch.zeros(nb, hkv, 2, bs * dh)
+    views = []
+    for i, (lay, logical) in enumerate(((k_layout, kw["key_cache"]), (v_layout, kw["value_cache"]))):
+        part = raw[:, :, i]
+        view = (part.view(nb, hkv, bs, dh).permute(0, 2, 1, 3) if lay == "nd"
+                else part.view(nb, hkv, dh, bs).permute(0, 3, 1, 2))
+        view.copy_(logical)
+        views.append(view)
+    assert not views[0].is_contiguous() and not views[1].is_contiguous()
+    is_tree = torch.tensor([True, False, True])
+    mask = brute_tree_mask([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0]])
+    strided = dict(kw, key_cache=views[0], value_cache=views[1])
+    got = paged_tree_attention(**strided, tree_mask=mask, is_tree=is_tree, scale=0.35)
+    want = dense_tree_attention_reference(**kw, tree_mask=mask, is_tree=is_tree, scale=0.35)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

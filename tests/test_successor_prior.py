@@ -39,6 +39,7 @@ def test_levels_equal_a_brute_force_count_and_survive_a_file(tmp_path):
             for c in range(7):
                 want = _brute_level(seqs, a, b, c)
                 assert counts.level(a, b, c) == want == loaded.level(a, b, c), (a, b, c)
+            assert counts.levels(a, b, list(range(7))) == [_brute_level(seqs, a, b, c) for c in range(7)]
     assert {counts.level(None, 9, 0), counts.level(9, 9, 0)} == {0}  # nothing ever followed 9
 
 
