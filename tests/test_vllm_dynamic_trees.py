@@ -169,3 +169,11 @@ def test_successor_counts_the_calibration_prior_and_the_acceptance_model_are_use
     assert results["successors"]["priors"][2] is True
     assert results["hybrid"]["priors"][0] is False and results["hybrid"]["priors"][2] is False  # the plain heads
     # directory has none
+
+
+def test_scheduled_chains_take_the_stock_attention_path(results):
+    """Under tree_schedule: auto many steps keep only a chain of each tree: those verify with stock attention and
+    no KV compaction, the others with tree attention; the outputs above are identical either way."""
+    stats = results["scheduled"]["stats"]
+    assert 0 < stats.chain_batches < stats.tree_batches, (stats.chain_batches, stats.tree_batches)
+    assert results["hybrid"]["stats"].chain_batches < results["hybrid"]["stats"].tree_batches

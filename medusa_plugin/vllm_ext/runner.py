@@ -167,6 +167,12 @@ class MedusaRunnerMixin:
             drafted = self._medusa.trees
             self._m_trees = [drafted[req_ids[r]].tree if req_ids[r] in drafted else self._m_tree
                              for r in step.rows]
+            if all(int(v) - 1 <= t.chain_prefix for t, v in zip(self._m_trees, step.num_valid)):
+                # Every request verifies a chain (small trees under tree_schedule: auto often are): as for a static
+                # chain, linear positions, stock attention and the accepted KV already in place.
+                stats.chain_batches += 1
+                self._m_chain_step = True
+                return out
             dev = step.token_index.device
             n = self._m_tree.num_nodes  # the budget; with tree_schedule: auto a tree may have fewer nodes
             depth = stack_depth(self._m_trees, dev, num_nodes=n)                             # [R, N+1]
