@@ -112,6 +112,7 @@ class MedusaRunnerMixin:
         self._m_step: tree_step.TreeStep | None = None   # this step's tree requests; None if no request has drafts
         self._m_chain_step = False                        # this step's drafts are all chains (no mask, no compaction)
         self._m_kv_layers: tuple | None = None           # (kv_cache_config, [(group id, [layers])]) for compaction
+        self._m_kv_views: dict[int, tuple] = {}          # group id -> (cache identity, K/V views by block size)
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
         install_logits_processors(self.input_batch, vllm_config, self.device)
@@ -282,12 +283,21 @@ class MedusaRunnerMixin:
                                         tree_slots.to(torch.int64))
             if src.numel() == 0:
                 continue
+            for block_size, same in self._medusa_kv_views(gid, layers).items():
+                compact_paged_kv_many(same, src, dst, block_size=block_size, block_dim=0, offset_dim=1)
+
+    def _medusa_kv_views(self, gid: int, layers: list) -> dict[int, list[torch.Tensor]]:
+        """The K and V views of a KV cache group's layers by block size, built once per group and cache tensors (the
+        engine keeps its caches for its life; a new tensor, e.g. after a re-initialisation, rebuilds them)."""
+        key = (gid, tuple(layer.kv_cache.data_ptr() for layer in layers))
+        cached = self._m_kv_views.get(gid)
+        if cached is None or cached[0] != key:
             views: dict[int, list[torch.Tensor]] = {}
             for layer in layers:
                 for view in layer.impl.kv_views(layer, layer.kv_cache):
                     views.setdefault(view.shape[1], []).append(view)
-            for block_size, same in views.items():
-                compact_paged_kv_many(same, src, dst, block_size=block_size, block_dim=0, offset_dim=1)
+            cached = self._m_kv_views[gid] = (key, views)
+        return cached[1]
 
     def _medusa_kv_layers(self) -> list[tuple[int, list]]:
         """Per full-attention KV cache group: its id and its attention layers, each physical cache once (layers may
