@@ -164,6 +164,7 @@ def test_dynamic_auto_drafts_what_pays_and_rests_the_heads_when_nothing_does():
     out = cheap.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
     assert [len(o) for o in out] == [4, 4] and set(cheap.trees) == {"a", "b"}
     dear, calls = _dynamic_proposer(cost_per_row=1e5)  # no node is worth its row
+    dear.CHEAP_DRAFT = 0.0  # drafting never counts as cheap: the rest starts at RECHECK_EVERY
     outs = [dear.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(2 * dear.RECHECK_EVERY)]
     assert all(o == [[], []] for o in outs) and not dear.trees
     assert len(calls) == 2  # the heads ran at the first step and at the recheck, not in between
@@ -174,6 +175,7 @@ def test_dynamic_auto_rests_the_heads_longer_after_each_fruitless_recheck_and_pr
 
     hidden = torch.randn(2, 8)
     p, calls = _dynamic_proposer(cost_per_row=1e5)
+    p.CHEAP_DRAFT = 0.0
     outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(200)]
     # heads at steps 0, 8, 24, 56, 120, 184: rests of 8, 16, 32, then 64 (RECHECK_MAX)
     assert len(calls) == 6 and p._recheck == p.RECHECK_MAX
@@ -192,6 +194,23 @@ def test_dynamic_auto_rests_the_heads_longer_after_each_fruitless_recheck_and_pr
     assert step == 248 and len(calls) == before + 1 and p._recheck == p.RECHECK_EVERY
     p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
     assert len(calls) == before + 2  # no rest after a step that drafted
+
+
+def test_dynamic_auto_rechecks_at_once_while_drafting_is_cheap_next_to_a_step():
+    """Drafting measured far below a plain step (here microseconds against 1 s): the first rest is one step, then
+    it doubles as before; dear drafting (CHEAP_DRAFT = 0) keeps the rest of RECHECK_EVERY."""
+    import torch
+
+    hidden = torch.randn(2, 8)
+    p, calls = _dynamic_proposer(cost_per_row=1e5)
+    assert p.dynamic_draft_ms.get(2) is None and p._first_rest(2) == p.RECHECK_EVERY  # nothing measured yet
+    outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(100)]
+    assert all(o == [[], []] for o in outs[:56])
+    assert p._first_rest(2) == 1 and p.dynamic_draft_ms[2] < p.CHEAP_DRAFT * p.dynamic_step_ms(2)(0)
+    # heads at steps 0, 1, 3, 7, 15, 31, 63: rests of 1, 2, 4, 8, 16, 32, 64
+    assert len(calls) == 7 and p._recheck == p.RECHECK_MAX
+    p.CHEAP_DRAFT = 0.0
+    assert p._first_rest(2) == p.RECHECK_EVERY
 
 
 def test_dynamic_auto_charges_the_measured_drafting_time():

@@ -272,6 +272,7 @@ class MedusaTreeProposer:
     PROBE_FAST = 8          # ... and between probes while the step-time ratio at this batch size is still unobserved
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
     RECHECK_MAX = 64        # ... doubled after every recheck that again chose nothing, up to this
+    CHEAP_DRAFT = 0.15      # ... but 1 step while drafting costs less than this fraction of a plain step (_first_rest)
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
@@ -445,8 +446,9 @@ class MedusaTreeProposer:
         idx = [i for i in range(b) if allow is None or allow[i]]
         # After a step that chose no node (rows too dear for these scores) the heads rest: their cost is paid before
         # the choice, so running them for nothing slows plain steps down (at 8 requests in bf16 on a 2-core CPU a
-        # heads run is ~3 ms of a ~17 ms step). The rest starts at RECHECK_EVERY steps and doubles after every recheck
-        # that again chose nothing, up to RECHECK_MAX.
+        # heads run is ~3 ms of a ~17 ms step). The rest starts at RECHECK_EVERY steps (1 where drafting is cheap next
+        # to a plain step, :meth:`_first_rest`) and doubles after every recheck that again chose nothing, up to
+        # RECHECK_MAX.
         self._since_empty = self._since_empty + 1 if self._since_empty >= 0 else -1
         if not idx or (self._since_empty > 0 and self._since_empty % self._recheck):
             self._time_step(b, 0, 0, draft_ms=0.0)
@@ -478,6 +480,8 @@ class MedusaTreeProposer:
         if self._step_cost is not None and not self._plain_probe and (rows == 0 or self._idle_probe):
             if self._since_empty > 0:  # a recheck that found nothing again: rest longer
                 self._recheck = min(2 * self._recheck, self.RECHECK_MAX)
+            elif self._since_empty < 0:  # the first step without nodes after steps with some
+                self._recheck = self._first_rest(b)
             self._since_empty = 0
         else:  # nodes were chosen (a plain probe may have dropped them): the heads rest from scratch next time
             self._since_empty = -1
@@ -485,6 +489,20 @@ class MedusaTreeProposer:
         self._plain_probe = self._idle_probe = False
         self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
         return out
+
+    def _first_rest(self, batch_size: int) -> int:
+        """Steps the heads rest after the first step that chose no node: 1 while drafting at ``batch_size`` costs
+        less than :attr:`CHEAP_DRAFT` of a plain step (both as measured), else :attr:`RECHECK_EVERY`.
+
+        One unsure step says little about the next: at one request on a 2-core CPU (float32 SmolLM2-135M, hybrid
+        trees, cap 8) drafting cost 2 ms of a 22 ms plain step and a rest of 8 steps after each empty choice left
+        most steps undrafted: 58-64 tok/s, against 79-82 with a rest of 1 (fixed trees: 72-79). At 8 requests
+        drafting cost 9 ms of a 25 ms step, and rechecking every step drafted where it lost (202-253 tok/s against
+        236-284 with a rest of 8)."""
+        draft = self.dynamic_draft_ms.get(batch_size)
+        if draft is None or self._step_cost is None:
+            return self.RECHECK_EVERY
+        return 1 if draft < self.CHEAP_DRAFT * self.dynamic_step_ms(batch_size)(0) else self.RECHECK_EVERY
 
     def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
         """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at its
