@@ -272,7 +272,7 @@ class MedusaTreeProposer:
     PROBE_FAST = 8          # ... and between probes while the step-time ratio at this batch size is still unobserved
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
     RECHECK_MAX = 64        # ... doubled after every recheck that again chose nothing, up to this
-    CHEAP_DRAFT = 0.15      # ... but 1 step while drafting costs less than this fraction of a plain step (_first_rest)
+    CHEAP_DRAFT = 0.2       # ... but 1 step while drafting costs less than this fraction of a plain step (_first_rest)
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
