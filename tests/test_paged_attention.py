@@ -207,3 +207,18 @@ def test_strided_cache_views_as_vllm_cpu_lays_them_out(k_layout, v_layout):
     got = paged_tree_attention(**strided, tree_mask=mask, is_tree=is_tree, scale=0.35)
     want = dense_tree_attention_reference(**kw, tree_mask=mask, is_tree=is_tree, scale=0.35)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_empty_request_with_an_unpadded_block_table():
+    """A request with no tokens (seq_len 0, no queries) whose block-table row holds garbage (-1): its padding reads
+    block 0, not its own first entry."""
+    kw = make_batch([20, 1], [3, 1], block_size=16, hq=4, hkv=2, seed=9)
+    kw["block_tables"] = torch.cat([kw["block_tables"][:1], torch.full_like(kw["block_tables"][:1], -1)])
+    kw["seq_lens"] = torch.tensor([20, 0], dtype=torch.int32)
+    kw["query_start_loc"] = torch.tensor([0, 3, 3], dtype=torch.int32)
+    kw["query"] = kw["query"][:3]
+    is_tree = torch.tensor([True, False])
+    mask = brute_tree_mask([[0], [1]])
+    got = paged_tree_attention(**kw, tree_mask=mask, is_tree=is_tree, scale=0.3)
+    want = dense_tree_attention_reference(**kw, tree_mask=mask, is_tree=is_tree, scale=0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

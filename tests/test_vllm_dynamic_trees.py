@@ -36,6 +36,18 @@ class _NoDraftCost(dict):
         pass
 
 
+def _no_observed_cost():
+    from medusa_plugin.core.observed_step_cost import ObservedStepCost
+
+    class _NoObserved(ObservedStepCost):
+        """Step times observed in serving are dropped: they would make the allocation depend on the machine."""
+
+        def add(self, *args, **kwargs) -> None:
+            pass
+
+    return _NoObserved()
+
+
 def _pin_step_cost(worker) -> None:
     """Replace the measured step cost by a fixed one, and drop what the proposer learns from wall-clock time."""
     from medusa_plugin.core.step_time_fit import StepTimeFit
@@ -45,6 +57,7 @@ def _pin_step_cost(worker) -> None:
     p._step_cost = dict(p._step_cost, forward_ms={"1": 10.0, "4096": 10.0 + ROW_MS * 4095}, tree_attention_ms={})
     p.step_time = StepTimeFit(min_steps=10**9)
     p.dynamic_draft_ms = _NoDraftCost()
+    p.observed_cost = _no_observed_cost()
 
 
 def _make_llm(model_dir, heads_dir, medusa: dict | None, **overrides):

@@ -115,7 +115,7 @@ class ContextGrams:
     def match_lengths(self, prev: Sequence[int], max_n: int = 4) -> dict[int, int]:
         """:meth:`match_length` of every token that follows ``prev[-1]`` in the context, as ``{token: n}`` (tokens
         absent: 0). Vectorised over the occurrences of ``prev[-1]``; cached per ``prev[-max_n:]``."""
-        key = tuple(int(t) for t in prev[-max_n:])
+        key = tuple(int(t) for t in prev[-max(1, max_n):])
         got = self._matches.get(key)
         if got is None:
             at = self._at(key[-1])

@@ -106,7 +106,7 @@ def paged_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, 
 
 
 class _GroupPlan(NamedTuple):
-    blocks: Tensor    # [bsz * nbr] int64, each request's cache blocks (padded with a valid block, masked)
+    blocks: Tensor    # [bsz * nbr] int64, each request's cache blocks (padded with block 0, masked)
     tok: Tensor       # [bsz, Q] int64, query row of each (padded) query
     bias: Tensor      # [bsz * Hkv, G*Q, S] float32, 0 where a query sees a key, -inf where masked (S = longest seq)
     out_rows: Tensor  # [M] int64, query rows of the valid queries (tok[q_valid])
@@ -211,7 +211,7 @@ def _plan_group(block_tables, seq_lens, qsl, q_lens, tree_mask, is_tree, block_s
     key_valid = pos[None, :] < seq_lens[:, None]                                           # [bsz, S]
     blk_col = torch.arange(nbr, device=device).clamp_max(block_tables.shape[1] - 1)
     blocks = block_tables.to(device=device, dtype=torch.int64)[:, blk_col]                 # [bsz, nbr]
-    blocks = torch.where(blk_col[None, :] * block_size < seq_lens[:, None], blocks, blocks[:, :1])
+    blocks = torch.where(blk_col[None, :] * block_size < seq_lens[:, None], blocks, 0)  # block 0 always exists
 
     # Queries as [bsz, max_q].
     qi = torch.arange(max_q, device=device)
@@ -253,6 +253,8 @@ def dense_tree_attention_reference(query: Tensor, key_cache: Tensor, value_cache
         s_len = int(seq_lens[b])
         q0, q1 = int(query_start_loc[b]), int(query_start_loc[b + 1])
         n_q = q1 - q0
+        if n_q == 0:
+            continue
         ctx = s_len - n_q
         k = torch.stack([key_cache[int(block_tables[b, p // block_size]), p % block_size] for p in range(s_len)])
         v = torch.stack([value_cache[int(block_tables[b, p // block_size]), p % block_size] for p in range(s_len)])

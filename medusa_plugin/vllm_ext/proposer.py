@@ -272,7 +272,7 @@ class MedusaTreeProposer:
     PROBE_FAST = 8          # ... and between probes while the step-time ratio at this batch size is still unobserved
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
     RECHECK_MAX = 64        # ... doubled after every recheck that again chose nothing, up to this
-    CHEAP_DRAFT = 0.2       # ... but 1 step while drafting costs less than this fraction of a plain step (_first_rest)
+    CHEAP_DRAFT = 0.2       # ... but the next step while drafting costs less than this fraction of a plain step
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
@@ -487,12 +487,15 @@ class MedusaTreeProposer:
             self._since_empty = -1
             self._recheck, self._dyn_idle_steps = self.RECHECK_EVERY, 0
         self._plain_probe = self._idle_probe = False
-        self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0)
+        # a step whose trees are all chains verifies with stock attention (the runner): no tree-attention cost
+        chains = all(t is None or t.tree.chain_prefix >= t.tree.num_nodes for t in trees)
+        self._time_step(b, rows, 0, draft_ms=draft_ms, tree_step=rows > 0 and not chains)
         return out
 
     def _first_rest(self, batch_size: int) -> int:
-        """Steps the heads rest after the first step that chose no node: 1 while drafting at ``batch_size`` costs
-        less than :attr:`CHEAP_DRAFT` of a plain step (both as measured), else :attr:`RECHECK_EVERY`.
+        """The heads' rest after the first step that chose no node: 1 (they run again at the next step) while
+        drafting at ``batch_size`` costs less than :attr:`CHEAP_DRAFT` of a plain step (both as measured), else
+        :attr:`RECHECK_EVERY` steps.
 
         One unsure step says little about the next: at one request on a 2-core CPU (float32 SmolLM2-135M, hybrid
         trees, cap 8) drafting cost 2 ms of a 22 ms plain step and a rest of 8 steps after each empty choice left

@@ -75,7 +75,8 @@ class MedusaStats:
     nodes_verified: int = 0         # tree nodes (drafts) verified
     tree_batches: int = 0           # engine steps with at least one tree request
     mixed_batches: int = 0          # ... of which also prefilled another request (query length > 1, no drafts)
-    chain_batches: int = 0          # ... of which verified chains only (a static tree's chain prefix): stock attention
+    chain_batches: int = 0          # ... of which verified chains only (a static tree's chain prefix, or dynamic
+                                    # trees that are all chains): stock attention
     truncated_trees: int = 0        # tree requests whose drafts vLLM cut to a prefix (token budget, max_model_len)
     accepted_per_depth: list[int] = field(default_factory=list)
 
@@ -124,6 +125,8 @@ class MedusaRunnerMixin:
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)
+        if self._medusa is not None:
+            self._m_kv_views.clear()  # views of the caches just replaced must not keep them alive
         if self._medusa is not None and not kwargs.get("is_profiling", False):
             self._medusa.calibrate(self)  # tree_schedule: auto -> step cost measured in this engine (cached)
 
@@ -289,7 +292,8 @@ class MedusaRunnerMixin:
     def _medusa_kv_views(self, gid: int, layers: list) -> dict[int, list[torch.Tensor]]:
         """The K and V views of a KV cache group's layers by block size, built once per group and cache tensors (the
         engine keeps its caches for its life; a new tensor, e.g. after a re-initialisation, rebuilds them)."""
-        key = (gid, tuple(layer.kv_cache.data_ptr() for layer in layers))
+        key = tuple((kv.data_ptr(), tuple(kv.shape), tuple(kv.stride()), kv.dtype)
+                    for kv in (layer.kv_cache for layer in layers))  # as TreeAttentionImplMixin.kv_views
         cached = self._m_kv_views.get(gid)
         if cached is None or cached[0] != key:
             views: dict[int, list[torch.Tensor]] = {}
