@@ -129,7 +129,8 @@ class MedusaHeads(nn.Module):
         if hidden.shape[-1] != self.hidden_size:
             raise MedusaHeadsError(f"hidden states have size {hidden.shape[-1]} but the Medusa heads expect "
                                    f"{self.hidden_size}: feed the base model's last hidden state (after the final norm)")
-        x = hidden.to(self.dtype)
+        dtype = self.dtype
+        x = hidden.to(dtype)
         if self.root_proj is None:
             return x
         if root_embeds is None:
@@ -138,7 +139,7 @@ class MedusaHeads(nn.Module):
         if root_embeds.shape != hidden.shape:
             raise MedusaHeadsError(f"root_embeds has shape {tuple(root_embeds.shape)} but hidden has "
                                    f"{tuple(hidden.shape)}: pass one root-token embedding per hidden state")
-        return x + self.root_proj(root_embeds.to(self.dtype))
+        return x + self.root_proj(root_embeds.to(dtype))
 
     def hidden_states(self, hidden: torch.Tensor, root_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [..., H] (any float dtype) -> [..., K, H] in the weights' dtype, after each head's ResBlocks.
