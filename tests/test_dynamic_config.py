@@ -109,4 +109,6 @@ def test_bench_trees_tiny(tmp_path, capsys, tiny_cache_dir):
         assert set(res[key]) == {"4"} and res[key]["4"] >= 1.0
     assert set(res["identical"].values()) == {2}  # lossless: every run gives plain greedy's tokens
     assert {"plain", "static_4", "dynamic_4", "dynamic_warm_4", "hybrid_4"} <= set(res["tok_s"])
+    # the tiny heads get an acceptance model fitted once beside them, as the shipped SmolLM2 heads ship one
+    assert "heads_with_acceptance_model" in res["acceptance_model"] and "dynamic_calibrated_4" in res["tok_s"]
     assert "budget   4: static" in capsys.readouterr().out
