@@ -112,8 +112,7 @@ class MedusaRunnerMixin:
         self._m_trees: list | None = None                 # tree: dynamic: the step's trees (one per tree request)
         self._m_step: tree_step.TreeStep | None = None   # this step's tree requests; None if no request has drafts
         self._m_chain_step = False                        # this step's drafts are all chains (no mask, no compaction)
-        self._m_kv_layers: tuple | None = None           # (kv_cache_config, [(group id, [layers])]) for compaction
-        self._m_kv_views: dict[int, tuple] = {}          # group id -> (cache identity, K/V views by block size)
+        self._m_kv_layers: tuple | None = None           # (kv_cache_config, [(group id, K/V views)]) for compaction
         self.medusa_stats = MedusaStats(accepted_per_depth=[0] * tree.max_depth)
         self._m_last_log = time.monotonic()
         install_logits_processors(self.input_batch, vllm_config, self.device)
@@ -126,7 +125,7 @@ class MedusaRunnerMixin:
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)
         if self._medusa is not None:
-            self._m_kv_views.clear()  # views of the caches just replaced must not keep them alive
+            self._m_kv_layers = None  # views of the caches just replaced must not keep them alive
         if self._medusa is not None and not kwargs.get("is_profiling", False):
             self._medusa.calibrate(self)  # tree_schedule: auto -> step cost measured in this engine (cached)
 
@@ -277,7 +276,7 @@ class MedusaRunnerMixin:
         """Move each accepted path's K/V to consecutive slots in every full-attention layer."""
         if self._m_chain_step or int(result.accept_len.max()) == 0:
             return
-        for gid, layers in self._medusa_kv_layers():
+        for gid, views in self._medusa_kv_layers():
             slot_mapping = self.input_batch.block_table.block_tables[gid].slot_mapping.gpu
             dev = slot_mapping.device
             tree_slots = slot_mapping[node_rows(torch.from_numpy(step.query_start).to(dev),
@@ -286,26 +285,13 @@ class MedusaRunnerMixin:
                                         tree_slots.to(torch.int64))
             if src.numel() == 0:
                 continue
-            for block_size, same in self._medusa_kv_views(gid, layers).items():
+            for block_size, same in views.items():
                 compact_paged_kv_many(same, src, dst, block_size=block_size, block_dim=0, offset_dim=1)
 
-    def _medusa_kv_views(self, gid: int, layers: list) -> dict[int, list[torch.Tensor]]:
-        """The K and V views of a KV cache group's layers by block size, built once per group and cache tensors (the
-        engine keeps its caches for its life; a new tensor, e.g. after a re-initialisation, rebuilds them)."""
-        key = tuple((kv.data_ptr(), tuple(kv.shape), tuple(kv.stride()), kv.dtype)
-                    for kv in (layer.kv_cache for layer in layers))  # as TreeAttentionImplMixin.kv_views
-        cached = self._m_kv_views.get(gid)
-        if cached is None or cached[0] != key:
-            views: dict[int, list[torch.Tensor]] = {}
-            for layer in layers:
-                for view in layer.impl.kv_views(layer, layer.kv_cache):
-                    views.setdefault(view.shape[1], []).append(view)
-            cached = self._m_kv_views[gid] = (key, views)
-        return cached[1]
-
-    def _medusa_kv_layers(self) -> list[tuple[int, list]]:
-        """Per full-attention KV cache group: its id and its attention layers, each physical cache once (layers may
-        share one). Built once per ``kv_cache_config``."""
+    def _medusa_kv_layers(self) -> list[tuple[int, dict[int, list[torch.Tensor]]]]:
+        """Per full-attention KV cache group: its id and the K and V views of its layers by block size, each
+        physical cache once (layers may share one). Built once per ``kv_cache_config`` (and again after
+        ``initialize_kv_cache``)."""
         cfg = self.kv_cache_config
         if self._m_kv_layers is None or self._m_kv_layers[0] is not cfg:
             ctx = self.compilation_config.static_forward_context
@@ -321,7 +307,11 @@ class MedusaRunnerMixin:
                     if isinstance(kv, torch.Tensor) and kv.numel() and kv.data_ptr() not in seen:
                         seen.add(kv.data_ptr())
                         layers.append(layer)
-                groups.append((gid, layers))
+                views: dict[int, list[torch.Tensor]] = {}
+                for layer in layers:
+                    for view in layer.impl.kv_views(layer, layer.kv_cache):
+                        views.setdefault(view.shape[1], []).append(view)
+                groups.append((gid, views))
             self._m_kv_layers = (cfg, groups)
         return self._m_kv_layers[1]
 
