@@ -585,8 +585,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--steps", type=int, default=48, help="decode steps per configuration (default 48)")
     p.add_argument("--rows", type=_ints, default=[1, 2, 3, 5], help="rows per step for the curve (default 1,2,3,5)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="rounds of fresh engines; every number is the median over rounds (default 3)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds, each running every engine once in turn; every number is the median over rounds "
+                        "(default 5)")
     p.add_argument("--json", default="benchmarks/results/overhead.json", help="where to write the results")
     p.add_argument("--png", help="plot of step cost vs rows (default: next to --json; needs matplotlib)")
     p.set_defaults(_bench=_run_overhead)
@@ -629,12 +630,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_overhead(args: argparse.Namespace) -> int:
-    from .bench_engine import format_overhead, overhead, plot_overhead
+    from .bench_engine import BenchEngineError, format_overhead, overhead, plot_overhead
 
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}")
-    res = overhead(model=args.model, heads=args.heads, tree=args.tree, dtype=args.dtype, steps=args.steps,
-                   rows=args.rows, repeats=args.repeats, log=_log)
+    try:
+        res = overhead(model=args.model, heads=args.heads, tree=args.tree, dtype=args.dtype, steps=args.steps,
+                       rows=args.rows, repeats=args.repeats, log=_log)
+    except BenchEngineError as e:
+        raise BenchError(str(e)) from None
     print(format_overhead(res))
     path = _write_json(args.json, res)
     png = plot_overhead(res, args.png or str(path.with_suffix(".png")))

@@ -4,8 +4,9 @@
 for plain decoding, a Medusa step with one draft node (``chain1``, the first node of ``--tree``) and a step of
 vLLM's own ngram proposer with one draft, all in the same run; plus step cost against rows per step for plain
 (``r`` requests), ngram (``k`` drafts) and Medusa (tree prefixes of ``k`` nodes). Each configuration is its own
-in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) decoding ``--steps`` tokens; the step time is the median
-over the steps with the wanted row count (the first, prefill, step excluded).
+in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) in its own process, all alive at once and run in turn,
+round after round; a run decodes ``--steps`` tokens and its step time is the median over the steps with the wanted
+row count (the first, prefill, step excluded).
 
 JSON keys: ``plain_ms``, ``chain1_ms``, ``chain1_ratio`` (= chain1_ms / plain_ms), ``ngram1_ms``,
 ``plugin_overhead_ms``, ``phases`` (phase -> ms of the chain1 step), ``plain_phases``, ``ngram1_phases``, ``curve``
@@ -18,7 +19,11 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
-__all__ = ["overhead", "format_overhead", "plot_overhead", "engine_step_cost"]
+__all__ = ["overhead", "format_overhead", "plot_overhead", "engine_step_cost", "BenchEngineError"]
+
+
+class BenchEngineError(RuntimeError):
+    """A benchmark engine failed to start or to run (one line naming the engine and the error)."""
 
 DEFINITIONS = {
     "step": "wall time of one EngineCore step (schedule + model runner + output update), median over steps",
@@ -86,58 +91,122 @@ def _engine_kwargs(model: str, dtype: str, rows: Sequence[int], steps: int, max_
     return dict(dtype=dtype, max_num_seqs=max(rows), max_model_len=max(512, len(prompt) + steps + max_k + 16))
 
 
-def _plain_job(model, dtype, steps, rows, kw, prompt):
+def _build_engine(kind: str, model: str, kw: dict, heads: str | None = None, tree: str | None = None, k: int = 1):
+    """The in-process engine of one benchmark configuration: ``plain``, ``medusa`` (``heads``, ``tree``) or ``ngram``
+    (``k`` drafts)."""
     from .vllm_ext import offline
 
-    llm = offline.build_llm(model, **kw)
-    try:
-        return {r: _run_profiled(llm, [prompt] * r, steps, r, r) for r in rows}
-    finally:
-        offline.shutdown(llm)
+    if kind == "medusa":
+        return offline.build_llm(model, medusa={"heads": heads, "tree": tree}, **kw)
+    if kind == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+        return offline.build_llm(model, speculative_config=spec, **kw)
+    return offline.build_llm(model, **kw)
 
 
-def _ngram_job(model, dtype, steps, k, kw, prompt):
-    from .vllm_ext import offline
-
-    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-    llm = offline.build_llm(model, speculative_config=spec, **kw)
-    try:
-        return _run_profiled(llm, [prompt], steps, k + 1, 1)
-    finally:
-        offline.shutdown(llm)
+def _plain_round(llm, steps, rows, prompt):
+    return {r: _run_profiled(llm, [prompt] * r, steps, r, r) for r in rows}
 
 
-def _medusa_job(model, heads, tree, steps, nodes, kw, prompt):
-    from .vllm_ext import offline
+def _ngram_round(llm, steps, k, prompt):
+    return _run_profiled(llm, [prompt], steps, k + 1, 1)
+
+
+def _medusa_round(llm, steps, nodes, prompt):
     from .vllm_ext.profiling import runner_of
 
-    llm = offline.build_llm(model, medusa={"heads": heads, "tree": tree}, **kw)
     out = {}
-    try:
-        proposer = runner_of(llm).drafter
-        for n in nodes:
+    proposer = runner_of(llm).drafter
+    for n in nodes:
+        proposer.schedule = _FixedNodes(n)
+        out[n] = _run_profiled(llm, [prompt], steps, n + 1, 1)
+    # plain (no drafts: n = 0) and chain1 steps alternated on this one engine: the plugin's own share of a step
+    # without the model's engine-to-engine differences
+    alt = {0: [], 1: []}
+    for _ in range(3):
+        for n in (0, 1):
             proposer.schedule = _FixedNodes(n)
-            out[n] = _run_profiled(llm, [prompt], steps, n + 1, 1)
-        # plain (no drafts: n = 0) and chain1 steps alternated on this one engine, so that a shared, noisy machine
-        # loads both alike; the ratio of their medians is the robust chain1 ratio
-        alt = {0: [], 1: []}
-        for _ in range(3):
-            for n in (0, 1):
-                proposer.schedule = _FixedNodes(n)
-                alt[n].append(_run_profiled(llm, [prompt], max(steps // 3, 4), n + 1, 1)["step_ms"])
-        out["alternating"] = {"plain_ms": statistics.median(alt[0]), "chain1_ms": statistics.median(alt[1]),
-                              "rounds": alt}
-        # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
-        proposer.schedule = _FixedNodes(1)
-        fast = proposer.draft_topk
-        proposer.draft_topk = lambda h, d, roots=None: _reference_topk(proposer, h, roots)
-        try:
-            out["reference"] = _run_profiled(llm, [prompt], steps, 2, 1)
-        finally:
-            proposer.draft_topk = fast
+            alt[n].append(_run_profiled(llm, [prompt], max(steps // 3, 4), n + 1, 1)["step_ms"])
+    out["alternating"] = {"plain_ms": statistics.median(alt[0]), "chain1_ms": statistics.median(alt[1]),
+                          "rounds": alt}
+    # v0.1's drafting on the same engine: every head's full-vocabulary logits, then build_candidates
+    proposer.schedule = _FixedNodes(1)
+    fast = proposer.draft_topk
+    proposer.draft_topk = lambda h, d, roots=None: _reference_topk(proposer, h, roots)
+    try:
+        out["reference"] = _run_profiled(llm, [prompt], steps, 2, 1)
+    finally:
+        proposer.draft_topk = fast
+    return out
+
+
+_ROUNDS = {"plain": _plain_round, "medusa": _medusa_round, "ngram": _ngram_round}
+
+
+def _serve_engine(conn, kind: str, build: dict) -> None:
+    """Body of a :class:`_LiveEngine` process: build the engine, then run the round function of ``kind`` on every
+    argument tuple received, answering ``("ok", result)`` or ``("error", message)``, until None arrives."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from .vllm_ext import offline
+
+    try:
+        llm = _build_engine(kind, **build)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{kind} engine: {type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", None))
+    try:
+        while (args := conn.recv()) is not None:
+            try:
+                conn.send(("ok", _ROUNDS[kind](llm, *args)))
+            except Exception as e:  # noqa: BLE001
+                conn.send(("error", f"{kind} engine: {type(e).__name__}: {e}"))
     finally:
         offline.shutdown(llm)
-    return out
+
+
+class _LiveEngine:
+    """One benchmark engine kept alive in its own process (spawned: vLLM 0.32 cannot build an engine after an ngram
+    engine in the same process, its Triton-kernel rebinding trips over numba/llvmlite objects), so that rounds of
+    every configuration can alternate in time: on a shared, noisy machine a slow minute then slows plain and Medusa
+    alike, instead of whichever engine happened to run in it."""
+
+    def __init__(self, kind: str, **build):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.kind, (self._conn, child) = kind, ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_engine, args=(child, kind, build), daemon=True)
+        self._proc.start()
+        try:
+            self._answer()
+        except BenchEngineError:
+            self.close()
+            raise
+
+    def _answer(self):
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise BenchEngineError(f"the {self.kind} benchmark engine exited (exit code {self._proc.exitcode})"
+                                   ) from None
+        if status != "ok":
+            raise BenchEngineError(value)
+        return value
+
+    def run(self, *args):
+        self._conn.send(args)
+        return self._answer()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=60)
+        if self._proc.is_alive():
+            self._proc.terminate()
 
 
 def _non_forward(summary: dict) -> float:
@@ -145,37 +214,46 @@ def _non_forward(summary: dict) -> float:
     return sum(v for k, v in summary["phases"].items() if k not in ("model_forward", "attention"))
 
 
-def _spawn(fn, *args):
-    """Run one engine configuration in a fresh process (vLLM 0.32 cannot build an engine after an ngram engine in
-    the same process: its Triton-kernel rebinding trips over numba/llvmlite objects; a fresh process is also a fair
-    measurement)."""
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
 def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfloat16", steps: int = 48,
-             rows: Sequence[int] = (1, 2, 3, 5), repeats: int = 1,
+             rows: Sequence[int] = (1, 2, 3, 5), repeats: int = 5,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Profile plain, Medusa and ngram engine steps at batch 1 (see the module docstring). Returns the JSON dict.
 
-    ``repeats`` rounds each start every engine afresh (plain, Medusa, ngram, one after the other); every number of
-    the result is the median over the rounds of that round's value, so a ratio is the median of paired ratios
-    (``rounds`` keeps each round's headline numbers). One engine's forward drifts by 10-20 % from the next on a shared
-    2-core CPU (measured: ``chain1_ratio`` 1.01-1.24 over five single rounds of the same code).
+    Every engine (plain, Medusa, ngram with 1 and with the curve's most drafts) is started once, each in its own
+    process, and kept alive; then ``repeats`` rounds each run every engine once, in turn (the order reversed every
+    other round). Every number of the result is the median over the rounds of that round's value, so a ratio is the
+    median of paired ratios (``rounds`` keeps each round's headline numbers). On a shared 2-core CPU the machine's
+    speed drifts by 10-20 % from one minute to the next; engines run one after another used to catch different
+    minutes (``chain1_ratio`` 0.88-1.32 over three rounds of fresh engines in session 11), alternated ones share them.
     """
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    from .core.tree import MedusaTree
+
     t0 = time.perf_counter()
+    mtree = MedusaTree.load(tree)
+    rows = sorted(set(rows) | {1, 2})
+    max_k = min(max(rows) - 1, mtree.num_nodes)
+    nodes = sorted({1} | {r - 1 for r in rows if 1 < r <= mtree.num_nodes + 1})
+    prompt = _prompt(_vocab_size(model))
+    kw = _engine_kwargs(model, dtype, rows, steps, max_k, prompt)
+    jobs = [("plain", {}, (steps, rows, prompt)), ("medusa", {"heads": heads, "tree": tree}, (steps, nodes, prompt))]
+    jobs += [(f"ngram{k}", {"k": k}, (steps, k, prompt)) for k in sorted({1, max_k})]
+    engines: dict[str, _LiveEngine] = {}
     results = []
-    for i in range(repeats):
-        if repeats > 1:
+    try:
+        for name, extra, _ in jobs:
+            log(f"overhead: starting the {name} engine ({model}, {dtype})")
+            engines[name] = _LiveEngine(name.rstrip("0123456789"), model=model, kw=kw, **extra)
+        for i in range(repeats):
             log(f"overhead: round {i + 1}/{repeats}")
-        results.append(_overhead_round(model=model, heads=heads, tree=tree, dtype=dtype, steps=steps, rows=rows,
-                                       log=log))
+            out = {name: engines[name].run(*args) for name, _, args in (jobs if i % 2 == 0 else jobs[::-1])}
+            results.append(_round_result(out["plain"], out["medusa"],
+                                         {k: out[f"ngram{k}"] for k in sorted({1, max_k})}, nodes))
+    finally:
+        for e in engines.values():
+            e.close()
     res = _median_of(results)
     res.update({"benchmark": "overhead", "model": model, "heads": heads, "tree": tree, "dtype": dtype,
                 "steps": steps, "definitions": DEFINITIONS, "repeats": repeats,
@@ -208,27 +286,10 @@ def _median_of(results: list[dict]) -> dict:
     return out
 
 
-def _overhead_round(*, model: str, heads: str, tree: str, dtype: str, steps: int, rows: Sequence[int],
-                    log: Callable[[str], None]) -> dict[str, Any]:
-    """One round of :func:`overhead`: every engine started once."""
-    from .core.tree import MedusaTree
-
-    mtree = MedusaTree.load(tree)
-    rows = sorted(set(rows) | {1, 2})
-    max_k = min(max(rows) - 1, mtree.num_nodes)
-    prompt = _prompt(_vocab_size(model))
-    kw = _engine_kwargs(model, dtype, rows, steps, max_k, prompt)
+def _round_result(plain_runs: dict, medusa: dict, ngram: dict, nodes: Sequence[int]) -> dict[str, Any]:
+    """One round's numbers from each engine's profiles (plain by request count, Medusa by draft nodes, ngram by
+    drafts)."""
     res: dict[str, Any] = {}
-    log(f"overhead: plain engine ({model}, {dtype}), {len(rows)} batch sizes")
-    plain_runs = _spawn(_plain_job, model, dtype, steps, rows, kw, prompt)
-    log(f"overhead: Medusa engine (heads {heads}, tree {tree})")
-    nodes = sorted({1} | {r - 1 for r in rows if 1 < r <= mtree.num_nodes + 1})
-    medusa = _spawn(_medusa_job, model, heads, tree, steps, nodes, kw, prompt)
-    ngram = {}
-    for k in sorted({1, max_k}):
-        log(f"overhead: ngram engine, {k} draft(s)")
-        ngram[k] = _spawn(_ngram_job, model, dtype, steps, k, kw, prompt)
-
     plain, chain1, ng1, ref_draft = plain_runs[1], medusa[1], ngram[1], medusa["reference"]
     curve = {"plain": {r: s["step_ms"] for r, s in plain_runs.items()},
              "ngram": {k + 1: s["step_ms"] for k, s in ngram.items() if s["step_ms"] is not None},
@@ -263,7 +324,7 @@ def format_overhead(res: dict[str, Any]) -> str:
     rounds = res.get("repeats", 1)
     head = (f"Engine step at batch 1 ({res['model']}, {res['dtype']}, heads {res['heads']}, tree {res['tree']}; "
             f"median of {res['steps']} decode steps per engine" +
-            (f", then of {rounds} rounds of fresh engines)" if rounds > 1 else ")"))
+            (f", then of {rounds} rounds, the engines alternated)" if rounds > 1 else ")"))
     cols = [("plain", res["plain_phases"]), ("medusa chain:1", res["phases"]),
             ("chain:1, v0.1 drafting", res["reference_draft_phases"]), ("ngram k=1", res["ngram1_phases"])]
     rows = [[p] + [c.get(p, 0.0) for _, c in cols] for p in PHASES]

@@ -213,3 +213,22 @@ def test_overhead_rejects_zero_repeats(capsys):
 
     assert main(["overhead", "--model", "m", "--heads", "h", "--repeats", "0"]) != 0
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_overhead_engine_that_fails_to_start_is_one_line(tmp_path, capsys):
+    """bench overhead keeps each engine alive in its own process: an engine that cannot start ends the benchmark
+    with one line naming the engine and the cause, and no process is left behind."""
+    import multiprocessing as mp
+
+    pytest.importorskip("vllm")
+    from medusa_plugin.bench import main
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(["overhead", "--model", str(broken), "--heads", "h", "--repeats", "1",
+                 "--json", str(tmp_path / "o.json")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medusa-plugin bench: error:")]
+    assert len(err) == 1 and err[0].startswith("medusa-plugin bench: error: plain engine: "), err
+    assert not (tmp_path / "o.json").exists()
+    assert not mp.active_children()

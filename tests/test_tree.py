@@ -234,6 +234,8 @@ def test_keep_order_buffers_equal_brute_force(name, choices, topk):
     top = logits.topk(topk, dim=-1).indices
     for n in range(t.num_nodes + 1):
         assert torch.equal(t.candidates_from_topk(root, top[:, : t.prefix_depth[n]], n), full[:, : n + 1])
+        # the host lookup of the proposer: the same drafts, without the root
+        assert t.candidates_from_topk_host(top[:, : t.prefix_depth[n]].tolist(), n) == full[:, 1: n + 1].tolist()
 
 
 def test_keep_order_refuses_a_child_before_its_parent():
