@@ -25,6 +25,9 @@ __all__ = ["overhead", "format_overhead", "plot_overhead", "engine_step_cost", "
 class BenchEngineError(RuntimeError):
     """A benchmark engine failed to start or to run (one line naming the engine and the error)."""
 
+
+_NGRAM = {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+
 DEFINITIONS = {
     "step": "wall time of one EngineCore step (schedule + model runner + output update), median over steps",
     "model_forward": "the target model's forward + compute_logits over the step's rows, without attention",
@@ -91,19 +94,7 @@ def _engine_kwargs(model: str, dtype: str, rows: Sequence[int], steps: int, max_
     return dict(dtype=dtype, max_num_seqs=max(rows), max_model_len=max(512, len(prompt) + steps + max_k + 16))
 
 
-def _build_engine(kind: str, model: str, kw: dict, heads: str | None = None, tree: str | None = None, k: int = 1):
-    """The in-process engine of one benchmark configuration: ``plain``, ``medusa`` (``heads``, ``tree``) or ``ngram``
-    (``k`` drafts)."""
-    from .vllm_ext import offline
-
-    if kind == "medusa":
-        return offline.build_llm(model, medusa={"heads": heads, "tree": tree}, **kw)
-    if kind == "ngram":
-        spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
-        return offline.build_llm(model, speculative_config=spec, **kw)
-    return offline.build_llm(model, **kw)
-
-
+# One round of each engine, run in its worker process (``EngineWorker.call``): profiled steps by rows per step.
 def _plain_round(llm, steps, rows, prompt):
     return {r: _run_profiled(llm, [prompt] * r, steps, r, r) for r in rows}
 
@@ -140,75 +131,6 @@ def _medusa_round(llm, steps, nodes, prompt):
     return out
 
 
-_ROUNDS = {"plain": _plain_round, "medusa": _medusa_round, "ngram": _ngram_round}
-
-
-def _serve_engine(conn, kind: str, build: dict) -> None:
-    """Body of a :class:`_LiveEngine` process: build the engine, then run the round function of ``kind`` on every
-    argument tuple received, answering ``("ok", result)`` or ``("error", message)``, until None arrives."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from .vllm_ext import offline
-
-    try:
-        llm = _build_engine(kind, **build)
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"{kind} engine: {type(e).__name__}: {e}"))
-        return
-    conn.send(("ok", None))
-    try:
-        while (args := conn.recv()) is not None:
-            try:
-                conn.send(("ok", _ROUNDS[kind](llm, *args)))
-            except Exception as e:  # noqa: BLE001
-                conn.send(("error", f"{kind} engine: {type(e).__name__}: {e}"))
-    finally:
-        offline.shutdown(llm)
-
-
-class _LiveEngine:
-    """One benchmark engine kept alive in its own process (spawned: vLLM 0.32 cannot build an engine after an ngram
-    engine in the same process, its Triton-kernel rebinding trips over numba/llvmlite objects), so that rounds of
-    every configuration can alternate in time: on a shared, noisy machine a slow minute then slows plain and Medusa
-    alike, instead of whichever engine happened to run in it."""
-
-    def __init__(self, kind: str, **build):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.kind, (self._conn, child) = kind, ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_engine, args=(child, kind, build), daemon=True)
-        self._proc.start()
-        try:
-            self._answer()
-        except BenchEngineError:
-            self.close()
-            raise
-
-    def _answer(self):
-        try:
-            status, value = self._conn.recv()
-        except EOFError:
-            raise BenchEngineError(f"the {self.kind} benchmark engine exited (exit code {self._proc.exitcode})"
-                                   ) from None
-        if status != "ok":
-            raise BenchEngineError(value)
-        return value
-
-    def run(self, *args):
-        self._conn.send(args)
-        return self._answer()
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            try:
-                self._conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            self._proc.join(timeout=60)
-        if self._proc.is_alive():
-            self._proc.terminate()
-
-
 def _non_forward(summary: dict) -> float:
     """Sum of a step summary's phase medians other than the model's own forward and attention (ms)."""
     return sum(v for k, v in summary["phases"].items() if k not in ("model_forward", "attention"))
@@ -226,10 +148,13 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
     speed drifts by 10-20 % from one minute to the next; engines run one after another used to catch different
     minutes (``chain1_ratio`` 0.88-1.32 over three rounds of fresh engines in session 11), alternated ones share them.
     """
+    # the engines run inside their worker processes, where the step profiler can reach them
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     from .core.tree import MedusaTree
+    from .engine_workers import EngineWorker, EngineWorkerError
 
     t0 = time.perf_counter()
     mtree = MedusaTree.load(tree)
@@ -238,19 +163,30 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
     nodes = sorted({1} | {r - 1 for r in rows if 1 < r <= mtree.num_nodes + 1})
     prompt = _prompt(_vocab_size(model))
     kw = _engine_kwargs(model, dtype, rows, steps, max_k, prompt)
-    jobs = [("plain", {}, (steps, rows, prompt)), ("medusa", {"heads": heads, "tree": tree}, (steps, nodes, prompt))]
-    jobs += [(f"ngram{k}", {"k": k}, (steps, k, prompt)) for k in sorted({1, max_k})]
-    engines: dict[str, _LiveEngine] = {}
+    # (name, engine settings, round function, its arguments); every engine in its own process, all alive at once
+    jobs = [("plain", {}, _plain_round, (steps, rows, prompt)),
+            ("medusa", {"medusa": {"heads": heads, "tree": tree}}, _medusa_round, (steps, nodes, prompt))]
+    jobs += [(f"ngram k={k}", {"speculative_config": {**_NGRAM, "num_speculative_tokens": k}}, _ngram_round,
+              (steps, k, prompt)) for k in sorted({1, max_k})]
+    engines: dict[str, Any] = {}
     results = []
     try:
-        for name, extra, _ in jobs:
+        for name, settings, _, _ in jobs:
             log(f"overhead: starting the {name} engine ({model}, {dtype})")
-            engines[name] = _LiveEngine(name.rstrip("0123456789"), model=model, kw=kw, **extra)
+            try:
+                engines[name] = EngineWorker(model, **settings, **kw)
+            except EngineWorkerError as e:
+                raise BenchEngineError(f"{name} engine: {e}") from None
         for i in range(repeats):
             log(f"overhead: round {i + 1}/{repeats}")
-            out = {name: engines[name].run(*args) for name, _, args in (jobs if i % 2 == 0 else jobs[::-1])}
+            out = {}
+            for name, _, fn, args in (jobs if i % 2 == 0 else jobs[::-1]):
+                try:
+                    out[name] = engines[name].call(fn, *args)
+                except EngineWorkerError as e:
+                    raise BenchEngineError(f"{name} engine: {e}") from None
             results.append(_round_result(out["plain"], out["medusa"],
-                                         {k: out[f"ngram{k}"] for k in sorted({1, max_k})}, nodes))
+                                         {k: out[f"ngram k={k}"] for k in sorted({1, max_k})}, nodes))
     finally:
         for e in engines.values():
             e.close()

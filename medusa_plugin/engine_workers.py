@@ -8,7 +8,7 @@ plain, Medusa and ngram back to back at each concurrency, repeat the round, and 
 ratios. Drift then hits the methods of a round alike.
 
 Each worker process builds one ``vllm.LLM`` (:func:`medusa_plugin.vllm_ext.offline.build_llm`) and answers
-``run(prompts, max_tokens)`` calls over a pipe; an idle engine waits on its pipe and takes no CPU. Engines are
+``run(prompts, max_tokens)`` and ``call(fn, *args)`` calls over a pipe; an idle engine waits on its pipe and takes no CPU. Engines are
 started one after the other (Medusa's start-up measures step costs, which another engine's start-up would disturb).
 """
 
@@ -50,6 +50,9 @@ def _serve(conn, model_dir: str, medusa: Mapping | None, llm_kwargs: dict) -> No
             try:
                 if cmd[0] == "rpc":
                     conn.send(("ok", llm.collective_rpc(cmd[1]), None))
+                    continue
+                if cmd[0] == "call":
+                    conn.send(("ok", cmd[1](llm, *cmd[2]), None))
                     continue
                 prompts, max_tokens = cmd
                 out = offline.run(llm, prompts, max_tokens, ignore_eos=True)
@@ -112,6 +115,14 @@ class EngineWorker:
         self._conn.send(([[int(t) for t in p] for p in prompts], int(max_tokens)))
         token_ids, elapsed, metrics = self._receive(timeout_s, "run")
         return RunResult(token_ids, elapsed, metrics)
+
+    def call(self, fn, *args, timeout_s: float | None = None):
+        """``fn(llm, *args)`` in the worker process, on its engine; returns the result. ``fn`` must be picklable (a
+        module-level function) and so must ``args`` and the result. With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the
+        environment the engine runs inside the worker, so ``fn`` can reach its model runner (``bench overhead``
+        profiles steps that way)."""
+        self._conn.send(("call", fn, args))
+        return self._receive(timeout_s, "answer")
 
     def collective_rpc(self, method: str, *, timeout_s: float | None = 600.0) -> list:
         """``LLM.collective_rpc(method)`` on this engine (a worker method's name, e.g. ``"medusa_state"`` of the
