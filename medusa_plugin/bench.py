@@ -326,7 +326,7 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
         heads_dir: str | None = None, cache_dir: str | None = None, train_steps: int = 300,
         distill_prompts: int = 48, repeats: int | None = None, device: str | None = None, seed: int = 0,
         schedule: str | None = None, builtin_medusa: bool = False, dtype: str | None = None,
-        log: Callable[[str], None] = print) -> dict:
+        hybrid: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run plain / Medusa tree / Medusa chain decoding at each concurrency; returns the JSON-ready result.
 
     engine: "vllm" (``vllm_ext.offline``), "reference" (``hf.generate`` + :func:`plain_generate`) or "auto" (vllm
@@ -340,6 +340,8 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
     and vLLM's ngram (k=4), and the result has ``ratios`` / ``ngram_ratios``: concurrency -> output tok/s of
     Medusa / ngram over plain at that concurrency, measured in the same run. ``builtin_medusa`` adds vLLM's own
     Medusa proposer on the same heads (``convert --to vllm``) when this vLLM can run it (else a note says why).
+    ``hybrid`` adds the demo's hybrid (``demo_runs.HYBRID_SETTINGS``: dynamic trees + n-gram branches) with the same
+    ``tree_schedule``; its ratios are ``hybrid_ratios``.
     """
     import torch
 
@@ -359,6 +361,9 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
         raise BenchError(f"unknown engine {engine!r}: use vllm, reference or auto")
     if (model_dir is None) != (heads_dir is None):
         raise BenchError("give both --model-dir and --heads-dir (or neither, for the tiny trained model)")
+    if hybrid and not (engine == "vllm" and schedule):
+        raise BenchError("--hybrid runs next to Medusa with a tree_schedule in the vLLM engine: use --engine vllm "
+                         "with --schedule (e.g. auto)")
     if model_dir is None:
         model_dir, heads_dir, model_desc = _tiny_model(cache_dir, train_steps, distill_prompts)
     else:
@@ -374,6 +379,12 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
         # Medusa with the batch-aware schedule next to plain and vLLM's own ngram (and vLLM's built-in Medusa)
         # ngram last: vLLM 0.32 cannot build another engine in a process after an ngram engine
         modes = [("plain", None, "-"), ("tree", tree_obj, f"{tree_label}, tree_schedule {schedule}")]
+        if hybrid:
+            from .demo_runs import HYBRID_SETTINGS
+
+            modes.append(("hybrid", "hybrid", f"dynamic {HYBRID_SETTINGS['budget']} + "
+                                              f"{HYBRID_SETTINGS['ngram_branches']} n-gram branches, "
+                                              f"tree_schedule {schedule}"))
         if builtin_medusa:
             modes.append(("vllm-medusa", "vllm-medusa", f"vLLM built-in Medusa chain:{num_heads}"))
         modes.append(("ngram", "ngram", f"vLLM ngram k={NGRAM_K}"))
@@ -446,6 +457,7 @@ def e2e(*, tiny: bool = False, concurrency: Sequence[int] | None = None, max_tok
 
     return {"benchmark": "e2e", "engine": engine, "model": model_desc, "device": _device_name(_device(device)),
             "ratios": ratios("tree"), "ngram_ratios": ratios("ngram"), "vllm_medusa_ratios": ratios("vllm-medusa"),
+            "hybrid_ratios": ratios("hybrid"),
             "notes": notes, "max_tokens": max_tokens, "prompts": prompt_desc,
             "concurrency": concurrency, "repeats": repeats, "temperature": 0.0, "rows": rows,
             "torch": torch.__version__,
@@ -486,6 +498,11 @@ def _e2e_vllm(model_dir, heads_dir: str, modes, prompts, concurrency, max_tokens
                 num_heads = to_vllm_medusa(heads_dir, vdir, base_model=str(model_dir))
                 spec_cfg = {"method": "medusa", "model": str(vdir), "num_speculative_tokens": num_heads}
                 nodes = num_heads
+            elif spec == "hybrid":
+                from .demo_runs import HYBRID_SETTINGS
+
+                medusa = {"heads": heads_dir, **HYBRID_SETTINGS, "tree_schedule": schedule}
+                nodes = HYBRID_SETTINGS["budget"]
             elif spec is not None:
                 choices = [list(p) for p in spec.choices] if not isinstance(spec, str) else spec
                 medusa = {"heads": heads_dir, "tree": choices}
@@ -616,6 +633,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "writes ratios / ngram_ratios (default: auto with --engine vllm, else off; 'none' = off)")
     p.add_argument("--builtin-medusa", action="store_true",
                    help="also run vLLM's built-in Medusa proposer on the same heads (convert --to vllm)")
+    p.add_argument("--hybrid", action="store_true",
+                   help="vllm engine with --schedule: also run Medusa hybrid (dynamic trees + n-gram branches, the "
+                        "demo's settings) with that tree_schedule; writes hybrid_ratios")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="vllm engine dtype (default float32 on CPU)")
     p.add_argument("--json", default="benchmarks/results/e2e.json", help="where to write the results")
     p.set_defaults(_bench=_run_e2e)
@@ -681,7 +701,7 @@ def _run_e2e(args: argparse.Namespace) -> int:
               repeats=args.repeats, device=args.device, log=_log,
               schedule=None if args.schedule == "none" else (args.schedule or ("auto" if args.engine == "vllm"
                                                                                else None)),
-              builtin_medusa=args.builtin_medusa, dtype=args.dtype)
+              builtin_medusa=args.builtin_medusa, dtype=args.dtype, hybrid=args.hybrid)
     print(format_e2e(res))
     print(f"wrote {_write_json(args.json, res)}")
     return 0

@@ -65,3 +65,19 @@ def test_a_multiprocess_medusa_engine_reports_what_its_schedule_learnt():
         (state,) = w.collective_rpc("medusa_state")
     assert state["schedule"] and all(len(r) == 3 for r in state["schedule"])  # (from B, to B, nodes)
     assert state["accept_lengths"][0] == 1.0 and "tree steps" in state["stats"]
+
+
+def test_hybrid_runs_next_to_the_scheduled_tree():
+    """bench e2e --hybrid: the demo's hybrid (dynamic trees + n-gram branches) with the same tree_schedule, in the
+    same interleaved rounds, token-identical to plain (float32 greedy), its ratios under hybrid_ratios."""
+    from medusa_plugin.bench import BenchError
+
+    model_dir, heads_dir = build_tiny_medusa(_cache_dir())
+    with pytest.raises(BenchError, match="--hybrid"):
+        e2e(engine="vllm", model_dir=str(model_dir), heads_dir=str(heads_dir), schedule=None, hybrid=True)
+    res = e2e(engine="vllm", model_dir=str(model_dir), heads_dir=str(heads_dir), concurrency=[2], max_tokens=8,
+              repeats=1, tree="chain:3", schedule="auto", hybrid=True, log=lambda _: None)
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"plain", "tree", "hybrid", "ngram"}
+    assert rows["hybrid"]["matches_plain"] == 1.0
+    assert set(res["hybrid_ratios"]) == {"2"} and res["hybrid_ratios"]["2"] == rows["hybrid"]["speedup"]
