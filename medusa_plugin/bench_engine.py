@@ -131,6 +131,24 @@ def _medusa_round(llm, steps, nodes, prompt):
     return out
 
 
+def _one_row_run(llm, steps, prompt, nodes=None):
+    """One request decoding ``steps`` tokens, profiled; on a Medusa engine with ``nodes`` drafts per step."""
+    if nodes is not None:
+        from .vllm_ext.profiling import runner_of
+
+        runner_of(llm).drafter.schedule = _FixedNodes(nodes)
+    return _run_profiled(llm, [prompt], steps, 1 + (nodes or 0), 1)
+
+
+PAIRS = 4  # short plain / chain1 runs alternated per round for the headline numbers (see overhead)
+
+
+def _median_summary(runs: list[dict]) -> dict:
+    """Step summaries of several runs -> one: the median step and the median of every phase, steps summed."""
+    return {"steps": sum(r["steps"] for r in runs), "step_ms": round(statistics.median(r["step_ms"] for r in runs), 4),
+            "phases": {p: round(statistics.median(r["phases"].get(p, 0.0) for r in runs), 4) for p in runs[0]["phases"]}}
+
+
 def _non_forward(summary: dict) -> float:
     """Sum of a step summary's phase medians other than the model's own forward and attention (ms)."""
     return sum(v for k, v in summary["phases"].items() if k not in ("model_forward", "attention"))
@@ -144,9 +162,11 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
     Every engine (plain, Medusa, ngram with 1 and with the curve's most drafts) is started once, each in its own
     process, and kept alive; then ``repeats`` rounds each run every engine once, in turn (the order reversed every
     other round). Every number of the result is the median over the rounds of that round's value, so a ratio is the
-    median of paired ratios (``rounds`` keeps each round's headline numbers). On a shared 2-core CPU the machine's
-    speed drifts by 10-20 % from one minute to the next; engines run one after another used to catch different
-    minutes (``chain1_ratio`` 0.88-1.32 over three rounds of fresh engines in session 11), alternated ones share them.
+    median of paired ratios (``rounds`` keeps each round's headline numbers). The headline pair (``plain_ms``,
+    ``chain1_ms`` and their phases) comes from :data:`PAIRS` short runs per engine at the end of each round, plain
+    and Medusa alternated: on a shared 2-core CPU the machine's speed drifts by 10-20 % from one minute to the next,
+    and engines run one after another catch different seconds (``chain1_ratio`` 0.88-1.32 over three rounds of fresh
+    engines in session 11; 1.06-1.36 over five rounds of live engines run in turn, session 12).
     """
     # the engines run inside their worker processes, where the step profiler can reach them
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -185,8 +205,19 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
                     out[name] = engines[name].call(fn, *args)
                 except EngineWorkerError as e:
                     raise BenchEngineError(f"{name} engine: {e}") from None
+            # the headline pair (one plain row against one chain:1 step) once more, in short runs that alternate
+            # between the two engines, so both see the same seconds of the machine
+            pair: dict[str, list] = {"plain": [], "medusa": []}
+            for j in range(PAIRS):
+                for name in (("plain", "medusa") if (i + j) % 2 == 0 else ("medusa", "plain")):
+                    try:
+                        pair[name].append(engines[name].call(_one_row_run, max(steps // 3, 8), prompt,
+                                                             None if name == "plain" else 1))
+                    except EngineWorkerError as e:
+                        raise BenchEngineError(f"{name} engine: {e}") from None
             results.append(_round_result(out["plain"], out["medusa"],
-                                         {k: out[f"ngram k={k}"] for k in sorted({1, max_k})}, nodes))
+                                         {k: out[f"ngram k={k}"] for k in sorted({1, max_k})}, nodes,
+                                         plain=_median_summary(pair["plain"]), chain1=_median_summary(pair["medusa"])))
     finally:
         for e in engines.values():
             e.close()
@@ -222,11 +253,13 @@ def _median_of(results: list[dict]) -> dict:
     return out
 
 
-def _round_result(plain_runs: dict, medusa: dict, ngram: dict, nodes: Sequence[int]) -> dict[str, Any]:
+def _round_result(plain_runs: dict, medusa: dict, ngram: dict, nodes: Sequence[int], *, plain: dict | None = None,
+                  chain1: dict | None = None) -> dict[str, Any]:
     """One round's numbers from each engine's profiles (plain by request count, Medusa by draft nodes, ngram by
-    drafts)."""
+    drafts); ``plain`` / ``chain1``: the headline steps from the alternated short runs (default: the curve's)."""
     res: dict[str, Any] = {}
-    plain, chain1, ng1, ref_draft = plain_runs[1], medusa[1], ngram[1], medusa["reference"]
+    plain, chain1 = plain or plain_runs[1], chain1 or medusa[1]
+    ng1, ref_draft = ngram[1], medusa["reference"]
     curve = {"plain": {r: s["step_ms"] for r, s in plain_runs.items()},
              "ngram": {k + 1: s["step_ms"] for k, s in ngram.items() if s["step_ms"] is not None},
              "medusa": {n + 1: medusa[n]["step_ms"] for n in nodes}}
@@ -259,8 +292,9 @@ def format_overhead(res: dict[str, Any]) -> str:
 
     rounds = res.get("repeats", 1)
     head = (f"Engine step at batch 1 ({res['model']}, {res['dtype']}, heads {res['heads']}, tree {res['tree']}; "
-            f"median of {res['steps']} decode steps per engine" +
-            (f", then of {rounds} rounds, the engines alternated)" if rounds > 1 else ")"))
+            f"median of {res['steps']} decode steps per engine (plain and chain:1: of {PAIRS} alternated runs of "
+            f"{max(res['steps'] // 3, 8)})" + (f", then of {rounds} rounds, the engines alternated)" if rounds > 1
+                                              else ")"))
     cols = [("plain", res["plain_phases"]), ("medusa chain:1", res["phases"]),
             ("chain:1, v0.1 drafting", res["reference_draft_phases"]), ("ngram k=1", res["ngram1_phases"])]
     rows = [[p] + [c.get(p, 0.0) for _, c in cols] for p in PHASES]
