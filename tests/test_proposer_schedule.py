@@ -175,7 +175,7 @@ def test_dynamic_auto_rests_the_heads_longer_after_each_fruitless_recheck_and_pr
 
     hidden = torch.randn(2, 8)
     p, calls = _dynamic_proposer(cost_per_row=1e5)
-    p.CHEAP_DRAFT, p.CHAIN_DRAFTING = 0.0, False
+    p.CHEAP_DRAFT = 0.0
     outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(200)]
     # heads at steps 0, 8, 24, 56, 120, 184: rests of 8, 16, 32, then 64 (RECHECK_MAX)
     assert len(calls) == 6 and p._recheck == p.RECHECK_MAX
@@ -218,10 +218,9 @@ def test_dynamic_auto_charges_the_measured_drafting_time():
 
     hidden = torch.randn(2, 8)
     p, _ = _dynamic_proposer(cost_per_row=0.0)
-    p.CHAIN_DRAFTING = False
     assert [len(o) for o in p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])] == [4, 4]
-    assert p.dynamic_draft_ms[2] > 0.0 and p.mode_draft_ms[(2, False)] > 0.0  # measured at batch size 2
-    p.mode_draft_ms[(2, False)] = 1e6  # heads + trees dearer than anything the nodes can win: no nodes, however cheap
+    assert p.dynamic_draft_ms[2] > 0.0  # measured at batch size 2
+    p.dynamic_draft_ms[2] = 1e6  # heads + trees dearer than anything the nodes can win: no nodes, however cheap
     assert p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) == [[], []] and not p.trees
 
 
@@ -347,17 +346,10 @@ def test_dynamic_auto_follows_the_observed_step_time_ratio(monkeypatch):
     assert sizes[-1] == 0  # no node is worth a 3x step
 
 
-class _Rates(dict):
-    """``proposer.mode_rate`` pinned: what the steps measure is dropped."""
-
-    def __setitem__(self, key, value):
-        pass
-
-
-def test_dynamic_auto_drafts_full_trees_or_chains_whichever_expects_more_tokens_per_ms():
-    """Under tree_schedule: auto each batch size drafts full trees or each request's top-1 chain (one rank per head:
-    cheap to build, verified like a static chain), whichever drafted steps expected more tokens per ms, drafting
-    included; each is tried once first, then the other one every PROBE_EVERY-th step."""
+def test_dynamic_auto_drafts_chains_where_full_trees_are_dear_to_draft():
+    """Where full trees cost CHAIN_DRAFT of a plain step or more to draft (as measured), a step drafts each request's
+    top-1 chain from the heads (one rank per head: cheap to build, verified like a static chain); every
+    PROBE_EVERY-th such step builds full trees again, which keeps their cost measured."""
     import torch
 
     hidden = torch.randn(2, 8)
@@ -367,20 +359,19 @@ def test_dynamic_auto_drafts_full_trees_or_chains_whichever_expects_more_tokens_
     draft = p.heads.draft_topk_probs
     p.heads.draft_topk_probs = lambda h, topk, *a, **k: ranks.append(topk) or draft(h, topk, *a, **k)
     top1 = p.heads.draft_topk(hidden, 1, 2)[:, :, 0].tolist()  # [request][head]
-    step = lambda: p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])  # noqa: E731
-    first, second = step(), step()
-    assert ranks == [3, 1] and all(len(x) == 4 for x in first) and second == top1  # full trees, then chains
-    assert set(p.mode_rate) == set(p.mode_draft_ms) == {(2, False), (2, True)}
-    for chains_win in (True, False):
-        p.mode_rate = _Rates({(2, False): 1.0, (2, True): 2.0 if chains_win else 0.5})
-        ranks.clear()
-        outs = [step() for _ in range(2 * p.PROBE_EVERY)]
-        other = [i for i, r in enumerate(ranks) if r == (3 if chains_win else 1)]
-        assert len(other) == 2 and other[1] - other[0] == p.PROBE_EVERY and len(ranks) == len(outs)
-        if chains_win:  # each request's chain: head 0's top-1, then head 1's (or nothing: a plain probe)
-            chains = [o for i, o in enumerate(outs) if i not in other]
-            assert all(o in (top1, [[], []]) for o in chains) and chains.count(top1) >= 0.8 * len(chains)
-    p.CHAIN_DRAFTING = False
+    p.CHAIN_DRAFT = 1e9  # full trees are cheap next to a step: never chains
+    outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(3)]
+    assert ranks == [3, 3, 3] and all(len(x) == 4 for o in outs for x in o)
+    p.CHAIN_DRAFT = 0.0  # full trees dear: chains, and full trees every PROBE_EVERY-th step
     ranks.clear()
-    [step() for _ in range(p.PROBE_EVERY + 1)]
-    assert set(ranks) == {3}
+    outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(2 * p.PROBE_EVERY)]
+    full = [i for i, r in enumerate(ranks) if r == 3]
+    assert full == [p.PROBE_EVERY - 1, 2 * p.PROBE_EVERY - 1] and set(ranks) == {1, 3}
+    chains = [o for i, o in enumerate(outs) if i not in full]
+    # each request's chain: head 0's top-1, then head 1's (or nothing: the schedule's plain probes)
+    assert all(o in (top1, [[], []]) for o in chains) and chains.count(top1) >= 0.8 * len(chains)
+    for t in p.trees.values():  # the last step built full trees again
+        assert t.num_nodes == 4
+    p.trees.clear()
+    p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
+    assert all(t.tree.chain_prefix == t.num_nodes == 2 for t in p.trees.values())

@@ -24,8 +24,8 @@ BUDGET = 16
 # pinned by _pin_step_cost: how much a machine speculates is its own call, the allocation's correctness is not)
 CONFIGS = {"dynamic": {"ngram_branches": 0}, "hybrid": {"ngram_branches": 2},
            "scheduled": {"ngram_branches": 2, "tree_schedule": "auto"},
-           # the same, with chains expecting more tokens per ms than full trees: the steps draft each request's top-1
-           # chain (MedusaTreeProposer._chain_drafting), full trees every PROBE_EVERY-th step
+           # the same, with full trees priced as too dear to draft: the steps draft each request's top-1 chain
+           # (MedusaTreeProposer._chain_drafting), full trees every PROBE_EVERY-th step
            "chains": {"ngram_branches": 2, "tree_schedule": "auto"},
            # heads with successor counts and a calibration prior next to them (hf.dynamic_priors)
            "successors": {"ngram_branches": 2}}
@@ -60,7 +60,6 @@ def _pin_step_cost(worker) -> None:
     p._step_cost = dict(p._step_cost, forward_ms={"1": 10.0, "4096": 10.0 + ROW_MS * 4095}, tree_attention_ms={})
     p.step_time = StepTimeFit(min_steps=10**9)
     p.dynamic_draft_ms = _NoDraftCost()
-    p.mode_draft_ms = _NoDraftCost()
     p.observed_cost = _no_observed_cost()
 
 
@@ -78,15 +77,8 @@ def _make_llm(model_dir, heads_dir, medusa: dict | None, **overrides):
     return LLM(**kw)
 
 
-class _ChainsWin(dict):
-    """``proposer.mode_rate`` in which chains always expect more tokens per ms than full trees."""
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value * (10.0 if key[1] else 1.0))
-
-
 def _chain_drafting(worker) -> None:
-    worker.model_runner.drafter.mode_rate = _ChainsWin()
+    worker.model_runner.drafter.CHAIN_DRAFT = 0.0
 
 
 def _run(model_dir, heads_dir, medusa, prompts, plan=None, chains=False, **overrides) -> dict:
@@ -210,7 +202,7 @@ def test_scheduled_chains_take_the_stock_attention_path(results):
 
 
 def test_chain_drafting_verifies_chains_with_stock_attention(results):
-    """Chains preferred to full trees: nearly every step drafts chains (stock attention, no compaction), and the
-    outputs above are identical to no speculation all the same."""
+    """Full trees priced as too dear to draft: nearly every step drafts chains (stock attention, no compaction), and
+    the outputs above are identical to no speculation all the same."""
     stats = results["chains"]["stats"]
     assert stats.chain_batches >= 0.8 * stats.tree_batches > 0, (stats.chain_batches, stats.tree_batches)

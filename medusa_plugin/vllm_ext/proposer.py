@@ -43,12 +43,6 @@ from .settings import medusa_settings
 __all__ = ["MedusaTreeProposer", "MedusaProposerError"]
 
 
-def _average(values: dict, key, x: float, weight: float = 0.2) -> None:
-    """``values[key]``: a moving average of the measurements ``x`` (the first one as it is)."""
-    prev = values.get(key)
-    values[key] = x if prev is None else prev + weight * (x - prev)
-
-
 def _log_info(msg: str) -> None:
     from vllm.logger import init_logger
 
@@ -133,12 +127,11 @@ class MedusaTreeProposer:
         # tree: dynamic: drafting time (heads + trees, ms) per batch size, a moving average of the measured calls;
         # the node allocation charges it to speculating steps
         self.dynamic_draft_ms: dict[int, float] = {}
-        # tree: dynamic + auto, per (batch size, chains?): the drafting time of full trees / of chains and the
-        # expected tokens per ms of the steps drafted so (moving averages), which decide between them
-        # (_chain_drafting); steps since the other way was last tried, and the last choice
-        self.mode_draft_ms: dict[tuple[int, bool], float] = {}
-        self.mode_rate: dict[tuple[int, bool], float] = {}
-        self._mode_steps: dict[int, int] = {}
+        # tree: dynamic + auto: the full trees' drafting time per batch size (moving average of the steps that built
+        # them), which decides where the steps draft chains instead (_chain_drafting), and steps drafted so since
+        # the last full one
+        self.full_draft_ms: dict[int, float] = {}
+        self._chain_steps: dict[int, int] = {}
         self.heads: MedusaHeads | None = None
         self._heads_fp32: MedusaHeads | None = None
         self._heads_int8: MedusaHeads | None = None
@@ -286,7 +279,8 @@ class MedusaTreeProposer:
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
     RECHECK_MAX = 64        # ... doubled after every recheck that again chose nothing, up to this
     CHEAP_DRAFT = 0.2       # ... but the next step while drafting costs less than this fraction of a plain step
-    CHAIN_DRAFTING = True   # tree: dynamic + auto: full trees or top-1 chains per batch size (_chain_drafting)
+    CHAIN_DRAFT = 0.2       # tree: dynamic + auto: where full trees cost this fraction of a plain step or more to
+                            # draft, the steps draft chains (_chain_drafting)
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
@@ -488,11 +482,11 @@ class MedusaTreeProposer:
                 root, probs, ids, ctx, calibration=self.calibration, successors=self.successors,
                 acceptance_model=self.acceptance_model))
         draft_ms = (time.perf_counter() - t0) * 1e3
-        _average(self.dynamic_draft_ms, b, draft_ms)
-        _average(self.mode_draft_ms, (b, chain), draft_ms)
+        for costs in ((self.dynamic_draft_ms,) if chain else (self.dynamic_draft_ms, self.full_draft_ms)):
+            prev = costs.get(b)
+            costs[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
         if self._step_cost is not None:
-            trees, rate = self._allocate(b, trees, self.mode_draft_ms.get((b, chain), 0.0))
-            _average(self.mode_rate, (b, chain), rate)
+            trees = self._allocate(b, trees)
         rows = 0
         for i, t in zip(idx, trees):
             if t is None:
@@ -526,46 +520,37 @@ class MedusaTreeProposer:
         drafting cost 9 ms of a 25 ms step, and rechecking every step drafted where it lost (202-253 tok/s against
         236-284 with a rest of 8)."""
         draft = self.dynamic_draft_ms.get(batch_size)
-        if draft is None or self._step_cost is None:
+        if draft is None or self._step_cost is None or self._chain_steps.get(batch_size, 0):
             return self.RECHECK_EVERY
         return 1 if draft < self.CHEAP_DRAFT * self.dynamic_step_ms(batch_size)(0) else self.RECHECK_EVERY
 
     def _chain_drafting(self, batch_size: int) -> bool:
-        """``tree_schedule: auto``: whether this step drafts each request's top-1 chain from the heads (one rank per
-        head, scored by the calibration, verified with stock attention, no compaction) instead of full trees (the
-        heads' top-k, the acceptance model, the n-gram branches): whichever drafted steps at this batch size expected
-        more tokens per ms, drafting included (:attr:`mode_rate`, from the node allocation's own scores and step
-        cost). Each is tried once first; then the other one every :attr:`PROBE_EVERY`-th step, which keeps its
-        rate current.
+        """``tree_schedule: auto``: whether this step drafts each request's top-1 chain from the heads (scored by the
+        calibration, verified with stock attention) instead of full trees: where the full trees' drafting (the heads'
+        top-k, the acceptance model, the n-gram lookups) costs at least :attr:`CHEAP_DRAFT` of a plain step at this
+        batch size, as measured (:attr:`CHAIN_DRAFT`). Every :attr:`PROBE_EVERY`-th such step drafts full trees again,
+        which refreshes their cost.
 
-        Why: full trees cost 1.7 ms per request to draft in bf16 on a 2-core CPU (SmolLM2-135M), 3.4 ms of a 15 ms
-        step at 2 requests, where the hybrid ran at 0.90x plain while the fitted static tree's prefixes (heads only)
-        ran at 1.08x; at one request they win far more than they cost (benchmarks/README.md, session 12)."""
-        if not self.CHAIN_DRAFTING or self._step_cost is None or (batch_size, False) not in self.mode_rate:
-            chains = False
-        elif (batch_size, True) not in self.mode_rate:
-            chains = True
-        else:
-            better = self.mode_rate[(batch_size, True)] > self.mode_rate[(batch_size, False)]
-            n = self._mode_steps.get(batch_size, 0) + 1
-            self._mode_steps[batch_size] = n % self.PROBE_EVERY
-            chains = better if n % self.PROBE_EVERY else not better
-        return chains
+        Measured (bf16 SmolLM2-135M, 2-core CPU, benchmarks/README.md session 12): full hybrid trees cost 1.7 ms per
+        request to draft, 3.4 ms of a 15 ms step at 2 requests, where the hybrid ran at 0.90x plain while the fitted
+        static tree's prefixes (heads only) ran at 1.08x."""
+        full = self.full_draft_ms.get(batch_size)
+        if self._step_cost is None or full is None or full < self.CHAIN_DRAFT * self.dynamic_step_ms(batch_size)(0):
+            self._chain_steps[batch_size] = 0
+            return False
+        n = self._chain_steps.get(batch_size, 0) + 1
+        self._chain_steps[batch_size] = n % self.PROBE_EVERY
+        return n % self.PROBE_EVERY != 0
 
-    def _allocate(self, batch_size: int, trees: list[DynamicTree], draft_ms: float
-                  ) -> tuple[list[DynamicTree | None], float]:
-        """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at
-        ``draft_ms``, its measured average for this batch size and way of drafting, so heads that cost more than they
-        win rest), with a plain step every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the
-        per-row step time) and one node per request about every :attr:`PROBE_EVERY` steps without speculation (it
-        keeps the acceptance observed). Also returns the chosen nodes' expected tokens per ms, drafting included."""
+    def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
+        """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at its
+        measured average for this batch size, so heads that cost more than they win rest), with a plain step
+        every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the per-row step time) and one node
+        per request about every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
         from .calibrate import MIN_GAIN
 
-        step_ms = self.dynamic_step_ms(batch_size)
-        keep = allocate_nodes([t.score for t in trees], step_ms, min_gain=MIN_GAIN, draft_ms=draft_ms)
-        m = sum(map(len, keep))
-        gain = sum(float(t.score[k].sum()) for t, k in zip(trees, keep) if k)
-        rate = (batch_size + gain) / (step_ms(m) + draft_ms)
+        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size), min_gain=MIN_GAIN,
+                              draft_ms=self.dynamic_draft_ms.get(batch_size, 0.0))
         if any(keep):
             self._spec_steps += 1
             per_request = -(-sum(map(len, keep)) // batch_size)
@@ -578,7 +563,7 @@ class MedusaTreeProposer:
                 self._dyn_idle_steps = 0
                 keep = [[1] for _ in trees]
                 self._idle_probe = True  # keeps the acceptance observed; not a choice, so the heads keep resting
-        return [restrict_tree(t, k) for t, k in zip(trees, keep)], rate
+        return [restrict_tree(t, k) for t, k in zip(trees, keep)]
 
     @torch.inference_mode()
     def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:
