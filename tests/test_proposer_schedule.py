@@ -344,34 +344,3 @@ def test_dynamic_auto_follows_the_observed_step_time_ratio(monkeypatch):
     assert p.observed_cost.ratio(2, 4) is not None and p.observed_cost.ratio(2, 4) > 2.5
     assert p.dynamic_step_ms(2)(8) > 2.5 * p.dynamic_step_ms(2)(0)
     assert sizes[-1] == 0  # no node is worth a 3x step
-
-
-def test_dynamic_auto_drafts_chains_where_full_trees_are_dear_to_draft():
-    """Where full trees cost CHAIN_DRAFT of a plain step or more to draft (as measured), a step drafts each request's
-    top-1 chain from the heads (one rank per head: cheap to build, verified like a static chain); every
-    PROBE_EVERY-th such step builds full trees again, which keeps their cost measured."""
-    import torch
-
-    hidden = torch.randn(2, 8)
-    p, _ = _dynamic_proposer(cost_per_row=0.0)  # rows cost nothing: every offered node is verified
-    p.observed_cost.add = lambda *a: None  # ... whatever the microsecond steps of this loop would say
-    ranks = []
-    draft = p.heads.draft_topk_probs
-    p.heads.draft_topk_probs = lambda h, topk, *a, **k: ranks.append(topk) or draft(h, topk, *a, **k)
-    top1 = p.heads.draft_topk(hidden, 1, 2)[:, :, 0].tolist()  # [request][head]
-    p.CHAIN_DRAFT = 1e9  # full trees are cheap next to a step: never chains
-    outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(3)]
-    assert ranks == [3, 3, 3] and all(len(x) == 4 for o in outs for x in o)
-    p.CHAIN_DRAFT = 0.0  # full trees dear: chains, and full trees every PROBE_EVERY-th step
-    ranks.clear()
-    outs = [p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None]) for _ in range(2 * p.PROBE_EVERY)]
-    full = [i for i, r in enumerate(ranks) if r == 3]
-    assert full == [p.PROBE_EVERY - 1, 2 * p.PROBE_EVERY - 1] and set(ranks) == {1, 3}
-    chains = [o for i, o in enumerate(outs) if i not in full]
-    # each request's chain: head 0's top-1, then head 1's (or nothing: the schedule's plain probes)
-    assert all(o in (top1, [[], []]) for o in chains) and chains.count(top1) >= 0.8 * len(chains)
-    for t in p.trees.values():  # the last step built full trees again
-        assert t.num_nodes == 4
-    p.trees.clear()
-    p.propose_dynamic(hidden, [1, 2], ["a", "b"], [None, None])
-    assert all(t.tree.chain_prefix == t.num_nodes == 2 for t in p.trees.values())

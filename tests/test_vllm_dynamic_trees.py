@@ -24,9 +24,6 @@ BUDGET = 16
 # pinned by _pin_step_cost: how much a machine speculates is its own call, the allocation's correctness is not)
 CONFIGS = {"dynamic": {"ngram_branches": 0}, "hybrid": {"ngram_branches": 2},
            "scheduled": {"ngram_branches": 2, "tree_schedule": "auto"},
-           # the same, with full trees priced as too dear to draft: the steps draft each request's top-1 chain
-           # (MedusaTreeProposer._chain_drafting), full trees every PROBE_EVERY-th step
-           "chains": {"ngram_branches": 2, "tree_schedule": "auto"},
            # heads with successor counts and a calibration prior next to them (hf.dynamic_priors)
            "successors": {"ngram_branches": 2}}
 ROW_MS = 0.3  # pinned cost of one more row, against a 10 ms step: nodes of low path score are not drafted
@@ -77,11 +74,7 @@ def _make_llm(model_dir, heads_dir, medusa: dict | None, **overrides):
     return LLM(**kw)
 
 
-def _chain_drafting(worker) -> None:
-    worker.model_runner.drafter.CHAIN_DRAFT = 0.0
-
-
-def _run(model_dir, heads_dir, medusa, prompts, plan=None, chains=False, **overrides) -> dict:
+def _run(model_dir, heads_dir, medusa, prompts, plan=None, **overrides) -> dict:
     from vllm import SamplingParams
 
     llm = _make_llm(model_dir, heads_dir, medusa, **overrides)
@@ -89,8 +82,6 @@ def _run(model_dir, heads_dir, medusa, prompts, plan=None, chains=False, **overr
     try:
         if medusa and medusa.get("tree_schedule") == "auto":
             llm.collective_rpc(_pin_step_cost)
-        if chains:
-            llm.collective_rpc(_chain_drafting)
         greedy = SamplingParams(temperature=0.0, max_tokens=24)
         res["batch"] = _tokens(llm.generate(_as_inputs(prompts["batch"]), greedy, use_tqdm=False))
         if overrides:  # the preemption engine runs the batch only
@@ -154,7 +145,7 @@ def results(tmp_path_factory):
     succ_dir = _heads_with_priors(model_dir, heads_dir, tmp_path_factory.mktemp("heads_with_priors"), prompts, ref)
     for name, medusa in CONFIGS.items():
         res[name] = _run(model_dir, succ_dir if name == "successors" else heads_dir, medusa, prompts,
-                         plan=ref["plan"], chains=name == "chains")
+                         plan=ref["plan"])
     res["preempted"] = _run(model_dir, heads_dir, CONFIGS["hybrid"], prompts, num_gpu_blocks_override=16,
                             block_size=32)
     os.environ.pop("MEDUSA_PLUGIN_CACHE", None)
@@ -199,10 +190,3 @@ def test_scheduled_chains_take_the_stock_attention_path(results):
     stats = results["scheduled"]["stats"]
     assert 0 < stats.chain_batches < stats.tree_batches, (stats.chain_batches, stats.tree_batches)
     assert results["hybrid"]["stats"].chain_batches < results["hybrid"]["stats"].tree_batches
-
-
-def test_chain_drafting_verifies_chains_with_stock_attention(results):
-    """Full trees priced as too dear to draft: nearly every step drafts chains (stock attention, no compaction), and
-    the outputs above are identical to no speculation all the same."""
-    stats = results["chains"]["stats"]
-    assert stats.chain_batches >= 0.8 * stats.tree_batches > 0, (stats.chain_batches, stats.tree_batches)

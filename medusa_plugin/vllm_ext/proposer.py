@@ -25,8 +25,7 @@ from torch import Tensor
 from medusa_plugin.core.acceptance_model import AcceptanceModelError, NodeAcceptanceModel, acceptance_model_for
 from medusa_plugin.core.calibration import AcceptanceCalibration, CalibrationError, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
-from medusa_plugin.core.dynamic_tree import (DynamicTree, DynamicTreeError, DynamicTreeSpec, observe_step,
-                                                restrict_tree)
+from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
 from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, native_half_matmul
 from medusa_plugin.core.int8_heads import int8_heads
 from medusa_plugin.core.node_allocation import allocate_nodes
@@ -127,11 +126,6 @@ class MedusaTreeProposer:
         # tree: dynamic: drafting time (heads + trees, ms) per batch size, a moving average of the measured calls;
         # the node allocation charges it to speculating steps
         self.dynamic_draft_ms: dict[int, float] = {}
-        # tree: dynamic + auto: the full trees' drafting time per batch size (moving average of the steps that built
-        # them), which decides where the steps draft chains instead (_chain_drafting), and steps drafted so since
-        # the last full one
-        self.full_draft_ms: dict[int, float] = {}
-        self._chain_steps: dict[int, int] = {}
         self.heads: MedusaHeads | None = None
         self._heads_fp32: MedusaHeads | None = None
         self._heads_int8: MedusaHeads | None = None
@@ -279,8 +273,6 @@ class MedusaTreeProposer:
     RECHECK_EVERY = 8       # tree: dynamic + auto: after a step with no nodes, steps until the heads run again
     RECHECK_MAX = 64        # ... doubled after every recheck that again chose nothing, up to this
     CHEAP_DRAFT = 0.2       # ... but the next step while drafting costs less than this fraction of a plain step
-    CHAIN_DRAFT = 0.2       # tree: dynamic + auto: where full trees cost this fraction of a plain step or more to
-                            # draft, the steps draft chains (_chain_drafting)
 
     def calibrate(self, runner) -> None:
         """``tree_schedule: auto`` without a shipped table: the schedule from the step cost measured in this engine
@@ -467,24 +459,17 @@ class MedusaTreeProposer:
         sel = torch.tensor(idx, device=hidden.device)
         root = torch.tensor([roots[i] for i in idx], dtype=torch.int64)
         k = self.dynamic.num_heads or self.heads.num_heads
-        chain = self._chain_drafting(b)
-        spec = DynamicTreeSpec(budget=min(k, self.dynamic.budget), topk=1, num_heads=k) if chain else self.dynamic
         probs, ids = self.heads_for(len(idx) * k).draft_topk_probs(
-            hidden[sel], spec.topk, k, lm_head=self._lm_head, vocab_size=self.vocab_size,
+            hidden[sel], self.dynamic.topk, k, lm_head=self._lm_head, vocab_size=self.vocab_size,
             root_embeds=self.root_embeds(root))
-        if chain:  # the heads' top-1 path, scored by the calibration alone: no context, no n-gram branches
-            trees: list[DynamicTree | None] = list(spec.build_from_topk(root, probs, ids,
-                                                                        calibration=self.calibration))
-        else:
-            ctx = ([contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None
-                   or self.acceptance_model is not None else None)
-            trees = list(self.dynamic.build_from_topk(
-                root, probs, ids, ctx, calibration=self.calibration, successors=self.successors,
-                acceptance_model=self.acceptance_model))
+        ctx = ([contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None
+               or self.acceptance_model is not None else None)
+        trees: list[DynamicTree | None] = list(self.dynamic.build_from_topk(
+            root, probs, ids, ctx, calibration=self.calibration, successors=self.successors,
+            acceptance_model=self.acceptance_model))
         draft_ms = (time.perf_counter() - t0) * 1e3
-        for costs in ((self.dynamic_draft_ms,) if chain else (self.dynamic_draft_ms, self.full_draft_ms)):
-            prev = costs.get(b)
-            costs[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
+        prev = self.dynamic_draft_ms.get(b)
+        self.dynamic_draft_ms[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
         if self._step_cost is not None:
             trees = self._allocate(b, trees)
         rows = 0
@@ -520,27 +505,9 @@ class MedusaTreeProposer:
         drafting cost 9 ms of a 25 ms step, and rechecking every step drafted where it lost (202-253 tok/s against
         236-284 with a rest of 8)."""
         draft = self.dynamic_draft_ms.get(batch_size)
-        if draft is None or self._step_cost is None or self._chain_steps.get(batch_size, 0):
+        if draft is None or self._step_cost is None:
             return self.RECHECK_EVERY
         return 1 if draft < self.CHEAP_DRAFT * self.dynamic_step_ms(batch_size)(0) else self.RECHECK_EVERY
-
-    def _chain_drafting(self, batch_size: int) -> bool:
-        """``tree_schedule: auto``: whether this step drafts each request's top-1 chain from the heads (scored by the
-        calibration, verified with stock attention) instead of full trees: where the full trees' drafting (the heads'
-        top-k, the acceptance model, the n-gram lookups) costs at least :attr:`CHEAP_DRAFT` of a plain step at this
-        batch size, as measured (:attr:`CHAIN_DRAFT`). Every :attr:`PROBE_EVERY`-th such step drafts full trees again,
-        which refreshes their cost.
-
-        Measured (bf16 SmolLM2-135M, 2-core CPU, benchmarks/README.md session 12): full hybrid trees cost 1.7 ms per
-        request to draft, 3.4 ms of a 15 ms step at 2 requests, where the hybrid ran at 0.90x plain while the fitted
-        static tree's prefixes (heads only) ran at 1.08x."""
-        full = self.full_draft_ms.get(batch_size)
-        if self._step_cost is None or full is None or full < self.CHAIN_DRAFT * self.dynamic_step_ms(batch_size)(0):
-            self._chain_steps[batch_size] = 0
-            return False
-        n = self._chain_steps.get(batch_size, 0) + 1
-        self._chain_steps[batch_size] = n % self.PROBE_EVERY
-        return n % self.PROBE_EVERY != 0
 
     def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
         """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at its
