@@ -8,8 +8,9 @@ plain, Medusa and ngram back to back at each concurrency, repeat the round, and 
 ratios. Drift then hits the methods of a round alike.
 
 Each worker process builds one ``vllm.LLM`` (:func:`medusa_plugin.vllm_ext.offline.build_llm`) and answers
-``run(prompts, max_tokens)`` and ``call(fn, *args)`` calls over a pipe; an idle engine waits on its pipe and takes no CPU. Engines are
-started one after the other (Medusa's start-up measures step costs, which another engine's start-up would disturb).
+``run(prompts, max_tokens)`` and ``call(fn, *args)`` calls over a pipe; an idle engine waits on its pipe and takes
+no CPU. Engines are started one after the other (Medusa's start-up measures step costs, which another engine's
+start-up would disturb).
 """
 
 from __future__ import annotations
