@@ -145,8 +145,9 @@ PAIRS = 4  # short plain / chain1 runs alternated per round for the headline num
 
 def _median_summary(runs: list[dict]) -> dict:
     """Step summaries of several runs -> one: the median step and the median of every phase, steps summed."""
-    return {"steps": sum(r["steps"] for r in runs), "step_ms": round(statistics.median(r["step_ms"] for r in runs), 4),
-            "phases": {p: round(statistics.median(r["phases"].get(p, 0.0) for r in runs), 4) for p in runs[0]["phases"]}}
+    med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
+    return {"steps": sum(r["steps"] for r in runs), "step_ms": med(r["step_ms"] for r in runs),
+            "phases": {p: med(r["phases"].get(p, 0.0) for r in runs) for p in runs[0]["phases"]}}
 
 
 def _non_forward(summary: dict) -> float:
