@@ -150,6 +150,17 @@ def _median_summary(runs: list[dict]) -> dict:
             "phases": {p: med(r["phases"].get(p, 0.0) for r in runs) for p in runs[0]["phases"]}}
 
 
+def _on_engine(name: str, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (an engine worker's start or call), an ``EngineWorkerError`` becoming one
+    :class:`BenchEngineError` line that names the engine."""
+    from .engine_workers import EngineWorkerError
+
+    try:
+        return fn(*args, **kwargs)
+    except EngineWorkerError as e:
+        raise BenchEngineError(f"{name} engine: {e}") from None
+
+
 def _non_forward(summary: dict) -> float:
     """Sum of a step summary's phase medians other than the model's own forward and attention (ms)."""
     return sum(v for k, v in summary["phases"].items() if k not in ("model_forward", "attention"))
@@ -175,7 +186,7 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     from .core.tree import MedusaTree
-    from .engine_workers import EngineWorker, EngineWorkerError
+    from .engine_workers import EngineWorker
 
     t0 = time.perf_counter()
     mtree = MedusaTree.load(tree)
@@ -194,28 +205,18 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
     try:
         for name, settings, _, _ in jobs:
             log(f"overhead: starting the {name} engine ({model}, {dtype})")
-            try:
-                engines[name] = EngineWorker(model, **settings, **kw)
-            except EngineWorkerError as e:
-                raise BenchEngineError(f"{name} engine: {e}") from None
+            engines[name] = _on_engine(name, EngineWorker, model, **settings, **kw)
         for i in range(repeats):
             log(f"overhead: round {i + 1}/{repeats}")
-            out = {}
-            for name, _, fn, args in (jobs if i % 2 == 0 else jobs[::-1]):
-                try:
-                    out[name] = engines[name].call(fn, *args)
-                except EngineWorkerError as e:
-                    raise BenchEngineError(f"{name} engine: {e}") from None
+            out = {name: _on_engine(name, engines[name].call, fn, *args)
+                   for name, _, fn, args in (jobs if i % 2 == 0 else jobs[::-1])}
             # the headline pair (one plain row against one chain:1 step) once more, in short runs that alternate
             # between the two engines, so both see the same seconds of the machine
             pair: dict[str, list] = {"plain": [], "medusa": []}
             for j in range(PAIRS):
                 for name in (("plain", "medusa") if (i + j) % 2 == 0 else ("medusa", "plain")):
-                    try:
-                        pair[name].append(engines[name].call(_one_row_run, max(steps // 3, 8), prompt,
-                                                             None if name == "plain" else 1))
-                    except EngineWorkerError as e:
-                        raise BenchEngineError(f"{name} engine: {e}") from None
+                    pair[name].append(_on_engine(name, engines[name].call, _one_row_run, max(steps // 3, 8), prompt,
+                                                 None if name == "plain" else 1))
             results.append(_round_result(out["plain"], out["medusa"],
                                          {k: out[f"ngram k={k}"] for k in sorted({1, max_k})}, nodes,
                                          plain=_median_summary(pair["plain"]), chain1=_median_summary(pair["medusa"])))
