@@ -143,6 +143,11 @@ def _one_row_run(llm, steps, prompt, nodes=None):
 PAIRS = 4  # short plain / chain1 runs alternated per round for the headline numbers (see overhead)
 
 
+def _pair_steps(steps: int) -> int:
+    """Decode steps of one of those short runs."""
+    return max(steps // 3, 8)
+
+
 def _median_summary(runs: list[dict]) -> dict:
     """Step summaries of several runs -> one: the median step and the median of every phase, steps summed."""
     med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
@@ -215,7 +220,7 @@ def overhead(*, model: str, heads: str, tree: str = "chain:4", dtype: str = "bfl
             pair: dict[str, list] = {"plain": [], "medusa": []}
             for j in range(PAIRS):
                 for name in (("plain", "medusa") if (i + j) % 2 == 0 else ("medusa", "plain")):
-                    pair[name].append(_on_engine(name, engines[name].call, _one_row_run, max(steps // 3, 8), prompt,
+                    pair[name].append(_on_engine(name, engines[name].call, _one_row_run, _pair_steps(steps), prompt,
                                                  None if name == "plain" else 1))
             results.append(_round_result(out["plain"], out["medusa"],
                                          {k: out[f"ngram k={k}"] for k in sorted({1, max_k})}, nodes,
@@ -255,12 +260,11 @@ def _median_of(results: list[dict]) -> dict:
     return out
 
 
-def _round_result(plain_runs: dict, medusa: dict, ngram: dict, nodes: Sequence[int], *, plain: dict | None = None,
-                  chain1: dict | None = None) -> dict[str, Any]:
+def _round_result(plain_runs: dict, medusa: dict, ngram: dict, nodes: Sequence[int], *, plain: dict,
+                  chain1: dict) -> dict[str, Any]:
     """One round's numbers from each engine's profiles (plain by request count, Medusa by draft nodes, ngram by
-    drafts); ``plain`` / ``chain1``: the headline steps from the alternated short runs (default: the curve's)."""
+    drafts: the curve); ``plain`` / ``chain1``: the headline steps, from the alternated short runs."""
     res: dict[str, Any] = {}
-    plain, chain1 = plain or plain_runs[1], chain1 or medusa[1]
     ng1, ref_draft = ngram[1], medusa["reference"]
     curve = {"plain": {r: s["step_ms"] for r, s in plain_runs.items()},
              "ngram": {k + 1: s["step_ms"] for k, s in ngram.items() if s["step_ms"] is not None},
@@ -295,7 +299,7 @@ def format_overhead(res: dict[str, Any]) -> str:
     rounds = res.get("repeats", 1)
     head = (f"Engine step at batch 1 ({res['model']}, {res['dtype']}, heads {res['heads']}, tree {res['tree']}; "
             f"median of {res['steps']} decode steps per engine (plain and chain:1: of {PAIRS} alternated runs of "
-            f"{max(res['steps'] // 3, 8)})" + (f", then of {rounds} rounds, the engines alternated)" if rounds > 1
+            f"{_pair_steps(res['steps'])})" + (f", then of {rounds} rounds, the engines alternated)" if rounds > 1
                                               else ")"))
     cols = [("plain", res["plain_phases"]), ("medusa chain:1", res["phases"]),
             ("chain:1, v0.1 drafting", res["reference_draft_phases"]), ("ngram k=1", res["ngram1_phases"])]

@@ -70,6 +70,10 @@ def test_draft_errors():
     top = heads.draft_topk(torch.randn(1, H), 10, 1, lm_head=base)
     with pytest.raises(MedusaTreeError, match="depth 2"):
         tree.candidates_from_topk(torch.zeros(1, dtype=torch.int64), top, 2)
+    with pytest.raises(MedusaTreeError, match="depth 2"):  # the proposer's host lookup checks the same
+        tree.candidates_from_topk_host(top.tolist(), 2)
+    with pytest.raises(MedusaTreeError, match="outside"):
+        tree.candidates_from_topk_host(top.tolist(), 5)
 
 
 @pytest.mark.parametrize("kind", ["v1", "shared", "v2", "token_map"])

@@ -316,7 +316,17 @@ class MedusaTree:
     def candidates_from_topk_host(self, top_ids: list, num_nodes: int) -> list[list[int]]:
         """The drafts of :meth:`candidates_from_topk` without the root, from the top-k ids as Python lists
         (``top_ids.tolist()``, ``[B][K][topk]``): ``B`` lists of ``num_nodes`` token ids. For the decode step's few
-        rows a dozen PyTorch calls cost more than the lookup (0.04 ms of a chain:1 step on a 2-core CPU)."""
+        rows a dozen PyTorch calls cost more than the lookup (0.04 ms of a chain:1 step on a 2-core CPU).
+
+        Raises:
+            MedusaTreeError: ``num_nodes`` out of range, or fewer heads than the prefix reaches.
+        """
+        if not 0 <= num_nodes <= self.num_nodes:
+            raise MedusaTreeError(f"num_nodes={num_nodes} is outside 0..{self.num_nodes}")
+        if top_ids and len(top_ids[0]) < self.prefix_depth[num_nodes]:
+            raise MedusaTreeError(f"the first {num_nodes} nodes reach depth {self.prefix_depth[num_nodes]} but "
+                                  f"top_ids has {len(top_ids[0])} heads: run at least {self.prefix_depth[num_nodes]} "
+                                  "heads")
         where = self.host_head_rank[:num_nodes]
         return [[t[h][r] for h, r in where] for t in top_ids]
 

@@ -417,8 +417,6 @@ class MedusaTreeProposer:
 
     def candidates_from_topk(self, root: Tensor, top: Tensor, num_nodes: int) -> list[list[int]]:
         """Draft tokens of the first ``num_nodes`` nodes per request (one host copy of the top-k ids)."""
-        if top.shape[1] < self.tree.prefix_depth[num_nodes]:  # the same check as MedusaTree.candidates_from_topk
-            return self.tree.candidates_from_topk(root, top, num_nodes)[:, 1:].tolist()
         return self.tree.candidates_from_topk_host(top.tolist(), num_nodes)
 
     def observe_trees(self, trees: list[DynamicTree], path_nodes: Tensor) -> None:
