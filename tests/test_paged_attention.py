@@ -222,3 +222,38 @@ def test_an_empty_request_with_an_unpadded_block_table():
     got = paged_tree_attention(**kw, tree_mask=mask, is_tree=is_tree, scale=0.3)
     want = dense_tree_attention_reference(**kw, tree_mask=mask, is_tree=is_tree, scale=0.3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_equal_query_lengths_read_and_write_rows_in_place(dtype, tol, monkeypatch):
+    """Requests with equal query lengths (every static tree step, and dynamic trees of one size) take the path that
+    reads the query rows and writes the output without a gather: the same result as the brute force, in the strided
+    CPU layout and with an out buffer; one-request groups give it too."""
+    import medusa_plugin.core.paged_attention as pa
+    from medusa_plugin.core.paged_attention import plan_paged_tree_attention
+
+    hkv, dh, bs = 2, 16, 16
+    q_lens, seq_lens = [9, 9, 9], [40 + 9, 3 + 9, 70 + 9]
+    kw = make_batch(seq_lens, q_lens, block_size=bs, hq=6, hkv=hkv, dh=dh, dtype=dtype, seed=21)
+    nb = kw["key_cache"].shape[0]
+    raw = torch.zeros(nb, hkv, 2, bs * dh, dtype=dtype)
+    k_view = raw[:, :, 0].view(nb, hkv, dh, bs).permute(0, 3, 1, 2)  # vLLM's CPU layout: K dim-major, V token-major
+    v_view = raw[:, :, 1].view(nb, hkv, bs, dh).permute(0, 2, 1, 3)
+    k_view.copy_(kw["key_cache"])
+    v_view.copy_(kw["value_cache"])
+    mask = brute_tree_mask([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2], [0, 0, 0, 0]])
+    is_tree = torch.ones(3, dtype=torch.bool)
+    plan = plan_paged_tree_attention(kw["block_tables"], kw["seq_lens"], kw["query_start_loc"], mask, is_tree,
+                                     num_tokens=27, block_size=bs, num_kv_heads=hkv, num_q_heads=6, head_dim=dh)
+    assert [g.dense for g in plan.groups] == [True]
+    out = torch.full_like(kw["query"], float("nan"))
+    got = paged_tree_attention(**dict(kw, key_cache=k_view, value_cache=v_view), tree_mask=mask, is_tree=is_tree,
+                               scale=0.25, out=out)
+    assert got is out
+    want = dense_tree_attention_reference(**kw, tree_mask=mask, is_tree=is_tree, scale=0.25)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    monkeypatch.setattr(pa, "_GROUP_ELEMS", 1)  # three groups: not dense, gathered and scattered
+    plan = plan_paged_tree_attention(kw["block_tables"], kw["seq_lens"], kw["query_start_loc"], mask, is_tree,
+                                     num_tokens=27, block_size=bs, num_kv_heads=hkv, num_q_heads=6, head_dim=dh)
+    assert [g.dense for g in plan.groups] == [False] * 3
+    torch.testing.assert_close(paged_tree_attention(**kw, tree_mask=mask, is_tree=is_tree, scale=0.25), got)
