@@ -10,7 +10,7 @@ import torch
 
 from medusa_plugin.core.acceptance import greedy_accept
 from medusa_plugin.core.dynamic_tree import DynamicTreeError, build_dynamic_tree, restrict_tree
-from medusa_plugin.core.node_allocation import allocate_nodes
+from medusa_plugin.core.node_allocation import allocate_nodes, allocate_streams
 
 
 def _random_tree(rng: random.Random, k: int = 2, topk: int = 3):
@@ -108,3 +108,71 @@ def test_restricted_tree_verifies_like_the_kept_nodes():
             restrict_tree(dt, [orphan[0]])
     with pytest.raises(DynamicTreeError, match="kept nodes must be in"):
         restrict_tree(dt, [0])
+
+
+class _CountingStream:
+    """A NodeStream over a list of scores (best first) that counts the nodes drawn."""
+
+    def __init__(self, scores):
+        self.scores, self.drawn = list(scores), 0
+
+    def peek(self):
+        return self.scores[self.drawn] if self.drawn < len(self.scores) else None
+
+    def pop(self):
+        self.drawn += 1
+        return self.scores[self.drawn - 1]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lazy_allocation_chooses_as_the_full_one_and_draws_less(seed):
+    """allocate_streams keeps, per request, as many nodes as allocate_nodes keeps from whole trees (the same nodes:
+    the first ones, best first), with step costs that are linear, convex, flat then steep, or cheaper at 2 rows than
+    at 1 (oneDNN's M=2 shape on a 2-core CPU); it never draws more than every request's budget."""
+    rng = random.Random(seed)
+    n_req, budget = rng.randint(1, 6), rng.randint(1, 8)
+    lists = []
+    for _ in range(n_req):
+        s = sorted((rng.random() ** rng.choice([0.5, 1, 3]) for _ in range(rng.randint(0, budget))), reverse=True)
+        lists.append(s)
+    base, per_row = rng.uniform(5, 20), rng.uniform(0.05, 4)
+    kind = seed % 4
+    table = [base + per_row * m + (0.3 * m * m if kind == 1 else 0) + (20 * max(0, m - 6) if kind == 2 else 0)
+             - (per_row * 1.5 if kind == 3 and m == 2 else 0) for m in range(n_req * budget + 1)]
+    step_ms = table.__getitem__
+    draft = rng.choice([0.0, rng.uniform(0, base / 2)])
+    gain, floor = rng.choice([0.0, 0.05]), rng.choice([0, 0, n_req])
+    want = allocate_nodes([torch.tensor([1.0] + s) for s in lists], step_ms, min_nodes=floor, min_gain=gain,
+                          draft_ms=draft)
+    streams = [_CountingStream(s) for s in lists]
+    got = allocate_streams(streams, step_ms, max_nodes=budget, min_nodes=floor, min_gain=gain, draft_ms=draft)
+    assert got == [len(k) for k in want]
+    assert all(k == list(range(1, len(k) + 1)) for k in want)  # whole-tree allocation kept the first nodes too
+    assert all(c <= st.drawn <= len(s) for c, st, s in zip(got, streams, lists))
+
+
+def test_lazy_allocation_stops_early_when_rows_are_dear():
+    """With dear rows only the first node of each request is drawn (to see it does not pay), not whole trees."""
+    streams = [_CountingStream([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]) for _ in range(4)]
+    assert allocate_streams(streams, lambda m: 10.0 + 20.0 * m, max_nodes=8) == [0, 0, 0, 0]
+    assert [s.drawn for s in streams] == [0, 0, 0, 0]  # peeked, never drawn
+    streams = [_CountingStream([0.9, 0.8, 0.1, 0.05]) for _ in range(2)]
+    assert allocate_streams(streams, lambda m: 10.0 + 1.0 * m, max_nodes=4) == [2, 2]
+    assert max(s.drawn for s in streams) <= 3
+    with pytest.raises(ValueError, match="max_nodes"):
+        allocate_streams(streams, lambda m: 1.0, max_nodes=-1)
+
+
+def test_node_stream_tree_equals_the_built_tree():
+    """A NodeStream's first n nodes make the tree build_dynamic_tree builds with budget n (n = 1..all)."""
+    from medusa_plugin.core.dynamic_tree import dynamic_node_stream
+
+    rng = random.Random(3)
+    probs = torch.tensor([sorted((rng.random() for _ in range(4)), reverse=True) for _ in range(3)])
+    ids = torch.tensor([rng.sample(range(90), 4) for _ in range(3)])
+    for n in range(1, 12):
+        stream = dynamic_node_stream(7, probs, ids, continuations=[[5, 6, 8]], num_branches=1)
+        got, want = stream.tree(n), build_dynamic_tree(7, probs, ids, n, continuations=[[5, 6, 8]], num_branches=1)
+        assert got.tree.choices == want.tree.choices and torch.equal(got.tokens, want.tokens)
+        assert torch.equal(got.score, want.score) and len(stream.nodes) == n
+    assert dynamic_node_stream(7, probs, ids).tree() is None  # nothing drawn yet

@@ -25,8 +25,9 @@ because the children do not depend on the target's draws).
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +39,9 @@ from .ngram_branches import ngram_continuations
 from .successor_prior import SuccessorCounts
 from .tree import MedusaTree
 
-__all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "select_nodes", "build_dynamic_tree", "restrict_tree",
-           "lattice_size", "observe_step", "draw_dynamic_tree"]
+__all__ = ["DynamicTreeError", "DynamicTree", "DynamicTreeSpec", "NodeStream", "select_nodes", "iter_nodes",
+           "build_dynamic_tree", "dynamic_node_stream", "restrict_tree", "lattice_size", "observe_step",
+           "draw_dynamic_tree"]
 
 
 class DynamicTreeError(ValueError):
@@ -145,6 +147,23 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
     """
     if budget < 1:
         raise DynamicTreeError(f"budget must be >= 1, got {budget}")
+    return list(itertools.islice(iter_nodes(factors, tokens, continuations=continuations, ngram_factors=ngram_factors,
+                                            off_factors=off_factors, rescore=rescore, context=context,
+                                            score_children=score_children), budget))
+
+
+def iter_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], *,
+               continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
+               off_factors: Sequence[Sequence[float]] | None = None,
+               rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
+               context: Sequence[int] = (),
+               score_children: Callable[[int, bool, Sequence[int]], tuple[list, list]] | None = None
+               ) -> Iterator[dict]:
+    """:func:`select_nodes` as a generator: the nodes one at a time, best first, for as long as the caller asks
+    (``select_nodes(..., budget)`` is the first ``budget``). A node's children are scored only when the node after
+    it is asked for, so a caller that stops after ``n`` nodes pays for ``n`` expansions
+    (:func:`~medusa_plugin.core.node_allocation.allocate_streams`). Checks and node dicts as :func:`select_nodes`.
+    """
     k_heads = len(factors)
     topk = len(factors[0]) if k_heads else 0
     off_factors = factors if off_factors is None else off_factors
@@ -155,8 +174,12 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         raise DynamicTreeError("n-gram continuations need ngram_factors")
     if any(not 0.0 <= g <= 1.0 for g in ngram_factors):
         raise DynamicTreeError("n-gram acceptance factors must lie in [0, 1]")
-    conts = [list(c) for c in continuations]
-    ctx4 = [int(t) for t in context[-4:]]
+    return _best_first(factors, off_factors, tokens, k_heads, topk, [list(c) for c in continuations], ngram_factors,
+                       rescore, [int(t) for t in context[-4:]], score_children)
+
+
+def _best_first(factors, off_factors, tokens, k_heads, topk, conts, ngram_factors, rescore, ctx4, score_children
+                ) -> Iterator[dict]:
     ctx = ctx4[-2:]
     # heap entries: (-score, depth, slots, tokens, head, ngram, off, top, conts_on_path, level, siblings, index,
     # parent on the top path); (score, depth, slots) is unique, so the rest is never compared
@@ -206,16 +229,13 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
                               top and slot == 0, c_on, lv, sibs, i, top))
 
     push_children(1.0, (), (), tuple(range(len(conts))), True)
-    out: list[dict] = []
-    while heap and len(out) < budget:
+    while heap:
         neg, _, slots, toks, head, ng, off, top, on, lv, sibs, i, parent_top = heapq.heappop(heap)
-        out.append({"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off,
-                    "level": lv})
         if i + 1 < len(sibs):
             push_sibling(sibs, i + 1, slots[:-1], toks[:-1], parent_top)
-        if len(out) < budget:  # the last node's children could never be selected: do not score them
-            push_children(-neg, slots, toks, on, top)
-    return out
+        # the children are scored only if the caller asks for another node (the last one's never are)
+        yield {"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off, "level": lv}
+        push_children(-neg, slots, toks, on, top)
 
 
 def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budget: int, *,
@@ -251,6 +271,21 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         DynamicTreeError: shapes that do not match, ``budget < 1``, an acceptance model for other heads or fitted
             with successor counts but given none.
     """
+    if budget < 1:
+        raise DynamicTreeError(f"budget must be >= 1, got {budget}")
+    return dynamic_node_stream(root_token, top_probs, top_ids, calibration=calibration, continuations=continuations,
+                               num_branches=num_branches, successors=successors, prev_token=prev_token,
+                               acceptance_model=acceptance_model, context=context).take(budget).tree(allow_empty=True)
+
+
+def dynamic_node_stream(root_token: int, top_probs: Tensor, top_ids: Tensor, *,
+                        calibration: AcceptanceCalibration | None = None,
+                        continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None,
+                        successors: SuccessorCounts | None = None, prev_token: int | None = None,
+                        acceptance_model: NodeAcceptanceModel | None = None,
+                        context: Sequence[int] | None = None) -> "NodeStream":
+    """The nodes of :func:`build_dynamic_tree` (same arguments, no budget) as a :class:`NodeStream`: drawn on demand,
+    best first. Raises as :func:`build_dynamic_tree`."""
     if top_probs.dim() != 2 or top_ids.shape != top_probs.shape:
         raise DynamicTreeError(f"top_probs and top_ids must both be [K, topk], got {tuple(top_probs.shape)} and "
                                f"{tuple(top_ids.shape)}")
@@ -293,9 +328,64 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         # a model fitted without successor levels never saw them: keep its level columns empty
         score_children = acceptance_model.scorer(probs, ids, grams,
                                                  successors if acceptance_model.uses_successors else None)
-    nodes = select_nodes(factors, ids, budget, continuations=continuations, ngram_factors=ngram_factors,
-                         off_factors=off_factors, rescore=rescore, context=last, score_children=score_children)
-    tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=topk + m)
+    return NodeStream(root_token, iter_nodes(factors, ids, continuations=continuations, ngram_factors=ngram_factors,
+                                             off_factors=off_factors, rescore=rescore, context=last,
+                                             score_children=score_children),
+                      topk + m, probs, successors is not None)
+
+
+class NodeStream:
+    """One request's dynamic-tree nodes drawn one at a time, best first (:func:`iter_nodes`), and the tree of those
+    drawn: what :func:`build_dynamic_tree` builds with ``budget`` draws, and what the node allocation draws from
+    lazily (:func:`~medusa_plugin.core.node_allocation.allocate_streams`), so the nodes no step will verify are never
+    scored. Made by :func:`dynamic_node_stream` or :meth:`DynamicTreeSpec.streams_from_topk`.
+    """
+
+    def __init__(self, root_token: int, nodes: Iterator[dict], slots: int, probs: list, with_level: bool) -> None:
+        self.root_token = int(root_token)
+        self.nodes: list[dict] = []  # drawn, best first
+        self._it, self._slots, self._probs, self._with_level = nodes, slots, probs, with_level
+        self._next: dict | None = None
+        self._done = False
+
+    def peek(self) -> float | None:
+        """Path score of the next node (scores its parent's children if needed), None when there is none."""
+        if self._next is None and not self._done:
+            self._next = next(self._it, None)
+            self._done = self._next is None
+        return None if self._next is None else self._next["score"]
+
+    def pop(self) -> float:
+        """Draw the next node; returns its score. Raises StopIteration when there is none."""
+        if self.peek() is None:
+            raise StopIteration("no node left in this dynamic tree's lattice")
+        node, self._next = self._next, None
+        self.nodes.append(node)
+        return node["score"]
+
+    def take(self, n: int) -> "NodeStream":
+        """Draw up to ``n`` more nodes (fewer when the lattice runs out); returns self."""
+        for _ in range(n):
+            if self.peek() is None:
+                break
+            self.pop()
+        return self
+
+    def tree(self, n: int | None = None, allow_empty: bool = False) -> DynamicTree | None:
+        """The :class:`DynamicTree` of the first ``n`` nodes (default: those drawn so far; more are drawn if needed,
+        fewer where the lattice runs out), ancestor-closed since they come best first; None when it would have no
+        node (unless ``allow_empty``)."""
+        if n is not None and n > len(self.nodes):
+            self.take(n - len(self.nodes))
+        nodes = self.nodes if n is None else self.nodes[:n]
+        if not nodes and not allow_empty:
+            return None
+        return _assemble(self.root_token, nodes, self._slots, self._probs, self._with_level)
+
+
+def _assemble(root_token: int, nodes: list[dict], slots: int, probs: list, with_level: bool) -> DynamicTree:
+    """The :class:`DynamicTree` of ``nodes`` (:func:`select_nodes` dicts) under ``root_token``, in node order."""
+    tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=slots)
     index = {n["slots"]: n for n in nodes}
     n1 = tree.num_nodes + 1
     tokens = [int(root_token)] + [0] * tree.num_nodes
@@ -318,7 +408,7 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
     return DynamicTree(tree, torch.tensor(tokens, dtype=torch.int64), torch.tensor(head, dtype=torch.int64),
                        torch.tensor(head_prob, dtype=torch.float64), torch.tensor(ngram, dtype=torch.int64),
                        torch.tensor(score, dtype=torch.float64), torch.tensor(off, dtype=torch.bool),
-                       torch.tensor(level, dtype=torch.int64) if successors is not None else None)
+                       torch.tensor(level, dtype=torch.int64) if with_level else None)
 
 
 @dataclass(frozen=True)
@@ -417,6 +507,17 @@ class DynamicTreeSpec:
         Raises:
             DynamicTreeError: too few heads or ranks, missing contexts.
         """
+        return [s.take(self.budget).tree(allow_empty=True) for s in self.streams_from_topk(
+            root_tokens, probs, ids, contexts, calibration=calibration, successors=successors,
+            acceptance_model=acceptance_model)]
+
+    def streams_from_topk(self, root_tokens: Tensor, probs: Tensor, ids: Tensor,
+                          contexts: Sequence[Sequence[int]] | None = None, *,
+                          calibration: AcceptanceCalibration | None = None,
+                          successors: SuccessorCounts | None = None,
+                          acceptance_model: NodeAcceptanceModel | None = None) -> list["NodeStream"]:
+        """:meth:`build_from_topk` with the nodes left undrawn: one :class:`NodeStream` per request (its first
+        ``budget`` draws are that request's tree). Raises as :meth:`build_from_topk`."""
         if probs.dim() != 3 or probs.shape != ids.shape or probs.shape[1] < (self.num_heads or 1):
             raise DynamicTreeError(f"probs and ids must both be [B, K >= {self.num_heads or 1}, topk], got "
                                    f"{tuple(probs.shape)} and {tuple(ids.shape)}")
@@ -437,10 +538,10 @@ class DynamicTreeSpec:
                      if self.ngram_branches else [])
             prev = int(contexts[b][-2]) if (successors is not None or acceptance_model is not None) \
                 and contexts is not None and len(contexts[b]) >= 2 else None
-            out.append(build_dynamic_tree(roots[b], values[b], ids[b], self.budget, calibration=calibration,
-                                          continuations=conts, num_branches=self.ngram_branches,
-                                          successors=successors, prev_token=prev, acceptance_model=acceptance_model,
-                                          context=None if contexts is None else contexts[b]))
+            out.append(dynamic_node_stream(roots[b], values[b], ids[b], calibration=calibration,
+                                           continuations=conts, num_branches=self.ngram_branches,
+                                           successors=successors, prev_token=prev, acceptance_model=acceptance_model,
+                                           context=None if contexts is None else contexts[b]))
         return out
 
     def describe(self) -> str:

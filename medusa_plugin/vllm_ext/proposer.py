@@ -25,10 +25,10 @@ from torch import Tensor
 from medusa_plugin.core.acceptance_model import AcceptanceModelError, NodeAcceptanceModel, acceptance_model_for
 from medusa_plugin.core.calibration import AcceptanceCalibration, CalibrationError, calibration_for
 from medusa_plugin.core.config import MedusaConfigError, check_tree_depth
-from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, observe_step, restrict_tree
+from medusa_plugin.core.dynamic_tree import DynamicTree, DynamicTreeError, NodeStream, observe_step
 from medusa_plugin.core.heads import MedusaHeads, MedusaHeadsError, native_half_matmul
 from medusa_plugin.core.int8_heads import int8_heads
-from medusa_plugin.core.node_allocation import allocate_nodes
+from medusa_plugin.core.node_allocation import allocate_streams
 from medusa_plugin.core.head_files import recorded_accuracy
 from medusa_plugin.core.schedule import AcceptanceEstimator, TreeSchedule, default_accuracy, prefix_accept_lengths
 from medusa_plugin.core.observed_step_cost import ObservedStepCost
@@ -462,14 +462,17 @@ class MedusaTreeProposer:
             root_embeds=self.root_embeds(root))
         ctx = ([contexts[i] for i in idx] if self.dynamic.ngram_branches or self.successors is not None
                or self.acceptance_model is not None else None)
-        trees: list[DynamicTree | None] = list(self.dynamic.build_from_topk(
-            root, probs, ids, ctx, calibration=self.calibration, successors=self.successors,
-            acceptance_model=self.acceptance_model))
+        # each request's nodes are drawn (and scored) on demand: with a measured step cost only as many as the
+        # allocation across the batch can use, else the whole budget
+        streams = self.dynamic.streams_from_topk(root, probs, ids, ctx, calibration=self.calibration,
+                                                 successors=self.successors, acceptance_model=self.acceptance_model)
+        if self._step_cost is not None:
+            trees = self._allocate(b, streams)
+        else:
+            trees = [s.tree(self.dynamic.budget, allow_empty=True) for s in streams]
         draft_ms = (time.perf_counter() - t0) * 1e3
         prev = self.dynamic_draft_ms.get(b)
         self.dynamic_draft_ms[b] = draft_ms if prev is None else prev + 0.2 * (draft_ms - prev)
-        if self._step_cost is not None:
-            trees = self._allocate(b, trees)
         rows = 0
         for i, t in zip(idx, trees):
             if t is None:
@@ -507,28 +510,29 @@ class MedusaTreeProposer:
             return self.RECHECK_EVERY
         return 1 if draft < self.CHEAP_DRAFT * self.dynamic_step_ms(batch_size)(0) else self.RECHECK_EVERY
 
-    def _allocate(self, batch_size: int, trees: list[DynamicTree]) -> list[DynamicTree | None]:
-        """The nodes worth verifying this step across the batch (``core.node_allocation``, drafting charged at its
-        measured average for this batch size, so heads that cost more than they win rest), with a plain step
-        every :attr:`PROBE_EVERY` speculative steps (it separates the fixed from the per-row step time) and one node
-        per request about every :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
+    def _allocate(self, batch_size: int, streams: list[NodeStream]) -> list[DynamicTree | None]:
+        """The nodes worth verifying this step across the batch (``core.node_allocation.allocate_streams``: drawn
+        from each request's stream only as far as they can pay; drafting charged at its measured average for this
+        batch size, so heads that cost more than they win rest), with a plain step every :attr:`PROBE_EVERY`
+        speculative steps (it separates the fixed from the per-row step time) and one node per request about every
+        :attr:`PROBE_EVERY` steps without speculation (it keeps the acceptance observed)."""
         from .calibrate import MIN_GAIN
 
-        keep = allocate_nodes([t.score for t in trees], self.dynamic_step_ms(batch_size), min_gain=MIN_GAIN,
-                              draft_ms=self.dynamic_draft_ms.get(batch_size, 0.0))
+        keep = allocate_streams(streams, self.dynamic_step_ms(batch_size), max_nodes=self.dynamic.budget,
+                                min_gain=MIN_GAIN, draft_ms=self.dynamic_draft_ms.get(batch_size, 0.0))
         if any(keep):
             self._spec_steps += 1
-            per_request = -(-sum(map(len, keep)) // batch_size)
+            per_request = -(-sum(keep) // batch_size)
             if self._spec_steps % self._probe_every(batch_size, 0, per_request) == 0:
-                keep = [[] for _ in trees]
+                keep = [0] * len(streams)
                 self._plain_probe = True  # not "nothing pays": the heads need no rest after it
         else:  # the heads run every self._recheck steps while nothing is chosen: probe every PROBE_EVERY steps
             self._dyn_idle_steps += self._recheck
             if self._dyn_idle_steps >= self.PROBE_EVERY:
                 self._dyn_idle_steps = 0
-                keep = [[1] for _ in trees]
+                keep = [1] * len(streams)
                 self._idle_probe = True  # keeps the acceptance observed; not a choice, so the heads keep resting
-        return [restrict_tree(t, k) for t, k in zip(trees, keep)]
+        return [s.tree(k) for s, k in zip(streams, keep)]
 
     @torch.inference_mode()
     def propose_tree(self, hidden: Tensor, roots: list[int], allow: list[bool] | None = None) -> list[list[int]]:
