@@ -59,3 +59,23 @@ def test_a_rare_row_count_with_a_slow_step_does_not_tilt_the_per_row_time(min_gr
         assert fit.tree_row_ms == pytest.approx(0.5, abs=0.1) and fit.fixed_ms == pytest.approx(4.0, abs=0.4)
     with pytest.raises(ValueError, match="min_group"):
         StepTimeFit(min_group=0)
+
+
+def test_refit_every_n_steps_once_the_window_is_full():
+    """refit_every=8: while the window fills, every step refits; once full, the fit moves only every 8 steps, and then
+    equals a fit redone at every step."""
+    every, lazy = StepTimeFit(window=16), StepTimeFit(window=16, refit_every=8)
+    for i in range(16):
+        every.add(i % 3, 1.0 + 0.5 * (i % 3))
+        lazy.add(i % 3, 1.0 + 0.5 * (i % 3))
+        assert (lazy.fixed_ms, lazy.tree_row_ms) == (every.fixed_ms, every.tree_row_ms)
+    before = (lazy.fixed_ms, lazy.tree_row_ms)
+    for i in range(7):  # the line moves: every step refits, the lazy fit waits
+        every.add(i % 3, 3.0 + 2.0 * (i % 3))
+        lazy.add(i % 3, 3.0 + 2.0 * (i % 3))
+        assert (lazy.fixed_ms, lazy.tree_row_ms) == before
+    every.add(1, 5.0)
+    lazy.add(1, 5.0)
+    assert (lazy.fixed_ms, lazy.tree_row_ms) == (every.fixed_ms, every.tree_row_ms) != before
+    with pytest.raises(ValueError, match="refit_every"):
+        StepTimeFit(refit_every=0)

@@ -58,11 +58,14 @@ def ngram_continuations(tokens: Sequence[int] | np.ndarray, max_branches: int, *
     if max_branches == 0 or total < min_n + 1:
         return out
     used_starts: set[int] = set()
+    # occurrences of the suffix end at e <= total - 2 (one token at least follows them): the root's earlier
+    # positions, narrowed token by token (cheaper than comparing every window; this runs per request and step)
+    ends = np.flatnonzero(seq[: total - 1] == seq[total - 1])
     for n in range(min(max_n, total - 1), min_n - 1, -1):
-        suffix = seq[total - n:]
-        # occurrences starting at s with s + n <= total - 1 (one token at least follows them)
-        windows = np.lib.stride_tricks.sliding_window_view(seq[: total - 1], n)
-        starts = np.flatnonzero((windows == suffix).all(axis=1))
+        e = ends[ends >= n - 1]
+        for k in range(1, n):
+            e = e[seq[e - k] == seq[total - 1 - k]]
+        starts = e - (n - 1)
         for s in starts.tolist():
             begin = s + n
             if begin in used_starts:

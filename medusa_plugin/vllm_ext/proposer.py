@@ -118,7 +118,7 @@ class MedusaTreeProposer:
         # measured step cost (calibrate) and what a step costs beyond it (fixed + per draft row), learnt from the
         # time between consecutive propose_tree calls (one engine step each)
         self._step_cost: dict | None = None
-        self.step_time = StepTimeFit()
+        self.step_time = StepTimeFit(refit_every=8)
         self.observed_cost = ObservedStepCost()  # engine steps' own times by (batch size, nodes per request)
         self._plain_probe = False  # tree: dynamic + auto: this step's drafts were dropped for a plain probe
         self._spec_steps = 0
