@@ -218,6 +218,27 @@ def test_ngram_errors():
         ngram_continuations([1, 2], -1)
 
 
+def test_ngram_matches_give_each_continuation_its_match_length():
+    """ngram_matches: the continuations of ngram_continuations, each with the length n of a suffix match that
+    precedes it in the tokens (checked by brute force: the n tokens before the continuation's start equal the last
+    n, and no longer match of up to max_n precedes a continuation found at n)."""
+    from medusa_plugin.core.ngram_branches import ngram_matches
+
+    rng = random.Random(4)
+    for _ in range(300):
+        toks = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        m, length = rng.randint(0, 4), rng.randint(1, 5)
+        found = ngram_matches(toks, m, min_n=min_n, max_n=max_n, length=length)
+        assert [c for c, _ in found] == ngram_continuations(toks, m, min_n=min_n, max_n=max_n, length=length)
+        total = len(toks)
+        for cont, n in found:
+            assert min_n <= n <= max_n
+            starts = [b for b in range(n, total) if toks[b - n:b] == toks[total - n:] and toks[b:b + length] == cont]
+            assert starts, (toks, cont, n)
+
+
 # ------------------------------------------------------------------------------------------------ calibration
 @pytest.mark.parametrize("scale,power", [(1.0, 0.5), (1.0, 1.0), (1.0, 2.0), (0.5, 1.0)])
 def test_calibration_recovers_scale_and_exponent(scale, power):
@@ -248,6 +269,51 @@ def test_calibration_ngram_rates_and_min_observations():
     assert cal.refit().tolist() == [1.0, 1.0]  # no head observations: stays at the prior
     with pytest.raises(CalibrationError):
         AcceptanceCalibration(0)
+
+
+def test_ngram_rates_by_match_length():
+    """Counts kept per suffix-match length: each length's rates shrink towards the overall ones by the prior weight,
+    a length never seen reads the overall rates, unknown lengths (< 1) count only overall; saved and restored, and a
+    state without these counts (written before they existed) loads with none."""
+    cal = AcceptanceCalibration(1, ngram_prior=0.5, prior_weight=2.0, decay=1.0)
+    acc = torch.tensor([True] * 8 + [False] * 6 + [True] * 2 + [True])
+    pos = torch.zeros(17, dtype=torch.int64)
+    match = torch.tensor([4] * 8 + [2] * 8 + [-1])
+    cal.observe(torch.full((17,), -1), torch.zeros(17), acc, ngram_position=pos, ngram_match=match)
+    overall = cal.ngram_acceptance()[0]
+    assert overall == pytest.approx((11 + 1.0) / (17 + 2))
+    assert cal.ngram_acceptance(match=4)[0] == pytest.approx((8 + 2 * overall) / (8 + 2))
+    assert cal.ngram_acceptance(match=2)[0] == pytest.approx((2 + 2 * overall) / (8 + 2))
+    assert cal.ngram_acceptance(match=3) == cal.ngram_acceptance() == cal.ngram_acceptance(match=None)
+    kw = dict(ngram_prior=0.5, prior_weight=2.0, decay=1.0)
+    back = AcceptanceCalibration.from_state(cal.state(), **kw)
+    assert back.ngram_acceptance(match=4) == pytest.approx(cal.ngram_acceptance(match=4))
+    old = {k: v for k, v in cal.state().items() if not k.startswith("ng_m_")}
+    restored_old = AcceptanceCalibration.from_state(old, **kw)
+    assert restored_old.ngram_acceptance(match=4) == pytest.approx(cal.ngram_acceptance())
+
+
+def test_hybrid_tree_scores_each_continuation_by_its_match_length():
+    """With match lengths, a continuation found by a long match outranks one found by a short match (their rates
+    differ), the tree records each n-gram node's match length, and observe_step feeds it back."""
+    cal = AcceptanceCalibration(2, ngram_prior=0.5, prior_weight=1.0, decay=1.0)
+    cal.observe(torch.full((40,), -1), torch.zeros(40), torch.tensor([True] * 19 + [False] + [False] * 19 + [True]),
+                ngram_position=torch.zeros(40, dtype=torch.int64), ngram_match=torch.tensor([4] * 20 + [2] * 20))
+    probs = torch.tensor([[0.05, 0.01], [0.05, 0.01]])
+    ids = torch.tensor([[90, 91], [92, 93]])
+    conts = [[10, 11, 12], [20, 21, 22]]
+    short_first = build_dynamic_tree(1, probs, ids, 3, calibration=cal, continuations=conts, num_branches=2,
+                                     continuation_matches=[2, 4])
+    assert short_first.tokens[1:].tolist() == [20, 21, 22]  # the 4-token match's branch, whole
+    assert short_first.ngram_match[1:].tolist() == [4, 4, 4]
+    plain = build_dynamic_tree(1, probs, ids, 3, calibration=cal, continuations=conts, num_branches=2)
+    assert plain.ngram_match is None and plain.tokens[1:].tolist() == [10, 20, 11]  # one rate for both
+    before = cal._ng_m_tried.clone()
+    observe_step(cal, [short_first], torch.tensor([[0, 1, -1, -1]]))
+    assert float((cal._ng_m_tried - before)[4].sum()) == 2  # node 1 (accepted) and its child, match length 4
+    with pytest.raises(DynamicTreeError, match="match lengths"):
+        build_dynamic_tree(1, probs, ids, 3, calibration=cal, continuations=conts, num_branches=2,
+                           continuation_matches=[2])
 
 
 def test_observe_step_counts_children_of_the_accepted_path():

@@ -38,7 +38,9 @@ from torch import Tensor
 
 from .successor_prior import NUM_LEVELS
 
-__all__ = ["CalibrationError", "AcceptanceCalibration", "CALIBRATION_FILE", "calibration_for"]
+__all__ = ["CalibrationError", "AcceptanceCalibration", "CALIBRATION_FILE", "calibration_for", "NGRAM_MATCH_MAX"]
+
+NGRAM_MATCH_MAX = 8  # suffix-match lengths of n-gram continuations tracked apart (longer ones share the last)
 
 CALIBRATION_FILE = "calibration.json"  # a prior next to the heads (written by the chat recipe)
 
@@ -91,6 +93,11 @@ class AcceptanceCalibration:
         self._ng_prior, self._ng_weight = float(ngram_prior), float(prior_weight)
         self._ng_tried = torch.zeros(ngram_positions, dtype=torch.float64)
         self._ng_hits = torch.zeros(ngram_positions, dtype=torch.float64)
+        # the same counts by the length n of the suffix match that found the continuation (row n; the last row
+        # holds n >= NGRAM_MATCH_MAX): on SmolLM2's chat answers a 4-token match's first token was right 83 % of
+        # the time, a 2-token match's 39 % (benchmarks/README.md, session 13)
+        self._ng_m_tried = torch.zeros(NGRAM_MATCH_MAX + 1, ngram_positions, dtype=torch.float64)
+        self._ng_m_hits = torch.zeros(NGRAM_MATCH_MAX + 1, ngram_positions, dtype=torch.float64)
         self._lv_weight = float(level_prior_weight)
         self._lv_hits = torch.zeros(groups, NUM_LEVELS, dtype=torch.float64)
         self._lv_pred = torch.zeros(groups, NUM_LEVELS, dtype=torch.float64)
@@ -114,15 +121,21 @@ class AcceptanceCalibration:
         :attr:`exponent`), as of the last :meth:`refit`."""
         return self._lv_mult
 
-    def ngram_acceptance(self) -> list[float]:
-        """Acceptance per n-gram continuation position (``ngram_positions`` floats in [0, 1])."""
+    def ngram_acceptance(self, match: int | None = None) -> list[float]:
+        """Acceptance per n-gram continuation position (``ngram_positions`` floats in [0, 1]), over all
+        continuations, or (``match``) of those found by a suffix match of ``match`` tokens: their own rates shrunk
+        towards the overall ones by ``prior_weight`` pseudo-observations (the overall rates until they are seen)."""
         w = self._ng_weight
         rate = (self._ng_hits + w * self._ng_prior) / (self._ng_tried + w).clamp_min(1e-12)
+        if match is not None and match >= 1:
+            row = min(int(match), NGRAM_MATCH_MAX)
+            rate = (self._ng_m_hits[row] + w * rate) / (self._ng_m_tried[row] + w).clamp_min(1e-12)
         return rate.clamp(0.0, 1.0).tolist()
 
     # ------------------------------------------------------------------ observations
     def observe(self, head: Tensor, prob: Tensor, accepted: Tensor, *, off_path: Tensor | None = None,
-                ngram_position: Tensor | None = None, level: Tensor | None = None) -> None:
+                ngram_position: Tensor | None = None, level: Tensor | None = None,
+                ngram_match: Tensor | None = None) -> None:
         """Record verified nodes whose parent was accepted (only those say anything about the node).
 
         Args:
@@ -132,6 +145,8 @@ class AcceptanceCalibration:
             off_path: ``[M]`` bool, its parent is off the top path (default: all on it).
             ngram_position: ``[M]`` int64 position of the node in an n-gram continuation (-1: none), optional.
             level: ``[M]`` int64 successor level of each Medusa node (-1: none), optional.
+            ngram_match: ``[M]`` int64, for n-gram nodes the length of the suffix match that found their
+                continuation (< 1: unknown), optional.
         Call :meth:`refit` to update the exponents and the level multipliers.
         """
         head = torch.as_tensor(head, dtype=torch.int64).cpu().reshape(-1)
@@ -141,7 +156,7 @@ class AcceptanceCalibration:
             raise CalibrationError("head, prob and accepted must have the same length")
         if self.decay < 1.0:
             for t in (self._tried, self._hits, self._sum_logq, self._ng_tried, self._ng_hits, self._lv_hits,
-                      self._lv_pred):
+                      self._lv_pred, self._ng_m_tried, self._ng_m_hits):
                 t.mul_(self.decay)
         if bool((head >= self.num_heads).any()):
             raise CalibrationError(f"head index >= num_heads={self.num_heads}")
@@ -172,8 +187,18 @@ class AcceptanceCalibration:
             g = pos >= 0
             if bool(g.any()):
                 p = pos[g].clamp(max=self._ng_tried.numel() - 1)
-                self._ng_tried += torch.bincount(p, minlength=self._ng_tried.numel()).to(torch.float64)
-                self._ng_hits += torch.bincount(p, weights=acc[g], minlength=self._ng_tried.numel())
+                npos = self._ng_tried.numel()
+                self._ng_tried += torch.bincount(p, minlength=npos).to(torch.float64)
+                self._ng_hits += torch.bincount(p, weights=acc[g], minlength=npos)
+                if ngram_match is not None:
+                    n = torch.as_tensor(ngram_match, dtype=torch.int64).cpu().reshape(-1)[g]
+                    known = n >= 1
+                    cell = (n.clamp(max=NGRAM_MATCH_MAX) * npos + p)[known]
+                    size = (NGRAM_MATCH_MAX + 1) * npos
+                    self._ng_m_tried += torch.bincount(cell, minlength=size).view_as(self._ng_m_tried).to(
+                        torch.float64)
+                    self._ng_m_hits += torch.bincount(cell, weights=acc[g][known], minlength=size).view_as(
+                        self._ng_m_hits)
 
     def refit(self) -> Tensor:
         """Maximum-likelihood ``(s_k, a_k)`` per head on a fixed grid (``a`` in 0.5 .. 5, ``s`` in 0.02 .. 1, both
@@ -197,7 +222,9 @@ class AcceptanceCalibration:
         return self.exponent
 
     # ------------------------------------------------------------------ prior
-    _STATE = ("exponent", "scale", "_tried", "_hits", "_sum_logq", "_ng_tried", "_ng_hits", "_lv_hits", "_lv_pred")
+    _STATE = ("exponent", "scale", "_tried", "_hits", "_sum_logq", "_ng_tried", "_ng_hits", "_lv_hits", "_lv_pred",
+              "_ng_m_tried", "_ng_m_hits")
+    _OPTIONAL = ("_ng_m_tried", "_ng_m_hits")  # absent from states written before session 13: zero counts
 
     def state(self) -> dict:
         """A JSON-ready snapshot (counts, fitted values, settings) that :meth:`from_state` restores: a calibration
@@ -227,6 +254,8 @@ class AcceptanceCalibration:
                                    f"{NUM_LEVELS}: refit it")
         for name in cls._STATE:
             cur = getattr(out, name)
+            if name in cls._OPTIONAL and name.lstrip("_") not in state:
+                continue
             try:
                 val = torch.tensor(state[name.lstrip("_")], dtype=torch.float64)
             except (KeyError, TypeError, ValueError) as e:

@@ -13,7 +13,8 @@ expansion and re-ranking by the product of confidences along the path; here over
 Hybrid trees: ``M`` n-gram continuations ``c_1..c_L`` of the request's own tokens
 (:func:`~medusa_plugin.core.ngram_branches.ngram_continuations`) are further candidate paths under the root. The
 child of a node on continuation ``c`` at depth ``d`` carries token ``c[d]`` with the n-gram acceptance of position
-``d``; if a Medusa child of the same node carries the same token, the two are one node (the larger factor counts),
+``d`` (with a calibration: of the continuations found by a suffix match as long as ``c``'s, which predicts much of
+it); if a Medusa child of the same node carries the same token, the two are one node (the larger factor counts),
 so a matching prefix is shared. Medusa children continue under n-gram nodes too (head ``d`` drafts depth ``d+1``
 whatever the path), and n-gram branches may go deeper than the heads.
 
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from .acceptance_model import ContextGrams, NodeAcceptanceModel
 from .calibration import AcceptanceCalibration
-from .ngram_branches import ngram_continuations
+from .ngram_branches import ngram_continuations, ngram_matches
 from .successor_prior import SuccessorCounts
 from .tree import MedusaTree
 
@@ -64,6 +65,8 @@ class DynamicTree:
             the model's independence assumption.
         level: ``[N+1]`` int64 successor level of each Medusa node (:mod:`~medusa_plugin.core.successor_prior`),
             -1 elsewhere; None when the tree was built without successor counts.
+        ngram_match: ``[N+1]`` int64, for nodes on an n-gram continuation the length of the suffix match that found
+            it (the first continuation through the node), -1 elsewhere; None for trees built without it.
     """
 
     tree: MedusaTree
@@ -74,6 +77,7 @@ class DynamicTree:
     score: Tensor
     off_path: Tensor
     level: Tensor | None = None
+    ngram_match: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -103,7 +107,8 @@ def restrict_tree(dt: DynamicTree, keep: Sequence[int]) -> DynamicTree | None:
     idx = torch.tensor([0] + kept, dtype=torch.int64)
     tree = MedusaTree.from_choices([dt.tree.choices[i - 1] for i in kept], topk=dt.tree.topk)
     return DynamicTree(tree, dt.tokens[idx], dt.head[idx], dt.head_prob[idx], dt.ngram_position[idx],
-                       dt.score[idx], dt.off_path[idx], None if dt.level is None else dt.level[idx])
+                       dt.score[idx], dt.off_path[idx], None if dt.level is None else dt.level[idx],
+                       None if dt.ngram_match is None else dt.ngram_match[idx])
 
 
 def lattice_size(num_heads: int, topk: int) -> int:
@@ -125,7 +130,8 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
         tokens: ``[K][topk]`` the token of head ``k``'s rank ``r`` (distinct within a head).
         budget: ``N >= 1`` nodes to select (fewer only if the candidates run out).
         continuations: n-gram continuations (token lists) under the root.
-        ngram_factors: acceptance of an n-gram node at depth ``d+1`` is ``ngram_factors[min(d, len - 1)]``.
+        ngram_factors: acceptance of an n-gram node at depth ``d+1`` is ``ngram_factors[min(d, len - 1)]``; or one
+            such list per continuation (a node on several continuations takes the largest factor).
         off_factors: ``[K][topk]`` the head factors for children of nodes off the top path (default ``factors``);
             the top path is the root and the chain of rank-0 Medusa nodes under it.
         rescore: ``(prev2, prev1, head, off, token) -> (multiplier, level)`` for a Medusa child after the tokens
@@ -172,8 +178,14 @@ def iter_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int
             raise DynamicTreeError("head acceptance factors must lie in [0, 1] (probabilities)")
     if continuations and not ngram_factors:
         raise DynamicTreeError("n-gram continuations need ngram_factors")
-    if any(not 0.0 <= g <= 1.0 for g in ngram_factors):
+    per_cont = bool(ngram_factors) and isinstance(ngram_factors[0], Sequence)
+    if per_cont and len(ngram_factors) != len(continuations):
+        raise DynamicTreeError(f"{len(ngram_factors)} lists of n-gram factors for {len(continuations)} continuations: "
+                               "give one per continuation (or one list for all)")
+    raw = [list(f) for f in ngram_factors] if per_cont else [list(ngram_factors)]
+    if any(not all(0.0 <= g <= 1.0 for g in f) for f in raw) or (per_cont and not all(raw)):
         raise DynamicTreeError("n-gram acceptance factors must lie in [0, 1]")
+    ngram_factors = raw if per_cont else raw * len(continuations)
     return _best_first(factors, off_factors, tokens, k_heads, topk, [list(c) for c in continuations], ngram_factors,
                        rescore, [int(t) for t in context[-4:]], score_children)
 
@@ -207,14 +219,14 @@ def _best_first(factors, off_factors, tokens, k_heads, topk, conts, ngram_factor
             c = conts[j]
             if d >= len(c):
                 continue
-            g = ngram_factors[min(d, len(ngram_factors) - 1)]
+            gj = ngram_factors[j]
+            g = gj[min(d, len(gj) - 1)]
             kid = kids.get(c[d])
             if kid is None:
                 kids[c[d]] = [g, topk + j, -1, d, (j,), -1]
             else:
-                if kid[3] < 0:
-                    kid[0] = max(kid[0], g)
-                    kid[3] = d
+                kid[0] = max(kid[0], g)
+                kid[3] = d
                 kid[4] = kid[4] + (j,)
         # Children enter the heap one at a time, best first (by the heap's own key: score, then slot): a sibling is
         # pushed when the one before it is popped, so the heap holds a few entries, not every scored child.
@@ -234,7 +246,8 @@ def _best_first(factors, off_factors, tokens, k_heads, topk, conts, ngram_factor
         if i + 1 < len(sibs):
             push_sibling(sibs, i + 1, slots[:-1], toks[:-1], parent_top)
         # the children are scored only if the caller asks for another node (the last one's never are)
-        yield {"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off, "level": lv}
+        yield {"slots": slots, "tokens": toks, "score": -neg, "head": head, "ngram": ng, "off": off, "level": lv,
+               "conts": on}
         push_children(-neg, slots, toks, on, top)
 
 
@@ -243,7 +256,8 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
                        continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None,
                        successors: SuccessorCounts | None = None, prev_token: int | None = None,
                        acceptance_model: NodeAcceptanceModel | None = None,
-                       context: Sequence[int] | None = None) -> DynamicTree:
+                       context: Sequence[int] | None = None,
+                       continuation_matches: Sequence[int] | None = None) -> DynamicTree:
     """One request's dynamic (or hybrid) tree.
 
     Args:
@@ -265,6 +279,10 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
             still gives the n-gram rates).
         context: the request's tokens so far (prompt + output, ending with the root), for ``acceptance_model``
             (default: ``[prev_token, root_token]``).
+        continuation_matches: per continuation, the length of the suffix match that found it
+            (:func:`~medusa_plugin.core.ngram_branches.ngram_matches`): with a calibration each continuation's nodes
+            get the rates of its match length (``ngram_acceptance(match=n)``), and the tree records it
+            (:attr:`DynamicTree.ngram_match`).
     Returns:
         :class:`DynamicTree` with ``min(N, candidates)`` nodes.
     Raises:
@@ -275,7 +293,8 @@ def build_dynamic_tree(root_token: int, top_probs: Tensor, top_ids: Tensor, budg
         raise DynamicTreeError(f"budget must be >= 1, got {budget}")
     return dynamic_node_stream(root_token, top_probs, top_ids, calibration=calibration, continuations=continuations,
                                num_branches=num_branches, successors=successors, prev_token=prev_token,
-                               acceptance_model=acceptance_model, context=context).take(budget).tree(allow_empty=True)
+                               acceptance_model=acceptance_model, context=context,
+                               continuation_matches=continuation_matches).take(budget).tree(allow_empty=True)
 
 
 def dynamic_node_stream(root_token: int, top_probs: Tensor, top_ids: Tensor, *,
@@ -283,7 +302,8 @@ def dynamic_node_stream(root_token: int, top_probs: Tensor, top_ids: Tensor, *,
                         continuations: Sequence[Sequence[int]] = (), num_branches: int | None = None,
                         successors: SuccessorCounts | None = None, prev_token: int | None = None,
                         acceptance_model: NodeAcceptanceModel | None = None,
-                        context: Sequence[int] | None = None) -> "NodeStream":
+                        context: Sequence[int] | None = None,
+                        continuation_matches: Sequence[int] | None = None) -> "NodeStream":
     """The nodes of :func:`build_dynamic_tree` (same arguments, no budget) as a :class:`NodeStream`: drawn on demand,
     best first. Raises as :func:`build_dynamic_tree`."""
     if top_probs.dim() != 2 or top_ids.shape != top_probs.shape:
@@ -293,6 +313,8 @@ def dynamic_node_stream(root_token: int, top_probs: Tensor, top_ids: Tensor, *,
     m = len(continuations) if num_branches is None else int(num_branches)
     if len(continuations) > m:
         raise DynamicTreeError(f"{len(continuations)} continuations but only {m} branch slots")
+    if continuation_matches is not None and len(continuation_matches) != len(continuations):
+        raise DynamicTreeError(f"{len(continuation_matches)} match lengths for {len(continuations)} continuations")
     if acceptance_model is not None:  # it scores every Medusa node: the calibration gives the n-gram rates only
         factors, off_factors = top_probs.to(torch.float64).clamp(0.0, 1.0).tolist(), None
         ngram_factors = calibration.ngram_acceptance() if calibration is not None else [0.5]
@@ -303,6 +325,8 @@ def dynamic_node_stream(root_token: int, top_probs: Tensor, top_ids: Tensor, *,
     else:
         factors, ngram_factors = top_probs.to(torch.float64).clamp(0.0, 1.0).tolist(), [0.5]
         off_factors = None
+    if calibration is not None and continuation_matches is not None and continuations:
+        ngram_factors = [calibration.ngram_acceptance(match=int(n)) for n in continuation_matches]
     probs = top_probs.to(torch.float64).tolist()
     rescore = None
     if successors is not None and acceptance_model is None:
@@ -331,7 +355,8 @@ def dynamic_node_stream(root_token: int, top_probs: Tensor, top_ids: Tensor, *,
     return NodeStream(root_token, iter_nodes(factors, ids, continuations=continuations, ngram_factors=ngram_factors,
                                              off_factors=off_factors, rescore=rescore, context=last,
                                              score_children=score_children),
-                      topk + m, probs, successors is not None)
+                      topk + m, probs, successors is not None,
+                      None if continuation_matches is None else [int(n) for n in continuation_matches])
 
 
 class NodeStream:
@@ -341,10 +366,12 @@ class NodeStream:
     scored. Made by :func:`dynamic_node_stream` or :meth:`DynamicTreeSpec.streams_from_topk`.
     """
 
-    def __init__(self, root_token: int, nodes: Iterator[dict], slots: int, probs: list, with_level: bool) -> None:
+    def __init__(self, root_token: int, nodes: Iterator[dict], slots: int, probs: list, with_level: bool,
+                 matches: list[int] | None = None) -> None:
         self.root_token = int(root_token)
         self.nodes: list[dict] = []  # drawn, best first
         self._it, self._slots, self._probs, self._with_level = nodes, slots, probs, with_level
+        self._matches = matches
         self._next: dict | None = None
         self._done = False
 
@@ -380,10 +407,11 @@ class NodeStream:
         nodes = self.nodes if n is None else self.nodes[:n]
         if not nodes and not allow_empty:
             return None
-        return _assemble(self.root_token, nodes, self._slots, self._probs, self._with_level)
+        return _assemble(self.root_token, nodes, self._slots, self._probs, self._with_level, self._matches)
 
 
-def _assemble(root_token: int, nodes: list[dict], slots: int, probs: list, with_level: bool) -> DynamicTree:
+def _assemble(root_token: int, nodes: list[dict], slots: int, probs: list, with_level: bool,
+              matches: list[int] | None = None) -> DynamicTree:
     """The :class:`DynamicTree` of ``nodes`` (:func:`select_nodes` dicts) under ``root_token``, in node order."""
     tree = MedusaTree.from_choices([n["slots"] for n in nodes], topk=slots)
     index = {n["slots"]: n for n in nodes}
@@ -395,8 +423,11 @@ def _assemble(root_token: int, nodes: list[dict], slots: int, probs: list, with_
     score = [1.0] * n1
     off = [False] * n1
     level = [-1] * n1
+    match = [-1] * n1
     for i, path in enumerate(tree.choices, start=1):
         node = index[path]
+        if matches is not None and node["ngram"] >= 0 and node["conts"]:
+            match[i] = matches[node["conts"][0]]
         tokens[i] = node["tokens"][-1]
         head[i] = node["head"]
         if node["head"] >= 0:
@@ -408,7 +439,8 @@ def _assemble(root_token: int, nodes: list[dict], slots: int, probs: list, with_
     return DynamicTree(tree, torch.tensor(tokens, dtype=torch.int64), torch.tensor(head, dtype=torch.int64),
                        torch.tensor(head_prob, dtype=torch.float64), torch.tensor(ngram, dtype=torch.int64),
                        torch.tensor(score, dtype=torch.float64), torch.tensor(off, dtype=torch.bool),
-                       torch.tensor(level, dtype=torch.int64) if with_level else None)
+                       torch.tensor(level, dtype=torch.int64) if with_level else None,
+                       torch.tensor(match, dtype=torch.int64) if matches is not None else None)
 
 
 @dataclass(frozen=True)
@@ -533,15 +565,17 @@ class DynamicTreeSpec:
         roots = root_tokens.tolist()
         out = []
         for b in range(len(roots)):
-            conts = (ngram_continuations(contexts[b], self.ngram_branches, min_n=self.ngram_min_n,
-                                         max_n=self.ngram_max_n, length=self.ngram_length)
+            found = (ngram_matches(contexts[b], self.ngram_branches, min_n=self.ngram_min_n,
+                                   max_n=self.ngram_max_n, length=self.ngram_length)
                      if self.ngram_branches else [])
+            conts = [c for c, _ in found]
             prev = int(contexts[b][-2]) if (successors is not None or acceptance_model is not None) \
                 and contexts is not None and len(contexts[b]) >= 2 else None
             out.append(dynamic_node_stream(roots[b], values[b], ids[b], calibration=calibration,
                                            continuations=conts, num_branches=self.ngram_branches,
                                            successors=successors, prev_token=prev, acceptance_model=acceptance_model,
-                                           context=None if contexts is None else contexts[b]))
+                                           context=None if contexts is None else contexts[b],
+                                           continuation_matches=[n for _, n in found] if found else None))
         return out
 
     def describe(self) -> str:
@@ -564,7 +598,7 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         path_nodes: ``[B, W]`` int64 accepted node indices per request, root first, -1 padded
             (``AcceptanceResult.path_nodes``).
     """
-    heads, probs, acc, ngram, off, level = [], [], [], [], [], []
+    heads, probs, acc, ngram, off, level, match = [], [], [], [], [], [], []
     rows = path_nodes.cpu().numpy()
     for t, row in zip(trees, rows):  # numpy: a few microseconds per tree (this runs every step)
         on = np.zeros(t.tree.num_nodes + 1, dtype=bool)
@@ -577,10 +611,13 @@ def observe_step(calibration: AcceptanceCalibration, trees: Sequence[DynamicTree
         ngram.append(t.ngram_position.numpy()[seen])
         off.append(t.off_path.numpy()[seen])
         level.append(t.level.numpy()[seen] if t.level is not None else np.full(int(seen.sum()), -1, dtype=np.int64))
+        match.append(t.ngram_match.numpy()[seen] if t.ngram_match is not None
+                     else np.full(int(seen.sum()), -1, dtype=np.int64))
     calibration.observe(*(torch.from_numpy(np.concatenate(x)) for x in (heads, probs, acc)),
                         off_path=torch.from_numpy(np.concatenate(off)),
                         ngram_position=torch.from_numpy(np.concatenate(ngram)),
-                        level=torch.from_numpy(np.concatenate(level)))
+                        level=torch.from_numpy(np.concatenate(level)),
+                        ngram_match=torch.from_numpy(np.concatenate(match)))
 
 
 def draw_dynamic_tree(dt: DynamicTree, decode=None) -> str:

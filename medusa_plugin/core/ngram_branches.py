@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["NgramError", "ngram_continuations"]
+__all__ = ["NgramError", "ngram_continuations", "ngram_matches"]
 
 
 class NgramError(ValueError):
@@ -51,10 +51,29 @@ def ngram_continuations(tokens: Sequence[int] | np.ndarray, max_branches: int, *
     Raises:
         NgramError: a parameter out of range.
     """
+    return [c for c, _ in ngram_matches(tokens, max_branches, min_n=min_n, max_n=max_n, length=length)]
+
+
+def ngram_matches(tokens: Sequence[int] | np.ndarray, max_branches: int, *, min_n: int = 2, max_n: int = 4,
+                  length: int = 4) -> list[tuple[list[int], int]]:
+    """:func:`ngram_continuations` with, for each, the length ``n`` of the suffix match that found it (longer
+    matches are followed more often: :meth:`~.calibration.AcceptanceCalibration.ngram_acceptance`).
+
+    Args:
+        tokens: the request's tokens so far (prompt + output, the last one being the tree's root), 1-D ints.
+        max_branches: ``M >= 0``, the most continuations returned.
+        min_n, max_n: n-gram lengths tried (vLLM's ``prompt_lookup_min`` / ``prompt_lookup_max``), ``1 <= min_n <=
+            max_n``.
+        length: tokens per continuation (vLLM's ``num_speculative_tokens``), >= 1.
+    Returns:
+        ``list[tuple[list[int], int]]``: ``(continuation, n)`` pairs, in the order of :func:`ngram_continuations`.
+    Raises:
+        NgramError: a parameter out of range.
+    """
     _check(min_n, max_n, length, max_branches)
     seq = np.asarray(tokens, dtype=np.int64).reshape(-1)
     total = seq.shape[0]
-    out: list[list[int]] = []
+    out: list[tuple[list[int], int]] = []
     if max_branches == 0 or total < min_n + 1:
         return out
     used_starts: set[int] = set()
@@ -72,9 +91,9 @@ def ngram_continuations(tokens: Sequence[int] | np.ndarray, max_branches: int, *
                 continue
             used_starts.add(begin)
             cont = seq[begin: begin + length].tolist()
-            if any(prev[: len(cont)] == cont for prev in out):
+            if any(prev[: len(cont)] == cont for prev, _ in out):
                 continue
-            out.append(cont)
+            out.append((cont, n))
             if len(out) == max_branches:
                 return out
     return out

@@ -158,7 +158,8 @@ def plan_paged_tree_attention(block_tables: Tensor, seq_lens: Tensor, query_star
                                       is_tree[start:end], block_size, hkv,
                                       hq // hkv, max(longest, 1), max(most_q, 1)))
             start = end
-        if len(groups) == 1 and len(set(q_host)) == 1 and int(qsl[0]) == 0:  # equal query lengths: rows 0..T-1, request-major
+        # equal query lengths: the queries are rows 0..T-1, request-major
+        if len(groups) == 1 and len(set(q_host)) == 1 and int(qsl[0]) == 0:
             groups[0] = groups[0]._replace(dense=True)
     return PagedTreePlan(tuple(groups), num_tokens, block_size, hkv, hq, dh)
 
