@@ -117,7 +117,8 @@ def lattice_size(num_heads: int, topk: int) -> int:
 
 
 def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], budget: int, *,
-                 continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
+                 continuations: Sequence[Sequence[int]] = (),
+                 ngram_factors: Sequence[float] | Sequence[Sequence[float]] = (),
                  off_factors: Sequence[Sequence[float]] | None = None,
                  rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
                  context: Sequence[int] = (),
@@ -159,7 +160,8 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
 
 
 def iter_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], *,
-               continuations: Sequence[Sequence[int]] = (), ngram_factors: Sequence[float] = (),
+               continuations: Sequence[Sequence[int]] = (),
+               ngram_factors: Sequence[float] | Sequence[Sequence[float]] = (),
                off_factors: Sequence[Sequence[float]] | None = None,
                rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
                context: Sequence[int] = (),
