@@ -176,3 +176,13 @@ def test_node_stream_tree_equals_the_built_tree():
         assert got.tree.choices == want.tree.choices and torch.equal(got.tokens, want.tokens)
         assert torch.equal(got.score, want.score) and len(stream.nodes) == n
     assert dynamic_node_stream(7, probs, ids).tree() is None  # nothing drawn yet
+
+
+def test_node_stream_runs_out_cleanly():
+    """A lattice of 2 heads x 1 rank has 2 nodes: take() stops there, peek() then says None and pop() raises."""
+    from medusa_plugin.core.dynamic_tree import dynamic_node_stream
+
+    stream = dynamic_node_stream(1, torch.tensor([[0.9], [0.8]]), torch.tensor([[5], [6]]))
+    assert stream.take(10).tree().num_nodes == 2 and stream.peek() is None
+    with pytest.raises(IndexError, match="no node left"):
+        stream.pop()

@@ -385,9 +385,9 @@ class NodeStream:
         return None if self._next is None else self._next["score"]
 
     def pop(self) -> float:
-        """Draw the next node; returns its score. Raises StopIteration when there is none."""
+        """Draw the next node; returns its score. Raises IndexError when there is none (see :meth:`peek`)."""
         if self.peek() is None:
-            raise StopIteration("no node left in this dynamic tree's lattice")
+            raise IndexError("no node left in this dynamic tree's lattice")
         node, self._next = self._next, None
         self.nodes.append(node)
         return node["score"]
