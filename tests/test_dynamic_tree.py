@@ -166,15 +166,28 @@ def _naive_ngram(tokens, m, min_n, max_n, length):
     return out
 
 
-def test_ngram_equals_naive_loop():
-    rng = random.Random(0)
+@pytest.mark.parametrize("seed,vocab", [(0, 4), (4, 3)])
+def test_ngram_equals_naive_loop(seed, vocab):
+    """ngram_continuations equals a naive loop; ngram_matches gives the same continuations, each with the length n
+    of a suffix match that precedes it in the tokens (checked by brute force: the n tokens before the
+    continuation's start equal the last n)."""
+    from medusa_plugin.core.ngram_branches import ngram_matches
+
+    rng = random.Random(seed)
     for _ in range(300):
-        toks = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
+        toks = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
         min_n = rng.randint(1, 3)
         max_n = rng.randint(min_n, 5)
         m, length = rng.randint(0, 4), rng.randint(1, 5)
-        assert ngram_continuations(toks, m, min_n=min_n, max_n=max_n, length=length) == \
-            _naive_ngram(toks, m, min_n, max_n, length)
+        conts = ngram_continuations(toks, m, min_n=min_n, max_n=max_n, length=length)
+        assert conts == _naive_ngram(toks, m, min_n, max_n, length)
+        found = ngram_matches(toks, m, min_n=min_n, max_n=max_n, length=length)
+        assert [c for c, _ in found] == conts
+        total = len(toks)
+        for cont, n in found:
+            assert min_n <= n <= max_n
+            starts = [b for b in range(n, total) if toks[b - n:b] == toks[total - n:] and toks[b:b + length] == cont]
+            assert starts, (toks, cont, n)
 
 
 def _vllm_ngram_fn():
@@ -216,27 +229,6 @@ def test_ngram_errors():
         ngram_continuations([1, 2], 1, min_n=0)
     with pytest.raises(NgramError, match="ngram_branches"):
         ngram_continuations([1, 2], -1)
-
-
-def test_ngram_matches_give_each_continuation_its_match_length():
-    """ngram_matches: the continuations of ngram_continuations, each with the length n of a suffix match that
-    precedes it in the tokens (checked by brute force: the n tokens before the continuation's start equal the last
-    n, and no longer match of up to max_n precedes a continuation found at n)."""
-    from medusa_plugin.core.ngram_branches import ngram_matches
-
-    rng = random.Random(4)
-    for _ in range(300):
-        toks = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
-        min_n = rng.randint(1, 3)
-        max_n = rng.randint(min_n, 5)
-        m, length = rng.randint(0, 4), rng.randint(1, 5)
-        found = ngram_matches(toks, m, min_n=min_n, max_n=max_n, length=length)
-        assert [c for c, _ in found] == ngram_continuations(toks, m, min_n=min_n, max_n=max_n, length=length)
-        total = len(toks)
-        for cont, n in found:
-            assert min_n <= n <= max_n
-            starts = [b for b in range(n, total) if toks[b - n:b] == toks[total - n:] and toks[b:b + length] == cont]
-            assert starts, (toks, cont, n)
 
 
 # ------------------------------------------------------------------------------------------------ calibration

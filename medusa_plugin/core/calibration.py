@@ -98,6 +98,7 @@ class AcceptanceCalibration:
         # the time, a 2-token match's 39 % (benchmarks/README.md, session 13)
         self._ng_m_tried = torch.zeros(NGRAM_MATCH_MAX + 1, ngram_positions, dtype=torch.float64)
         self._ng_m_hits = torch.zeros(NGRAM_MATCH_MAX + 1, ngram_positions, dtype=torch.float64)
+        self._ng_rates: list[list[float]] | None = None  # ngram_acceptance's table, rebuilt after the counts change
         self._lv_weight = float(level_prior_weight)
         self._lv_hits = torch.zeros(groups, NUM_LEVELS, dtype=torch.float64)
         self._lv_pred = torch.zeros(groups, NUM_LEVELS, dtype=torch.float64)
@@ -125,12 +126,14 @@ class AcceptanceCalibration:
         """Acceptance per n-gram continuation position (``ngram_positions`` floats in [0, 1]), over all
         continuations, or (``match``) of those found by a suffix match of ``match`` tokens: their own rates shrunk
         towards the overall ones by ``prior_weight`` pseudo-observations (the overall rates until they are seen)."""
-        w = self._ng_weight
-        rate = (self._ng_hits + w * self._ng_prior) / (self._ng_tried + w).clamp_min(1e-12)
-        if match is not None and match >= 1:
-            row = min(int(match), NGRAM_MATCH_MAX)
-            rate = (self._ng_m_hits[row] + w * rate) / (self._ng_m_tried[row] + w).clamp_min(1e-12)
-        return rate.clamp(0.0, 1.0).tolist()
+        if self._ng_rates is None:  # every tree of a step asks, per continuation: one table until the next observe
+            w = self._ng_weight
+            rate = (self._ng_hits + w * self._ng_prior) / (self._ng_tried + w).clamp_min(1e-12)
+            by_match = (self._ng_m_hits + w * rate) / (self._ng_m_tried + w).clamp_min(1e-12)
+            by_match[0] = rate  # row 0: match length unknown
+            self._ng_rates = by_match.clamp(0.0, 1.0).tolist()
+        row = 0 if match is None or match < 1 else min(int(match), NGRAM_MATCH_MAX)
+        return list(self._ng_rates[row])
 
     # ------------------------------------------------------------------ observations
     def observe(self, head: Tensor, prob: Tensor, accepted: Tensor, *, off_path: Tensor | None = None,
@@ -149,6 +152,7 @@ class AcceptanceCalibration:
                 continuation (< 1: unknown), optional.
         Call :meth:`refit` to update the exponents and the level multipliers.
         """
+        self._ng_rates = None
         head = torch.as_tensor(head, dtype=torch.int64).cpu().reshape(-1)
         prob = torch.as_tensor(prob, dtype=torch.float64).cpu().reshape(-1)
         acc = torch.as_tensor(accepted, dtype=torch.float64).cpu().reshape(-1)
@@ -264,6 +268,7 @@ class AcceptanceCalibration:
                 raise CalibrationError(f"calibration state: '{name.lstrip('_')}' has shape {tuple(val.shape)}, "
                                        f"expected {tuple(cur.shape)}")
             cur.copy_(val)
+        out._ng_rates = None
         total = float(out._tried.sum())
         if max_weight is not None and total > max_weight:
             f = max_weight / total

@@ -116,20 +116,35 @@ def lattice_size(num_heads: int, topk: int) -> int:
     return sum(topk ** d for d in range(1, num_heads + 1))
 
 
-def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], budget: int, *,
-                 continuations: Sequence[Sequence[int]] = (),
-                 ngram_factors: Sequence[float] | Sequence[Sequence[float]] = (),
-                 off_factors: Sequence[Sequence[float]] | None = None,
-                 rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
-                 context: Sequence[int] = (),
-                 score_children: Callable[[int, bool, Sequence[int]], tuple[list, list]] | None = None
-                 ) -> list[dict]:
-    """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches).
+def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], budget: int,
+                 **options) -> list[dict]:
+    """The ``budget`` best nodes by path score (best-first over the lattice plus n-gram branches): the first
+    ``budget`` of :func:`iter_nodes` (``options``: its keyword arguments), fewer only if the candidates run out.
+
+    Raises:
+        DynamicTreeError: ``budget < 1``, or as :func:`iter_nodes`.
+    """
+    if budget < 1:
+        raise DynamicTreeError(f"budget must be >= 1, got {budget}")
+    return list(itertools.islice(iter_nodes(factors, tokens, **options), budget))
+
+
+def iter_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], *,
+               continuations: Sequence[Sequence[int]] = (),
+               ngram_factors: Sequence[float] | Sequence[Sequence[float]] = (),
+               off_factors: Sequence[Sequence[float]] | None = None,
+               rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
+               context: Sequence[int] = (),
+               score_children: Callable[[int, bool, Sequence[int]], tuple[list, list]] | None = None
+               ) -> Iterator[dict]:
+    """The nodes by path score, best first, one at a time for as long as the caller asks (best-first over the
+    lattice plus n-gram branches). A node's children are scored only when the node after it is asked for, so a
+    caller that stops after ``n`` nodes pays for ``n`` expansions (:func:`select_nodes`,
+    :func:`~medusa_plugin.core.node_allocation.allocate_streams`).
 
     Args:
         factors: ``[K][topk]`` acceptance estimate of head ``k``'s rank ``r`` (each in [0, 1]).
         tokens: ``[K][topk]`` the token of head ``k``'s rank ``r`` (distinct within a head).
-        budget: ``N >= 1`` nodes to select (fewer only if the candidates run out).
         continuations: n-gram continuations (token lists) under the root.
         ngram_factors: acceptance of an n-gram node at depth ``d+1`` is ``ngram_factors[min(d, len - 1)]``; or one
             such list per continuation (a node on several continuations takes the largest factor).
@@ -146,31 +161,12 @@ def select_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[i
             (:meth:`~medusa_plugin.core.acceptance_model.NodeAcceptanceModel.scorer`); replaces ``factors`` /
             ``off_factors`` / ``rescore`` for Medusa nodes.
     Returns:
-        ``list[dict]`` in selection order (best first; parents before children), each with ``slots`` (tuple, the
-        child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth - 1),
-        ``off`` (the parent is off the top path), ``level`` (``rescore``'s level, -1 without it).
+        an iterator of dicts in selection order (best first; parents before children), each with ``slots`` (tuple,
+        the child-slot path), ``tokens`` (tuple), ``score``, ``head`` (-1: n-gram only), ``ngram`` (-1 or depth -
+        1), ``off`` (the parent is off the top path), ``level`` (``rescore``'s level, -1 without it), ``conts``
+        (indices of the continuations through the node).
     Raises:
-        DynamicTreeError: ``budget < 1`` or a factor outside [0, 1].
-    """
-    if budget < 1:
-        raise DynamicTreeError(f"budget must be >= 1, got {budget}")
-    return list(itertools.islice(iter_nodes(factors, tokens, continuations=continuations, ngram_factors=ngram_factors,
-                                            off_factors=off_factors, rescore=rescore, context=context,
-                                            score_children=score_children), budget))
-
-
-def iter_nodes(factors: Sequence[Sequence[float]], tokens: Sequence[Sequence[int]], *,
-               continuations: Sequence[Sequence[int]] = (),
-               ngram_factors: Sequence[float] | Sequence[Sequence[float]] = (),
-               off_factors: Sequence[Sequence[float]] | None = None,
-               rescore: Callable[[int | None, int, int, bool, int], tuple[float, int]] | None = None,
-               context: Sequence[int] = (),
-               score_children: Callable[[int, bool, Sequence[int]], tuple[list, list]] | None = None
-               ) -> Iterator[dict]:
-    """:func:`select_nodes` as a generator: the nodes one at a time, best first, for as long as the caller asks
-    (``select_nodes(..., budget)`` is the first ``budget``). A node's children are scored only when the node after
-    it is asked for, so a caller that stops after ``n`` nodes pays for ``n`` expansions
-    (:func:`~medusa_plugin.core.node_allocation.allocate_streams`). Checks and node dicts as :func:`select_nodes`.
+        DynamicTreeError: a factor outside [0, 1] (checked at the call, before the first node is drawn).
     """
     k_heads = len(factors)
     topk = len(factors[0]) if k_heads else 0

@@ -56,20 +56,10 @@ def ngram_continuations(tokens: Sequence[int] | np.ndarray, max_branches: int, *
 
 def ngram_matches(tokens: Sequence[int] | np.ndarray, max_branches: int, *, min_n: int = 2, max_n: int = 4,
                   length: int = 4) -> list[tuple[list[int], int]]:
-    """:func:`ngram_continuations` with, for each, the length ``n`` of the suffix match that found it (longer
-    matches are followed more often: :meth:`~.calibration.AcceptanceCalibration.ngram_acceptance`).
-
-    Args:
-        tokens: the request's tokens so far (prompt + output, the last one being the tree's root), 1-D ints.
-        max_branches: ``M >= 0``, the most continuations returned.
-        min_n, max_n: n-gram lengths tried (vLLM's ``prompt_lookup_min`` / ``prompt_lookup_max``), ``1 <= min_n <=
-            max_n``.
-        length: tokens per continuation (vLLM's ``num_speculative_tokens``), >= 1.
-    Returns:
-        ``list[tuple[list[int], int]]``: ``(continuation, n)`` pairs, in the order of :func:`ngram_continuations`.
-    Raises:
-        NgramError: a parameter out of range.
-    """
+    """:func:`ngram_continuations` (same arguments, same checks) with, for each continuation, the length ``n`` of the
+    suffix match that found it (longer matches are followed more often:
+    :meth:`~.calibration.AcceptanceCalibration.ngram_acceptance`). Returns ``(continuation, n)`` pairs in the same
+    order."""
     _check(min_n, max_n, length, max_branches)
     seq = np.asarray(tokens, dtype=np.int64).reshape(-1)
     total = seq.shape[0]

@@ -110,28 +110,27 @@ def allocate_streams(streams: Sequence[ScoreStream], step_ms: Callable[[int], fl
 
     base = float(len(streams))
     best_m, best = 0, (1.0 + min_gain) * base / cost(0)
-    heap = []  # (-score, request, draw index): ties as allocate_nodes, lower request first
+    heap = []  # (-score, request): one entry per request; ties as allocate_nodes, lower request first
     for b, st in enumerate(streams):
         v = st.peek() if max_nodes > 0 else None
         if v is not None:
-            heap.append((-v, b, 0))
+            heap.append((-v, b))
     heapq.heapify(heap)
     taken = [0] * len(streams)
     order: list[int] = []
-    total, room = 0.0, max_nodes * len(streams)
+    total = 0.0
 
     def can_beat(v: float) -> bool:  # some m' > m whose rate beats best, every further node scoring v at most
         m = len(order)
-        return any((base + total + k * v) / cost(m + k) > best for k in range(1, room + 1))
+        return any((base + total + k * v) / cost(m + k) > best for k in range(1, max_nodes * len(streams) - m + 1))
 
     while heap:
         v = -heap[0][0]
         if len(order) >= min_nodes and not can_beat(v):
             break
-        _, b, _ = heapq.heappop(heap)
+        _, b = heapq.heappop(heap)
         total += streams[b].pop()
         taken[b] += 1
-        room -= 1
         order.append(b)
         rate = (base + total) / cost(len(order))
         if rate > best:
@@ -139,7 +138,7 @@ def allocate_streams(streams: Sequence[ScoreStream], step_ms: Callable[[int], fl
         if taken[b] < max_nodes:
             nv = streams[b].peek()
             if nv is not None:
-                heapq.heappush(heap, (-nv, b, taken[b]))
+                heapq.heappush(heap, (-nv, b))
     best_m = max(best_m, min(min_nodes, len(order)))
     counts = [0] * len(streams)
     for b in order[:best_m]:
