@@ -612,8 +612,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("e2e", help="tokens/step, TPOT, tokens/s with and without Medusa",
                        description=e2e.__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="quick mode: concurrency 1,4 and 16 tokens")
-    p.add_argument("--concurrency", type=_ints, help="comma-separated (default 1,4,16,64)")
-    p.add_argument("--max-tokens", type=int, help="new tokens per request (default 128)")
+    p.add_argument("--concurrency", type=_ints, help="comma-separated (default "
+                   + ",".join(map(str, E2E_DEFAULTS["concurrency"])) + ")")
+    p.add_argument("--max-tokens", type=int, help=f"new tokens per request (default {E2E_DEFAULTS['max_tokens']})")
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "reference"],
                    help="vllm: the vLLM engine with the Medusa plugin; reference: hf.generate (default: vllm if "
                         "importable)")

@@ -36,7 +36,31 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["add_trees_arguments", "run_trees", "bench_trees", "simulate_ngram_tokens_per_step", "engine_runs"]
+__all__ = ["add_trees_arguments", "run_trees", "bench_trees", "simulate_ngram_tokens_per_step", "engine_runs",
+           "paired_ratio_interval"]
+
+
+def paired_ratio_interval(num: Sequence[Sequence[float]], den: Sequence[Sequence[float]], *, level: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval, over prompts, of the ratio of two methods' tokens per step.
+
+    ``num[i]`` / ``den[i]`` = ``(tokens emitted, verify steps)`` of prompt ``i`` under each method; a method's tokens
+    per step is ``sum(tokens) / sum(steps)`` over the prompts (as ``MedusaStats.mean_accepted_tokens_per_step``).
+    Prompts are resampled with replacement, the same draw for both methods (paired), ``resamples`` times; returns the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the ratio. It measures how much the ratio depends on
+    which prompts were drawn, not the decoding (greedy decoding is deterministic). Efron & Tibshirani, *An
+    Introduction to the Bootstrap* (1993), ch. 13. Raises ``ValueError`` on empty or unequal inputs.
+    """
+    import numpy as np
+
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != 2 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"need two equal [prompts, 2] arrays of (tokens, steps), got {a.shape} and {b.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    sa, sb = a[idx].sum(axis=1), b[idx].sum(axis=1)  # [resamples, 2]
+    ratio = (sa[:, 0] / sa[:, 1]) / (sb[:, 0] / sb[:, 1])
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def simulate_ngram_tokens_per_step(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], *, k: int = 4,
@@ -226,6 +250,8 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     acc_model, how = acceptance_model_for(heads_dir, h.num_heads, succ)
     result["acceptance_model"] = f"{how} ({acc_model.info})" if acc_model is not None else how
 
+    per_prompt: dict[str, list[tuple[int, int]]] = {}  # method_budget -> per prompt (tokens, steps)
+
     def run(name: str, budget: int, tree, cal=None, warm: bool = False, successors=None, model=None) -> None:
         if warm:  # the calibration first serves the training-side prompts (a server that has seen traffic)
             medusa_generate(m, h, tree, fit_prompts, max_new_tokens=max_new_tokens, calibration=cal,
@@ -235,6 +261,7 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
                               successors=successors, acceptance_model=model)
         s = time.perf_counter() - t
         tps = out.stats.mean_accepted_tokens_per_step
+        per_prompt[f"{name}_{budget}"] = [(sum(t), len(t)) for t in out.stats.step_tokens]
         same = sum(a == b for a, b in zip(out.sequences, ref))
         result[f"{name}_tokens_per_step"][str(budget)] = tps
         result["tok_s"][f"{name}_{budget}"] = sum(map(len, out.sequences)) / s
@@ -268,6 +295,11 @@ def bench_trees(*, model: str = "smollm2", heads: str | None = None, budgets: Se
     if ngram_branches:
         result["hybrid_over_static"] = {b: result["hybrid_tokens_per_step"][b] / result["static_tokens_per_step"][b]
                                         for b in result["static_tokens_per_step"]}
+    # how much each ratio depends on which held-out prompts were drawn (bootstrap over prompts, paired)
+    for name in ("dynamic", "hybrid") if ngram_branches else ("dynamic",):
+        result[f"{name}_over_static_ci95"] = {
+            b: paired_ratio_interval(per_prompt[f"{name}_{b}"], per_prompt[f"static_{b}"])
+            for b in result["static_tokens_per_step"]}
     if engine == "vllm":
         model_dir = m.name_or_path if hasattr(m, "name_or_path") else str(m.config._name_or_path)
         result["engine_runs"] = engine_runs(str(model_dir), heads_dir, prompts, static_trees, budgets,
@@ -315,8 +347,10 @@ def run_trees(args: argparse.Namespace) -> int:
     path = _write_json(args.json, res)
     print(f"wrote {path}")
     for b in map(str, args.budgets):
+        lo, hi = res["dynamic_over_static_ci95"][b]
         line = (f"budget {b:>3}: static {res['static_tokens_per_step'][b]:.3f}, dynamic "
-                f"{res['dynamic_tokens_per_step'][b]:.3f} ({res['dynamic_over_static'][b]:.2f}x), warm-calibrated "
+                f"{res['dynamic_tokens_per_step'][b]:.3f} ({res['dynamic_over_static'][b]:.3f}x, 95 % over prompts "
+                f"{lo:.3f}-{hi:.3f}), warm-calibrated "
                 f"{res['dynamic_warm_tokens_per_step'][b]:.3f}")
         if args.ngram_branches:
             line += f", hybrid {res['hybrid_tokens_per_step'][b]:.3f} ({res['hybrid_over_static'][b]:.2f}x)"

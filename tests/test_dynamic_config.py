@@ -96,6 +96,29 @@ def test_simulated_ngram_tokens_per_step():
     assert simulate_ngram_tokens_per_step([[5, 6]], [[7, 8, 9]]) == 1.0
 
 
+def test_paired_ratio_interval_against_a_direct_bootstrap():
+    import numpy as np
+
+    from medusa_plugin.bench_trees import paired_ratio_interval
+
+    rng = np.random.default_rng(3)
+    den = [(int(s * rng.uniform(1.8, 2.4)), s) for s in rng.integers(20, 40, size=12)]
+    num = [(int(t * rng.uniform(1.0, 1.4)), s) for t, s in den]
+    lo, hi = paired_ratio_interval(num, den, resamples=500, seed=7)
+    # the same draws, one prompt list at a time
+    draws = np.random.default_rng(7).integers(0, len(num), size=(500, len(num)))
+    ratios = sorted((sum(num[i][0] for i in d) / sum(num[i][1] for i in d))
+                    / (sum(den[i][0] for i in d) / sum(den[i][1] for i in d)) for d in draws)
+    assert np.isclose(lo, np.quantile(ratios, 0.025)) and np.isclose(hi, np.quantile(ratios, 0.975))
+    point = (sum(t for t, _ in num) / sum(s for _, s in num)) / (sum(t for t, _ in den) / sum(s for _, s in den))
+    assert lo < point < hi
+    # a method that is exactly 1.2x the other on every prompt: no spread
+    assert paired_ratio_interval([(12 * s, 10 * s) for _, s in den], [(s, s) for _, s in den]) == \
+        pytest.approx((1.2, 1.2))
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio_interval(num[:3], den)
+
+
 def test_bench_trees_tiny(tmp_path, capsys, tiny_cache_dir):
     from medusa_plugin.bench import main
 
@@ -109,6 +132,9 @@ def test_bench_trees_tiny(tmp_path, capsys, tiny_cache_dir):
         assert set(res[key]) == {"4"} and res[key]["4"] >= 1.0
     assert set(res["identical"].values()) == {2}  # lossless: every run gives plain greedy's tokens
     assert {"plain", "static_4", "dynamic_4", "dynamic_warm_4", "hybrid_4"} <= set(res["tok_s"])
+    for name in ("dynamic", "hybrid"):  # the interval over prompts holds the ratio itself
+        lo, hi = res[f"{name}_over_static_ci95"]["4"]
+        assert lo <= res[f"{name}_over_static"]["4"] <= hi
     # the tiny heads get an acceptance model fitted once beside them, as the shipped SmolLM2 heads ship one
     assert "heads_with_acceptance_model" in res["acceptance_model"] and "dynamic_calibrated_4" in res["tok_s"]
     assert "budget   4: static" in capsys.readouterr().out
