@@ -2,7 +2,7 @@
 a measured overhead table."""
 import pytest
 
-from medusa_plugin.core.observed_step_cost import ObservedStepCost
+from medusa_plugin.core.observed_step_cost import MIN_SCALE, ObservedStepCost
 
 
 @pytest.mark.parametrize("z", [0.0, 1.0])
@@ -47,8 +47,17 @@ def test_apply_replaces_observed_points_and_scales_the_rest_of_their_batch_size(
     assert table[2] == [1.0, 1.2, 1.4]  # a copy
     fast = ObservedStepCost(min_steps=1)
     fast.add(16, 0, 10.0)
-    fast.add(16, 2, 9.0)  # faster with drafts than without (noise): taken as observed; no negative extra cost
-    assert fast.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.0, 0.9])  # B=16 -> 4; q=2 from q=3
+    fast.add(16, 2, 9.0)  # faster with drafts than without (noise): taken as observed where it was observed ...
+    # ... but the other sizes keep at least MIN_SCALE of their measured extra cost: no free trees (B=16 -> 4)
+    assert fast.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.0 + 0.2 * MIN_SCALE, 0.9])
+    cheap = ObservedStepCost(min_steps=1)
+    cheap.add(4, 0, 10.0)
+    cheap.add(4, 1, 11.0)  # extra 0.1 where the table said 0.2: half, the floor; a quarter would not go lower
+    assert cheap.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.1, 1.2])
+    cheaper = ObservedStepCost(min_steps=1)
+    cheaper.add(4, 0, 10.0)
+    cheaper.add(4, 1, 10.5)
+    assert cheaper.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.05, 1.2])
 
 
 def test_bad_arguments():
@@ -73,3 +82,9 @@ def test_a_curve_is_scaled_to_the_observed_ratio_less_the_drafting_time():
     assert got(0) == pytest.approx(10.0) and got(8) == pytest.approx(20.0) and got(4) == pytest.approx(15.0)
     free = o.correct_curve(2, lambda m: 10.0, drafting_ms=1.0)  # the table calls rows free: linear in rows
     assert free(8) == pytest.approx(20.0) and free(2) == pytest.approx(12.5)
+    o.add(2, 0, 10.0)
+    o.add(2, 0, 10.0)
+    o.add(2, 4, 9.0)
+    o.add(2, 4, 9.0)  # drafted steps now read cheaper than plain ones (noise): rows keep MIN_SCALE of their cost
+    got = o.correct_curve(2, curve)
+    assert got(8) == pytest.approx(10.0 + 4.0 * MIN_SCALE) and got(0) == pytest.approx(10.0)

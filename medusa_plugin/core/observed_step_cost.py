@@ -16,7 +16,14 @@ break-even of ~1.42, so the schedule flipped from run to run and lost 4.6 % at 1
 z = 2: 1.002x). :meth:`apply` turns those ratios into a correction of a
 measured ``overhead[B][q]`` table (``q = n + 1`` query tokens per request): the observed ratio where it was
 observed, and at the other ``q`` of that batch size the measured extra cost scaled by the observed / measured extra
-cost of the nearest observed ``q``. Batch sizes of the table without observations keep the measured values.
+cost of the nearest observed ``q``, but never by less than :data:`MIN_SCALE`. Batch sizes of the table without
+observations keep the measured values.
+
+The floor: a one-node step observed at 0.96x a plain step at 8 requests (noise: a drafted step costs more than a
+plain one) made every tree size free at that batch size, the schedule verified 8 nodes per request there, and those
+steps cost 3.7x a plain step (`bench e2e`, bf16, session 14: that round ran at 0.61x plain at 8 requests and 0.29x
+at 16). An observation is direct evidence for its own size only; for the others it may at most halve the extra cost
+the engine measured at start.
 
 The observations come for free: plain steps happen whenever the schedule does not speculate, or as the proposer's
 periodic plain probe while it does; drafted steps at ``n`` whenever it speculates, or as its periodic one-node probe
@@ -29,7 +36,9 @@ import statistics
 from collections import deque
 from typing import Callable, Sequence
 
-__all__ = ["ObservedStepCost"]
+__all__ = ["ObservedStepCost", "MIN_SCALE"]
+
+MIN_SCALE = 0.5  # least factor an observation at one size applies to the measured extra cost of another (see above)
 
 
 class ObservedStepCost:
@@ -109,7 +118,7 @@ class ObservedStepCost:
         ``query_tokens[j]`` tokens per request over a plain step at ``batch_sizes[i]``) corrected by the observed
         ratios. An observation at a batch size outside ``batch_sizes`` counts for the nearest one (in log scale);
         several observed node counts at one batch size: each ``q`` takes the correction of the nearest observed
-        one. Values stay >= 1e-6."""
+        one (the scale at least :data:`MIN_SCALE`). Values stay >= 1e-6."""
         import math
 
         out = [list(map(float, row)) for row in overhead]
@@ -131,8 +140,8 @@ class ObservedStepCost:
                 near = min(seen, key=lambda s: (abs(s - q), s))
                 measured_extra = float(overhead[i][qs.index(near)]) - 1.0
                 observed_extra = seen[near] - 1.0
-                scale = observed_extra / measured_extra if measured_extra > 1e-9 else 1.0
-                row[j] = max(1.0 + (float(overhead[i][j]) - 1.0) * max(scale, 0.0), 1e-6)
+                scale = max(observed_extra / measured_extra, MIN_SCALE) if measured_extra > 1e-9 else 1.0
+                row[j] = max(1.0 + (float(overhead[i][j]) - 1.0) * scale, 1e-6)
         return out
 
     def correct_curve(self, batch_size: int, step_ms: Callable[[int], float], *,
@@ -142,8 +151,9 @@ class ObservedStepCost:
         predicted extra cost of draft rows, ``step_ms(m) - step_ms(0)``, is scaled so that ``m = n * batch_size``
         costs what the engine's ratio says, less ``drafting_ms`` (the drafting those steps paid, charged apart by
         the caller). Where the curve calls rows free, the observed extra cost is spread linearly over the rows.
-        ``step_ms`` itself when nothing is observed at ``batch_size``. Used for dynamic trees, whose draft rows vary
-        from step to step (:meth:`apply` is the static-tree table's version)."""
+        The scale is at least :data:`MIN_SCALE`, as in :meth:`apply`. ``step_ms`` itself when nothing is observed at
+        ``batch_size``. Used for dynamic trees, whose draft rows vary from step to step (:meth:`apply` is the
+        static-tree table's version)."""
         seen = self.ratios_at(batch_size)
         if not seen:
             return step_ms
@@ -152,5 +162,6 @@ class ObservedStepCost:
         observed = max(0.0, r * f0 - drafting_ms - f0)
         predicted = step_ms(n * batch_size) - f0
         if predicted > 1e-9:
-            return lambda m: f0 + (step_ms(m) - f0) * (observed / predicted)
+            scale = max(observed / predicted, MIN_SCALE)
+            return lambda m: f0 + (step_ms(m) - f0) * scale
         return lambda m: f0 + observed * m / (n * batch_size)
