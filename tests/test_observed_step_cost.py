@@ -47,9 +47,12 @@ def test_apply_replaces_observed_points_and_scales_the_rest_of_their_batch_size(
     assert table[2] == [1.0, 1.2, 1.4]  # a copy
     fast = ObservedStepCost(min_steps=1)
     fast.add(16, 0, 10.0)
-    fast.add(16, 2, 9.0)  # faster with drafts than without (noise): taken as observed where it was observed ...
-    # ... but the other sizes keep at least MIN_SCALE of their measured extra cost: no free trees (B=16 -> 4)
-    assert fast.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.0 + 0.2 * MIN_SCALE, 0.9])
+    fast.add(16, 2, 9.0)  # faster with drafts than without (noise): taken as observed where it was observed, and
+    # smaller sizes interpolated from the plain step (B=16 -> 4)
+    assert fast.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 0.95, 0.9])
+    wide = [1, 3, 5, 9, 17]  # ... wider sizes keep at least MIN_SCALE of their measured extra cost: no free trees
+    assert fast.apply([4], wide, [[1.0, 1.2, 1.5, 2.0, 3.0]])[0] == pytest.approx(
+        [1.0, 0.9, 1.0 + 0.5 * MIN_SCALE, 1.0 + 1.0 * MIN_SCALE, 1.0 + 2.0 * MIN_SCALE])
     cheap = ObservedStepCost(min_steps=1)
     cheap.add(4, 0, 10.0)
     cheap.add(4, 1, 11.0)  # extra 0.1 where the table said 0.2: half, the floor; a quarter would not go lower
@@ -58,6 +61,22 @@ def test_apply_replaces_observed_points_and_scales_the_rest_of_their_batch_size(
     cheaper.add(4, 0, 10.0)
     cheaper.add(4, 1, 10.5)
     assert cheaper.apply(batch_sizes, qs, table)[2] == pytest.approx([1.0, 1.05, 1.2])
+
+
+def test_sizes_between_observed_ones_are_interpolated():
+    """Session 14's e2e run: at 8 requests a noisy one-node ratio below 1 and an observed 8-node ratio of 3.7; four
+    nodes used to take the (nearer) one-node scale and look cheaper than plain."""
+    o = ObservedStepCost(min_steps=1)
+    o.add(8, 0, 10.0)
+    o.add(8, 1, 9.64)
+    o.add(8, 8, 36.86)
+    o.add(8, 16, 51.0)
+    qs = [1, 2, 5, 9, 13, 17, 33]
+    got = o.apply([8], qs, [[1.0, 1.2, 1.6, 2.0, 2.4, 2.8, 4.4]])[0]
+    assert got[:2] == pytest.approx([1.0, 0.964]) and got[3] == pytest.approx(3.686) and got[5] == pytest.approx(5.1)
+    assert got[2] == pytest.approx(0.964 + (3.686 - 0.964) * 3 / 7)
+    assert got[4] == pytest.approx(3.686 + (5.1 - 3.686) * 4 / 8)
+    assert got[6] == pytest.approx(1.0 + 3.4 * (4.1 / 1.8))  # beyond: the widest observed size's scale
 
 
 def test_bad_arguments():

@@ -15,15 +15,16 @@ errors. With 5 steps a side, noise alone moved the plain median ratio at 16 requ
 break-even of ~1.42, so the schedule flipped from run to run and lost 4.6 % at 16 requests in bf16 (z = 1: 0.954x;
 z = 2: 1.002x). :meth:`apply` turns those ratios into a correction of a
 measured ``overhead[B][q]`` table (``q = n + 1`` query tokens per request): the observed ratio where it was
-observed, and at the other ``q`` of that batch size the measured extra cost scaled by the observed / measured extra
-cost of the nearest observed ``q``, but never by less than :data:`MIN_SCALE`. Batch sizes of the table without
-observations keep the measured values.
+observed, interpolated between observed sizes, and beyond the widest observed one the measured extra cost scaled by
+the observed / measured extra cost there, but never by less than :data:`MIN_SCALE`. Batch sizes of the table
+without observations keep the measured values.
 
-The floor: a one-node step observed at 0.96x a plain step at 8 requests (noise: a drafted step costs more than a
-plain one) made every tree size free at that batch size, the schedule verified 8 nodes per request there, and those
-steps cost 3.7x a plain step (`bench e2e`, bf16, session 14: that round ran at 0.61x plain at 8 requests and 0.29x
-at 16). An observation is direct evidence for its own size only; for the others it may at most halve the extra cost
-the engine measured at start.
+Why interpolation and a floor: the rule used to be "scale by the nearest observed size". A one-node step observed at
+0.96x a plain step at 8 requests (noise: a drafted step costs more than a plain one) then made every tree size free
+at that batch size, the schedule verified 8 nodes per request there, and those steps cost 3.7x a plain step; with
+that observed too, 4 nodes still took the one-node scale (nearer) and looked cheap (`bench e2e`, bf16, session 14:
+rounds at 0.61x plain at 8 requests and 0.29x / 0.56x at 16). An observation is direct evidence for its own size;
+between two of them the step cost is close to linear in rows.
 
 The observations come for free: plain steps happen whenever the schedule does not speculate, or as the proposer's
 periodic plain probe while it does; drafted steps at ``n`` whenever it speculates, or as its periodic one-node probe
@@ -116,9 +117,11 @@ class ObservedStepCost:
               overhead: Sequence[Sequence[float]]) -> list[list[float]]:
         """A copy of ``overhead`` (``[len(batch_sizes)][len(query_tokens)]``, ``overhead[i][j]`` = step time with
         ``query_tokens[j]`` tokens per request over a plain step at ``batch_sizes[i]``) corrected by the observed
-        ratios. An observation at a batch size outside ``batch_sizes`` counts for the nearest one (in log scale);
-        several observed node counts at one batch size: each ``q`` takes the correction of the nearest observed
-        one (the scale at least :data:`MIN_SCALE`). Values stay >= 1e-6."""
+        ratios. An observation at a batch size outside ``batch_sizes`` counts for the nearest one (in log scale).
+        At a batch size with observations: an observed ``q`` takes its ratio; a ``q`` below the widest observed one
+        is interpolated linearly in ``q`` between its observed neighbours (``q = 1`` is 1.0); a wider ``q`` takes
+        the measured extra cost scaled by observed / measured at the widest observed ``q`` (at least
+        :data:`MIN_SCALE`). Values stay >= 1e-6."""
         import math
 
         out = [list(map(float, row)) for row in overhead]
@@ -131,17 +134,20 @@ class ObservedStepCost:
                     by_b.setdefault(i, {})[n + 1] = r  # a later (nearer) B overwrites: close enough
         for i, seen in by_b.items():
             row = out[i]
+            knots = [(1, 1.0)] + sorted(seen.items())  # (q, ratio): the plain step, then the observed sizes
+            q_max, r_max = knots[-1]
+            measured_extra = float(overhead[i][qs.index(q_max)]) - 1.0
+            scale = max((r_max - 1.0) / measured_extra, MIN_SCALE) if measured_extra > 1e-9 else 1.0
             for j, q in enumerate(qs):
                 if q == 1:
                     continue
                 if q in seen:
                     row[j] = max(seen[q], 1e-6)
-                    continue
-                near = min(seen, key=lambda s: (abs(s - q), s))
-                measured_extra = float(overhead[i][qs.index(near)]) - 1.0
-                observed_extra = seen[near] - 1.0
-                scale = max(observed_extra / measured_extra, MIN_SCALE) if measured_extra > 1e-9 else 1.0
-                row[j] = max(1.0 + (float(overhead[i][j]) - 1.0) * scale, 1e-6)
+                elif q < q_max:  # between two observed sizes (or the plain step and the smallest): linear in q
+                    (qa, ra), (qb, rb) = next((a, b) for a, b in zip(knots, knots[1:]) if a[0] < q < b[0])
+                    row[j] = max(ra + (rb - ra) * (q - qa) / (qb - qa), 1e-6)
+                else:  # wider than any observed: the measured extra cost, scaled as at the widest observed
+                    row[j] = max(1.0 + (float(overhead[i][j]) - 1.0) * scale, 1e-6)
         return out
 
     def correct_curve(self, batch_size: int, step_ms: Callable[[int], float], *,
